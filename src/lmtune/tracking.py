@@ -1,0 +1,91 @@
+"""MLflow: one run per pipeline execution. finetune opens it; later stages log into it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from lmtune.artifacts import read_json
+from lmtune.config import flatten, git_commit
+
+RUN_FILE = "tracking.json"
+_SECRET = re.compile(r"token|password|passwd|secret|api_?key|credential", re.IGNORECASE)
+
+
+def repo_root() -> Path:
+    """The repository the user works in. DVC queue workers run in temporary copies and set
+    DVC_ROOT to the original, so their runs land in the same store as everyone else's."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"])
+    try:
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True)
+        return Path(out.stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return Path.cwd()
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def safe_params(cfg: DictConfig) -> dict[str, Any]:
+    """Flattened config without anything that looks like a secret."""
+    return {k: ("***" if _SECRET.search(k) else v) for k, v in flatten(cfg).items()}
+
+
+def start_run(cfg: DictConfig, run_name: str | None = None) -> str:
+    """Open the pipeline's run: params = flattened resolved config; tags = commit, DVC experiment."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+        # Artifacts next to the store, not under whatever directory the first run started in
+        # (a DVC queue worker's temporary copy would take them with it).
+        location = (repo_root() / "mlartifacts").resolve().as_uri()
+        mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    mlflow.set_experiment(cfg.tracking.experiment)
+    tags = {"git_commit": git_commit() or "unknown", "model": cfg.model.name, "data": cfg.data.name}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+    name = run_name or os.environ.get("DVC_EXP_NAME")
+    run = mlflow.start_run(run_name=name, tags=tags)
+    mlflow.log_params({k: str(v)[:6000] for k, v in safe_params(cfg).items()})
+    return run.info.run_id
+
+
+@contextlib.contextmanager
+def resume_run(cfg: DictConfig, adapter_dir: str | Path) -> Iterator[Any]:
+    """Log into the run that finetune opened (its id travels in models/adapter/tracking.json)."""
+    import mlflow
+
+    info = read_json(Path(adapter_dir) / RUN_FILE)
+    mlflow.set_tracking_uri(info.get("tracking_uri") or tracking_uri(cfg))
+    with mlflow.start_run(run_id=info["run_id"]) as run:
+        yield run
+
+
+def log_metrics(metrics: dict[str, Any], prefix: str = "", step: int | None = None) -> None:
+    """Log every finite number in a (nested) metrics dict under dotted names."""
+    import math
+
+    import mlflow
+
+    flat = flatten(metrics, prefix=prefix)
+    numbers = {
+        k: float(v) for k, v in flat.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }  # fmt: skip
+    if numbers:
+        mlflow.log_metrics(numbers, step=step)

@@ -1,0 +1,199 @@
+"""The LoRA training loop: seeded data order, validation at intervals, exact resume, guards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from lmtune.data import batch_indices, collate
+from lmtune.modeling import device, lora_state
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, a LoRA matrix that never learned, bad checkpoint)."""
+
+
+def peak_memory_gib() -> float:
+    """Peak allocated GPU memory, or peak resident memory of this process on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    """What a checkpoint must match to be resumed: everything that shapes training."""
+    keys = ("seed", "model", "data", "quant", "lora", "train")
+    relevant = OmegaConf.to_container(cfg, resolve=True)
+    relevant = {k: relevant[k] for k in keys}
+    for volatile in ("threads", "checkpoint_every", "keep_checkpoints"):
+        relevant["train"].pop(volatile, None)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def validation_loss(model, seqs: list[list[int]], batch_size: int, batches: int, pad_id: int) -> float:
+    """Token-weighted mean loss over the first `batches` validation batches (fixed, not sampled)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, min(len(seqs), batches * batch_size), batch_size):
+        batch = {k: v.to(device()) for k, v in collate(seqs[start : start + batch_size], pad_id).items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(model(**batch).loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _save_checkpoint(directory: Path, model, optimizer, scheduler, state: dict, keep: int) -> None:
+    final = directory / f"step-{state['step']:06d}"
+    tmp = directory / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in lora_state(model).items()}, tmp / "lora.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)  # a checkpoint exists only once complete
+    for old in sorted(directory.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(directory: Path, fp: str) -> Path | None:
+    """The newest complete checkpoint made with the same training config, if any."""
+    for candidate in sorted(directory.glob("step-*"), reverse=True):
+        try:
+            state = json.loads((candidate / "state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if state.get("fingerprint") == fp:
+            return candidate
+    return None
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    try:
+        weights = load_file(path / "lora.safetensors")
+        optim = torch.load(path / "optim.pt", weights_only=True)
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        state = json.loads((path / "state.json").read_text())
+    except Exception as err:  # noqa: BLE001 - any failure here means an unusable checkpoint
+        raise TrainingError(
+            f"checkpoint {path} is corrupted ({type(err).__name__}: {err}). "
+            f"Delete it (rm -r {path}) to resume from an older one or start over."
+        ) from None
+    params = dict(model.named_parameters())
+    missing = set(weights) ^ {n for n, p in params.items() if p.requires_grad}
+    if missing:
+        raise TrainingError(f"checkpoint {path} does not match the model ({sorted(missing)[:3]} ...); delete it")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(optim["optimizer"])
+    scheduler.load_state_dict(optim["scheduler"])
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and "cuda" in rng:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
+
+
+def train(
+    model,
+    train_seqs: list[list[int]],
+    val_seqs: list[list[int]],
+    cfg: DictConfig,
+    checkpoint_dir: Path,
+    pad_id: int,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Train the LoRA parameters of `model`; return metrics and the loss curves."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    tc = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, tc.warmup_steps, tc.max_steps)
+    initial = lora_state(model)  # LoRA init is seeded, so this holds after a resume too
+    fp = fingerprint(cfg)
+    state = {"step": 0, "fingerprint": fp, "train_curve": [], "val_curve": [], "tokens": 0, "seconds": 0.0}
+    resumed_from = None
+    if checkpoint := latest_checkpoint(checkpoint_dir, fp):
+        state = _load_checkpoint(checkpoint, model, optimizer, scheduler)
+        resumed_from = state["step"]
+        print(f"resuming from {checkpoint} (step {resumed_from} of {tc.max_steps})")
+
+    model.train()
+    bar = tqdm(total=tc.max_steps, initial=state["step"], desc="finetune", unit="step", dynamic_ncols=True)
+    while state["step"] < tc.max_steps:
+        step = state["step"]
+        started = time.perf_counter()
+        loss_sum, tokens = 0.0, 0
+        for micro in range(tc.grad_accum):
+            idx = batch_indices(len(train_seqs), tc.batch_size, cfg.seed, step * tc.grad_accum + micro)
+            batch = {k: v.to(device()) for k, v in collate([train_seqs[i] for i in idx], pad_id).items()}
+            loss = model(**batch).loss
+            (loss / tc.grad_accum).backward()
+            loss_sum += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        train_loss = loss_sum / tc.grad_accum
+        if not math.isfinite(train_loss):
+            raise TrainingError(
+                f"loss is {train_loss} at step {step + 1}; training stopped. The last good checkpoint "
+                f"stays in {checkpoint_dir}. Try a lower train.lr or quant.bnb_4bit_compute_dtype=fp32."
+            )
+        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        state["step"] = step = step + 1
+        state["tokens"] += tokens
+        state["seconds"] += time.perf_counter() - started
+        state["train_curve"].append({"step": step, "loss": train_loss})
+        record = {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
+        if step % tc.eval_every == 0 or step == tc.max_steps:
+            val = validation_loss(model, val_seqs, tc.batch_size, tc.eval_batches, pad_id)
+            state["val_curve"].append({"step": step, "loss": val})
+            record["val_loss"] = val
+        if on_step:
+            on_step(step, record)
+        bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{state['tokens'] / state['seconds']:.0f}")
+        bar.update(1)
+        if step % tc.checkpoint_every == 0 and step < tc.max_steps:
+            _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, state, tc.keep_checkpoints)
+    bar.close()
+
+    # Guard against silently frozen layers (the bitsandbytes CPU repack bug, a bad target list):
+    # every LoRA matrix must have moved from its initial value.
+    final = lora_state(model)
+    unchanged = [n for n, v in final.items() if torch.equal(v, initial[n])]
+    if unchanged:
+        raise TrainingError(f"{len(unchanged)} LoRA matrices never changed, e.g. {unchanged[:3]}")
+    return {
+        "steps": state["step"],
+        "resumed_from_step": resumed_from,
+        "final_train_loss": state["train_curve"][-1]["loss"],
+        "final_val_loss": state["val_curve"][-1]["loss"],
+        "train_tokens": state["tokens"],
+        "train_seconds": state["seconds"],
+        "tokens_per_second": state["tokens"] / max(state["seconds"], 1e-9),
+        "lora_matrices": len(final),
+        "lora_matrices_unchanged": len(unchanged),
+        "train_curve": state["train_curve"],
+        "val_curve": state["val_curve"],
+    }

@@ -1,0 +1,63 @@
+"""Fine-tune LoRA adapters on the quantized base (QLoRA by default) → models/adapter.
+
+    python stages/finetune.py [key=value ...]    # e.g. lora.r=8 quant.bits=16 train.max_steps=10
+
+Opens the pipeline's MLflow run (its id is saved in models/adapter/tracking.json for the later
+stages). Killed midway, it resumes from the last checkpoint in models/checkpoints.
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from lmtune import tracking
+from lmtune.artifacts import atomic_dir, read_json, save_config, write_json
+from lmtune.config import run_stage
+from lmtune.data import read_split, tokenize
+from lmtune.modeling import add_lora, load_for_training, load_tokenizer, set_threads
+from lmtune.training import peak_memory_gib, train
+
+
+def run(cfg) -> dict:
+    set_threads(cfg.train.threads)
+    paths, metrics_dir = cfg.paths, Path(cfg.paths.metrics)
+    tokenizer = load_tokenizer(paths.base)
+    train_seqs = tokenize(read_split(paths.processed, "train"), tokenizer, cfg.data.max_length)
+    val_seqs = tokenize(read_split(paths.processed, "validation"), tokenizer, cfg.data.max_length)
+    model = add_lora(load_for_training(paths.base, cfg.quant, cfg.train.gradient_checkpointing), cfg.lora, cfg.seed)
+    trainable, total = model.get_nb_trainable_parameters()
+
+    run_id = tracking.start_run(cfg)
+    try:
+        tracking.log_metrics(read_json(metrics_dir / "prepare.json"), prefix="prepare.")
+        mlflow.log_dict(read_json(Path(paths.base) / "source.json"), "base_source.json")
+        result = train(model, train_seqs, val_seqs, cfg, Path(paths.checkpoints), tokenizer.pad_token_id,
+                       on_step=lambda step, record: tracking.log_metrics(record, step=step))  # fmt: skip
+        # Save the adapter before any more logging: a tracking failure must not lose it.
+        with atomic_dir(paths.adapter) as out:
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            save_config(cfg, out)
+            write_json(out / tracking.RUN_FILE, {"run_id": run_id, "tracking_uri": mlflow.get_tracking_uri()})
+        pd.DataFrame(result.pop("train_curve")).to_csv(metrics_dir / "train_loss.csv", index=False)
+        pd.DataFrame(result.pop("val_curve")).to_csv(metrics_dir / "val_loss.csv", index=False)
+        metrics = {**result, "trainable_parameters": trainable, "total_parameters": total,
+                   "trainable_share": trainable / total, "peak_memory_gib": peak_memory_gib()}  # fmt: skip
+        write_json(metrics_dir / "train.json", metrics)
+        tracking.log_metrics(metrics, prefix="train.")
+        for name in ("train_loss.csv", "val_loss.csv", "train.json", "prepare.json"):
+            mlflow.log_artifact(str(metrics_dir / name), "metrics")
+        mlflow.log_artifact(str(Path(paths.adapter) / "adapter_config.json"), "adapter")
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run()
+    shutil.rmtree(paths.checkpoints, ignore_errors=True)  # the adapter is safe; resume state is not needed
+    return metrics
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(run))

@@ -1,0 +1,49 @@
+"""Merge the LoRA adapter into the base reloaded in 16/32-bit → models/merged.
+
+    python stages/merge.py [key=value ...]       # e.g. merge.dtype=bf16
+
+Never merges into 4-bit weights (that shifts logits by ~1e-1). metrics/merge.json records the
+largest logit difference between the merged model and base+adapter on held-out passages.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from lmtune import tracking
+from lmtune.artifacts import atomic_dir, save_config, write_json
+from lmtune.config import run_stage
+from lmtune.data import collate, read_split, tokenize
+from lmtune.modeling import DTYPES, device, load_base_with_adapter, load_tokenizer
+
+
+def run(cfg) -> dict:
+    paths = cfg.paths
+    tokenizer = load_tokenizer(paths.adapter)
+    model = load_base_with_adapter(paths.base, paths.adapter, DTYPES[cfg.merge.dtype])
+    texts = read_split(paths.processed, "validation")[: cfg.merge.check_passages]
+    batch = collate(tokenize(texts, tokenizer, cfg.data.max_length), tokenizer.pad_token_id)
+    inputs = {"input_ids": batch["input_ids"].to(device()), "attention_mask": batch["attention_mask"].to(device())}
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        unmerged = model(**inputs).logits.float()[mask]
+        merged = model.merge_and_unload()
+        after = merged(**inputs).logits.float()[mask]
+    metrics = {
+        "max_logit_diff": float((after - unmerged).abs().max()),
+        "dtype": cfg.merge.dtype,
+        "check_tokens": int(mask.sum()),
+    }
+    with atomic_dir(paths.merged) as out:
+        merged.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        save_config(cfg, out)
+    write_json(Path(paths.metrics) / "merge.json", metrics)
+    with tracking.resume_run(cfg, paths.adapter):
+        tracking.log_metrics(metrics, prefix="merge.")
+    return metrics
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(run))
