@@ -112,6 +112,21 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     return state
 
 
+def _check_gradients(model, step: int) -> None:
+    """Every adapter must get a gradient: a zero one means a layer silently stopped learning
+    (the bitsandbytes CPU repack bug does this to early layers of real models). lora_B is
+    checked because its gradient is nonzero from the first step (lora_A's is zero while B is)."""
+    dead = [
+        n for n, p in model.named_parameters()
+        if p.requires_grad and "lora_B" in n and (p.grad is None or not p.grad.any())
+    ]  # fmt: skip
+    if dead:
+        raise TrainingError(
+            f"step {step}: {len(dead)} LoRA matrices got no gradient (e.g. {dead[:2]}); they would "
+            "silently stop learning. With bitsandbytes 4-bit on CPU, check modeling.keep_4bit_trainable."
+        )
+
+
 def train(
     model,
     train_seqs: list[list[int]],
@@ -151,6 +166,7 @@ def train(
             loss_sum += loss.item()
             tokens += int(batch["attention_mask"].sum())
         train_loss = loss_sum / tc.grad_accum
+        _check_gradients(model, step + 1)
         if not math.isfinite(train_loss):
             raise TrainingError(
                 f"loss is {train_loss} at step {step + 1}; training stopped. The last good checkpoint "

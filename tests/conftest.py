@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny Llama and tokenizer built in-process (no hub), saved to tmp_path."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from lmtune.config import Config, compose_conf  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TEXTS = [
+    "HAMLET:\nTo be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer",
+    "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father and refuse thy name;",
+    "MACBETH:\nTomorrow, and tomorrow, and tomorrow,\nCreeps in this petty pace from day to day,",
+    "LEAR:\nBlow, winds, and crack your cheeks! rage! blow!\nYou cataracts and hurricanoes, spout",
+    "PORTIA:\nThe quality of mercy is not strain'd,\nIt droppeth as the gentle rain from heaven",
+    "PUCK:\nIf we shadows have offended,\nThink but this, and all is mended,",
+] * 4
+
+
+@pytest.fixture(scope="session")
+def smoke_cfg():
+    """The smoke profile as stages see it."""
+    return compose_conf(["experiment=smoke"], conf_dir=ROOT / "conf")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, smoke_cfg):
+    """models/base for a tiny random Llama (hidden 128: a multiple of the 4-bit block size)."""
+    from lmtune.modeling import build_base
+
+    out = tmp_path_factory.mktemp("base")
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), smoke_cfg)
+    build_base(cfg, out, TEXTS)
+    return out
+
+
+@pytest.fixture
+def tiny_seqs(tiny_base):
+    from lmtune.data import tokenize
+    from lmtune.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_base)
+    return tokenize(TEXTS, tokenizer, 64), tokenizer

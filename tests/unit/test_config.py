@@ -1,0 +1,107 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from lmtune.config import (
+    ConfigError,
+    ParamsModified,
+    compose_conf,
+    flatten,
+    load,
+    main,
+    read_header,
+    write_params,
+)
+from lmtune.tracking import safe_params
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "conf"
+
+
+def group_options():
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir()):
+        for option in sorted(group.glob("*.yaml")):
+            yield f"{group.name}={option.stem}"
+
+
+@pytest.mark.parametrize("override", list(group_options()))
+def test_every_conf_option_composes_and_validates(override):
+    needs = {"data=files": ["data.files=[corpus.jsonl]"]}  # options the user must complete
+    cfg = compose_conf([override, *needs.get(override, [])], conf_dir=CONF)
+    group, option = override.split("=")
+    if group in ("model", "data"):
+        assert cfg[group].name == option
+
+
+def test_default_is_qlora_nf4_on_the_shipped_model():
+    cfg = compose_conf([], conf_dir=CONF)
+    assert (cfg.model.source, cfg.quant.bits, cfg.quant.bnb_4bit_quant_type) == ("gguf", 4, "nf4")
+    assert cfg.quant.bnb_4bit_use_double_quant and cfg.lora.target_modules == "all-linear"
+    assert cfg.model.trust_remote_code is False
+
+
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("+lora.rank=8", "lora.rank"),
+        ("lora.r=abc", "lora.r"),
+        ("lora.r=0", "lora.r"),
+        ("quant.bits=3", "quant.bits"),
+        ("quant.bnb_4bit_quant_type=int3", "quant.bnb_4bit_quant_type"),
+        ("train.batch_size=-1", "train.batch_size"),
+        ("data.test_fraction=0.99", "data.test_fraction"),
+        ("model=llama2_7b model.path=null", "model.path"),
+    ],
+)
+def test_bad_config_fails_naming_the_key(override, names):
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+        compose_conf(override.split(), conf_dir=CONF)
+
+
+def test_unknown_key_in_params_yaml_fails_before_anything_loads(tmp_path):
+    cfg = OmegaConf.to_container(compose_conf([], conf_dir=CONF))
+    cfg["train"]["epochs"] = 3
+    (tmp_path / "params.yaml").write_text(OmegaConf.to_yaml(cfg))
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        load([], root=tmp_path)
+
+
+def test_stage_overrides_apply_on_top_of_params_yaml(tmp_path):
+    write_params(compose_conf([], conf_dir=CONF), tmp_path / "params.yaml")
+    cfg = load(["lora.r=8", "train.max_steps=3"], root=tmp_path)
+    assert (cfg.lora.r, cfg.train.max_steps) == (8, 3)
+    with pytest.raises(ConfigError, match=r"lora\.nope"):
+        load(["lora.nope=1"], root=tmp_path)
+
+
+def test_recomposing_refuses_to_wipe_values_from_elsewhere(tmp_path):
+    path = tmp_path / "params.yaml"
+    write_params(compose_conf([], conf_dir=CONF), path, [])
+    assert read_header(path) == ([], True)
+    # `dvc exp run -S lora.r=8` / `dvc exp apply` rewrite params.yaml without our header
+    edited = OmegaConf.load(path)
+    edited.lora.r = 8
+    path.write_text(OmegaConf.to_yaml(edited))
+    with pytest.raises(ParamsModified, match=r"r: 8"):
+        write_params(compose_conf([], conf_dir=CONF), path, [])
+    assert OmegaConf.load(path).lora.r == 8  # untouched
+    write_params(compose_conf([], conf_dir=CONF), path, [], force=True)
+    assert OmegaConf.load(path).lora.r == 16
+
+
+def test_keep_recomposes_with_the_recorded_overrides(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conf").symlink_to(CONF)
+    assert main(["experiment=smoke"]) == 0
+    assert main(["--keep"]) == 0  # what `make run` does
+    assert OmegaConf.load("params.yaml").model.name == "tiny_random"
+    assert read_header(Path("params.yaml")) == (["experiment=smoke"], True)
+
+
+def test_flatten_and_secrets_never_logged():
+    assert flatten({"a": {"b": 1, "c": {"d": "x"}}, "e": None}) == {"a.b": 1, "a.c.d": "x", "e": None}
+    cfg = OmegaConf.create({"tracking": {"hf_token": "hf_abc", "uri": "x"}, "db": {"password": "p"}})
+    params = safe_params(cfg)
+    assert params["tracking.hf_token"] == "***" and params["db.password"] == "***"
+    assert params["tracking.uri"] == "x"

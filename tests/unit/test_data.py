@@ -1,0 +1,133 @@
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lmtune.config import Data
+from lmtune.data import (
+    DataError,
+    batch_indices,
+    collate,
+    load_corpus,
+    parse_play,
+    passages_from_scenes,
+    split,
+)
+
+PLAY = """# Hamlet
+
+## ACT I
+
+### SCENE I. Elsinore. A platform before the castle.
+
+_FRANCISCO at his post. Enter to him BERNARDO_
+
+**BERNARDO**  
+Who's there?
+
+**FRANCISCO**  
+Nay, answer me: stand, and unfold yourself.
+
+_Exit_
+
+### SCENE II. A room of state in the castle.
+
+**HAMLET**  
+[Aside]_  
+A little more than kin, and less than kind.  
+_Aside_ Not so, my lord.
+"""
+
+
+def test_parse_play_keeps_speeches_and_speakers_drops_headings_and_directions():
+    scenes = parse_play(PLAY)
+    assert scenes == [
+        ["BERNARDO:\nWho's there?", "FRANCISCO:\nNay, answer me: stand, and unfold yourself."],
+        ["HAMLET:\nA little more than kin, and less than kind.\nNot so, my lord."],
+    ]
+    text = "\n".join(s for scene in scenes for s in scene)
+    assert "#" not in text and "_" not in text and "Exit" not in text and "SCENE" not in text
+
+
+def test_parse_play_options():
+    assert parse_play(PLAY, keep_speakers=False)[0][0] == "Who's there?"
+    with_directions = "\n".join(parse_play(PLAY, keep_directions=True)[0])
+    assert "[FRANCISCO at his post. Enter to him BERNARDO]" in with_directions
+    assert "[Exit]" in with_directions
+
+
+def test_passages_group_speeches_of_a_scene_up_to_the_size():
+    scenes = [["A:\n" + "x" * 30, "B:\n" + "y" * 30, "C:\n" + "z" * 30], ["D:\n" + "w" * 30]]
+    passages = passages_from_scenes(scenes, passage_chars=70, min_chars=10)
+    assert passages == [scenes[0][0] + "\n\n" + scenes[0][1], scenes[0][2], scenes[1][0]]
+    assert passages_from_scenes(scenes, 70, min_chars=100) == []
+
+
+def test_split_is_deterministic_disjoint_and_seeded():
+    rows = [{"text": f"passage {i}", "source": "x"} for i in range(200)]
+    a, b = split(rows, 1, 0.1, 0.1), split(rows, 1, 0.1, 0.1)
+    assert a == b
+    texts = {k: {r["text"] for r in v} for k, v in a.items()}
+    assert len(texts["validation"]) == len(texts["test"]) == 20 and len(texts["train"]) == 160
+    assert not (texts["train"] & texts["test"]) and not (texts["train"] & texts["validation"])
+    assert split(rows, 2, 0.1, 0.1)["test"] != a["test"]
+    with pytest.raises(DataError, match="too few"):
+        split(rows[:2], 1, 0.1, 0.1)
+
+
+def test_batch_order_is_a_pure_function_of_seed_and_index():
+    n, bs = 10, 3
+    first_epoch = [i for k in range(3) for i in batch_indices(n, bs, 7, k)]
+    assert len(set(first_epoch)) == 9  # a permutation, no repeats within an epoch
+    assert batch_indices(n, bs, 7, 4) == batch_indices(n, bs, 7, 4)
+    assert batch_indices(n, bs, 7, 3) != batch_indices(n, bs, 7, 0)  # next epoch reshuffles
+
+
+def test_collate_masks_padding_right_and_left():
+    batch = collate([[5, 6, 7], [8]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
+    left = collate([[5, 6, 7], [8]], pad_id=0, left_pad=True)
+    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert left["input_ids"].dtype == torch.long
+
+
+def test_the_shipped_corpus_loads():
+    rows = load_corpus(OmegaConf.structured(Data))
+    assert len(rows) > 5000
+    assert len({r["source"] for r in rows}) == 38
+    assert all(r["text"].split("\n")[0].endswith(":") for r in rows[:100])
+
+
+def files_cfg(tmp_path, name, content, **kw):
+    path = tmp_path / name
+    path.write_text(content)
+    return OmegaConf.merge(OmegaConf.structured(Data), {"source": "files", "files": [str(path)], "min_chars": 1, **kw})
+
+
+def test_local_files_load(tmp_path):
+    rows = load_corpus(files_cfg(tmp_path, "a.jsonl", '{"text": "one"}\n\n{"text": "two"}\n'))
+    assert [r["text"] for r in rows] == ["one", "two"]
+    rows = load_corpus(files_cfg(tmp_path, "a.txt", "first block\nline\n\nsecond\n"))
+    assert [r["text"] for r in rows] == ["first block\nline", "second"]
+
+
+@pytest.mark.parametrize(
+    "name, content, kw, match",
+    [
+        ("bad.jsonl", '{"text": "ok"}\n{"text": broken\n', {}, r"bad\.jsonl:2: not valid JSON"),
+        ("col.jsonl", json.dumps({"body": "x"}) + "\n", {}, r"col\.jsonl:1: no 'text' field"),
+        ("empty.txt", "\n\n", {}, "corpus is empty"),
+        ("a.csv", "text\nx\n", {}, "unsupported file type"),
+    ],
+)
+def test_bad_input_names_the_file_and_line(tmp_path, name, content, kw, match):
+    with pytest.raises(DataError, match=match):
+        load_corpus(files_cfg(tmp_path, name, content, **kw))
+
+
+def test_missing_file_is_named(tmp_path):
+    cfg = OmegaConf.merge(OmegaConf.structured(Data), {"source": "files", "files": [str(tmp_path / "nope.jsonl")]})
+    with pytest.raises(DataError, match="nope.jsonl not found"):
+        load_corpus(cfg)
