@@ -27,7 +27,9 @@ def run(cfg) -> dict:
     scores = {}
     for name, path in models.items():
         model = load_full(path, dtype)
-        scores[name] = language_model_scores(model, seqs, cfg.eval.batch_size, tokenizer.pad_token_id, desc=name)
+        scores[name] = language_model_scores(
+            model, seqs, cfg.eval.batch_size, tokenizer.pad_token_id, desc=name
+        )
         del model
     metrics = {
         **scores,
@@ -36,8 +38,12 @@ def run(cfg) -> dict:
             for name in models
             if name != "base"
         },
-        "settings": {"split": "test", "passages": len(seqs), "max_length": cfg.data.max_length,
-                     "dtype": str(dtype).replace("torch.", "")},  # fmt: skip
+        "settings": {
+            "split": "test",
+            "passages": len(seqs),
+            "max_length": cfg.data.max_length,
+            "dtype": str(dtype).replace("torch.", ""),
+        },  # fmt: skip
     }
     write_json(Path(paths.metrics) / "eval.json", metrics)
     with tracking.resume_run(cfg, paths.adapter):

@@ -27,7 +27,9 @@ def run(cfg) -> dict:
     tokenizer = load_tokenizer(paths.base)
     train_seqs = tokenize(read_split(paths.processed, "train"), tokenizer, cfg.data.max_length)
     val_seqs = tokenize(read_split(paths.processed, "validation"), tokenizer, cfg.data.max_length)
-    model = add_lora(load_for_training(paths.base, cfg.quant, cfg.train.gradient_checkpointing), cfg.lora, cfg.seed)
+    model = add_lora(
+        load_for_training(paths.base, cfg.quant, cfg.train.gradient_checkpointing), cfg.lora, cfg.seed
+    )
     trainable, total = model.get_nb_trainable_parameters()
 
     run_id = tracking.start_run(cfg)

@@ -24,7 +24,10 @@ def run(cfg) -> dict:
     model = load_base_with_adapter(paths.base, paths.adapter, DTYPES[cfg.merge.dtype])
     texts = read_split(paths.processed, "validation")[: cfg.merge.check_passages]
     batch = collate(tokenize(texts, tokenizer, cfg.data.max_length), tokenizer.pad_token_id)
-    inputs = {"input_ids": batch["input_ids"].to(device()), "attention_mask": batch["attention_mask"].to(device())}
+    inputs = {
+        "input_ids": batch["input_ids"].to(device()),
+        "attention_mask": batch["attention_mask"].to(device()),
+    }
     mask = batch["attention_mask"].bool()
     with torch.no_grad():
         unmerged = model(**inputs).logits.float()[mask]

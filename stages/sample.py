@@ -31,7 +31,9 @@ def run(cfg) -> dict:
     settings["seed"] = cfg.seed
     rows = [{"model": name, **row} for name, rows in outputs.items() for row in rows]
     write_text(metrics_dir / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    page = samples_markdown(outputs["base"], outputs["merged"], settings, f"{cfg.model.name} on {cfg.data.name}")
+    page = samples_markdown(
+        outputs["base"], outputs["merged"], settings, f"{cfg.model.name} on {cfg.data.name}"
+    )
     write_text(metrics_dir / "samples.md", page)
     metrics = {f"{name}_tokens_per_second": tokens_per_second(rows) for name, rows in outputs.items()}
     write_json(metrics_dir / "sample.json", metrics)

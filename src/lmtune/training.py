@@ -100,7 +100,9 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     params = dict(model.named_parameters())
     missing = set(weights) ^ {n for n, p in params.items() if p.requires_grad}
     if missing:
-        raise TrainingError(f"checkpoint {path} does not match the model ({sorted(missing)[:3]} ...); delete it")
+        raise TrainingError(
+            f"checkpoint {path} does not match the model ({sorted(missing)[:3]} ...); delete it"
+        )
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)

@@ -103,7 +103,9 @@ def test_the_shipped_corpus_loads():
 def files_cfg(tmp_path, name, content, **kw):
     path = tmp_path / name
     path.write_text(content)
-    return OmegaConf.merge(OmegaConf.structured(Data), {"source": "files", "files": [str(path)], "min_chars": 1, **kw})
+    return OmegaConf.merge(
+        OmegaConf.structured(Data), {"source": "files", "files": [str(path)], "min_chars": 1, **kw}
+    )
 
 
 def test_local_files_load(tmp_path):
@@ -128,6 +130,8 @@ def test_bad_input_names_the_file_and_line(tmp_path, name, content, kw, match):
 
 
 def test_missing_file_is_named(tmp_path):
-    cfg = OmegaConf.merge(OmegaConf.structured(Data), {"source": "files", "files": [str(tmp_path / "nope.jsonl")]})
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(Data), {"source": "files", "files": [str(tmp_path / "nope.jsonl")]}
+    )
     with pytest.raises(DataError, match="nope.jsonl not found"):
         load_corpus(cfg)

@@ -22,14 +22,26 @@ def lora_model(base, cfg):
     return add_lora(load_for_training(base, cfg.quant, cfg.train.gradient_checkpointing), cfg.lora, cfg.seed)
 
 
+def crash_at(step_to_die):
+    def on_step(step, record):
+        if step == step_to_die:
+            raise KeyboardInterrupt
+
+    return on_step
+
+
 def frozen_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
 
 
 @pytest.mark.parametrize("bits", [4, 8, 16])
-def test_every_lora_matrix_learns_although_validation_runs_between_steps(tiny_base, tiny_seqs, tmp_path, smoke_cfg, bits):
+def test_every_lora_matrix_learns_although_validation_runs_between_steps(
+    tiny_base, tiny_seqs, tmp_path, smoke_cfg, bits
+):
     seqs, tokenizer = tiny_seqs
-    cfg = make_cfg(smoke_cfg, quant={"bits": bits}, train={"max_steps": 4, "eval_every": 1, "checkpoint_every": 100})
+    cfg = make_cfg(
+        smoke_cfg, quant={"bits": bits}, train={"max_steps": 4, "eval_every": 1, "checkpoint_every": 100}
+    )
     model = lora_model(tiny_base, cfg)
     before_lora, before_base = lora_state(model), frozen_state(model)
     result = train(model, seqs, seqs[:8], cfg, tmp_path / "ckpt", tokenizer.pad_token_id)
@@ -53,14 +65,20 @@ def _train_with_and_without_validations(base, seqs, tokenizer, tmp_path, smoke_c
     return finals
 
 
-def test_validations_between_steps_never_change_what_4bit_training_learns(tiny_base, tiny_seqs, tmp_path, smoke_cfg):
+def test_validations_between_steps_never_change_what_4bit_training_learns(
+    tiny_base, tiny_seqs, tmp_path, smoke_cfg
+):
     seqs, tokenizer = tiny_seqs
-    with_val, without_val = _train_with_and_without_validations(tiny_base, seqs, tokenizer, tmp_path, smoke_cfg)
+    with_val, without_val = _train_with_and_without_validations(
+        tiny_base, seqs, tokenizer, tmp_path, smoke_cfg
+    )
     assert all(torch.equal(with_val[n], without_val[n]) for n in with_val)
 
 
 @pytest.mark.skipif(not modeling.cpu_has_bf16(), reason="the bitsandbytes repack hazard needs AVX512-BF16")
-def test_the_validation_check_fails_without_the_repack_guard(tiny_base, tiny_seqs, tmp_path, smoke_cfg, monkeypatch):
+def test_the_validation_check_fails_without_the_repack_guard(
+    tiny_base, tiny_seqs, tmp_path, smoke_cfg, monkeypatch
+):
     """The checks can fail: with bitsandbytes' CPU repack left on (bitsandbytes 0.49/0.50), the
     first validation cuts the gradient of early adapters, and train() stops, naming them."""
     seqs, tokenizer = tiny_seqs
@@ -80,12 +98,9 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_base, tiny_seqs, t
     straight = lora_model(tiny_base, cfg)
     train(straight, seqs, seqs[:8], cfg, tmp_path / "a", tokenizer.pad_token_id)
 
-    def crash(step, record):
-        if step == 3:
-            raise KeyboardInterrupt  # killed after the step-2 checkpoint
-
-    with pytest.raises(KeyboardInterrupt):
-        train(lora_model(tiny_base, cfg), seqs, seqs[:8], cfg, tmp_path / "b", tokenizer.pad_token_id, on_step=crash)
+    with pytest.raises(KeyboardInterrupt):  # killed after the step-2 checkpoint
+        train(lora_model(tiny_base, cfg), seqs, seqs[:8], cfg, tmp_path / "b", tokenizer.pad_token_id,
+              on_step=crash_at(3))  # fmt: skip
     resumed = lora_model(tiny_base, cfg)
     result = train(resumed, seqs, seqs[:8], cfg, tmp_path / "b", tokenizer.pad_token_id)
     assert result["resumed_from_step"] == 2
@@ -98,7 +113,7 @@ def test_a_checkpoint_from_other_settings_is_not_resumed(tiny_base, tiny_seqs, t
     cfg = make_cfg(smoke_cfg, quant={"bits": 16}, train={"max_steps": 3, "checkpoint_every": 2})
     with pytest.raises(KeyboardInterrupt):
         train(lora_model(tiny_base, cfg), seqs, seqs[:8], cfg, tmp_path, tokenizer.pad_token_id,
-              on_step=lambda step, _: step == 3 and (_ for _ in ()).throw(KeyboardInterrupt))  # fmt: skip
+              on_step=crash_at(3))  # fmt: skip
     other = OmegaConf.merge(cfg, {"lora": {"r": 4}})
     result = train(lora_model(tiny_base, other), seqs, seqs[:8], other, tmp_path, tokenizer.pad_token_id)
     assert result["resumed_from_step"] is None

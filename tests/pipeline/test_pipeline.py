@@ -1,0 +1,138 @@
+"""The whole pipeline through DVC on the smoke profile, in a temporary copy of the repo."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+EXPECTED_FILES = {
+    "models/base": {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                    "tokenizer_config.json", "config.yaml", "source.json"},
+    "models/adapter": {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json",
+                       "tokenizer_config.json", "config.yaml", "tracking.json", "README.md"},
+    "models/merged": {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                      "tokenizer_config.json", "config.yaml"},
+    "data/processed": {"train.parquet", "validation.parquet", "test.parquet"},
+}  # fmt: skip
+
+
+def sh(*cmd, cwd, check=True):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A fresh copy of the repository (tracked and new files), with the smoke profile composed."""
+    dest = tmp_path_factory.mktemp("repo")
+    files = sh("git", "ls-files", "--cached", "--others", "--exclude-standard", cwd=ROOT).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file() and not name.startswith(("metrics/", "dvc.lock")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    sh("git", "init", "-q", cwd=dest)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=dest)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy", cwd=dest)
+    sh(sys.executable, "-m", "lmtune.config", "--force", "experiment=smoke", cwd=dest)
+    repro = sh("dvc", "repro", cwd=dest)
+    return dest, repro
+
+
+def test_every_stage_ran_and_wrote_exactly_its_outputs(repo):
+    dest, repro = repo
+    for stage in ("base", "prepare", "finetune", "merge", "evaluate", "sample"):
+        assert f"Running stage '{stage}'" in repro.stdout
+    for directory, expected in EXPECTED_FILES.items():
+        assert {p.name for p in (dest / directory).iterdir()} == expected, directory
+    for name in ("prepare.json", "train.json", "merge.json", "eval.json", "sample.json",
+                 "samples.jsonl", "samples.md", "train_loss.csv", "val_loss.csv"):  # fmt: skip
+        assert (dest / "metrics" / name).stat().st_size > 0, name
+    assert not (dest / "models/checkpoints").exists()  # cleaned once the adapter is safe
+
+
+def test_every_metric_is_finite_and_training_changed_the_model(repo):
+    dest, _ = repo
+    numbers = []
+
+    def collect(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                collect(v)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            numbers.append(value)
+
+    for name in ("prepare", "train", "merge", "eval", "sample"):
+        collect(json.loads((dest / "metrics" / f"{name}.json").read_text()))
+    assert numbers and all(math.isfinite(n) for n in numbers)
+    evaluation = json.loads((dest / "metrics/eval.json").read_text())
+    assert evaluation["base"]["perplexity"] != evaluation["merged"]["perplexity"]
+    assert evaluation["base"]["tokens_scored"] == evaluation["merged"]["tokens_scored"] > 0
+    train = json.loads((dest / "metrics/train.json").read_text())
+    assert train["lora_matrices_unchanged"] == 0 and train["steps"] == 6
+    # lora_B starts at zero: every one must have moved, validations ran in between
+    adapter = load_file(dest / "models/adapter/adapter_model.safetensors")
+    lora_b = [t for n, t in adapter.items() if "lora_B" in n]
+    assert len(lora_b) == train["lora_matrices"] // 2 and all(t.abs().sum() > 0 for t in lora_b)
+    assert len(pd.read_csv(dest / "metrics/val_loss.csv")) == 2  # steps 3 and 6
+
+
+def test_merged_logits_equal_base_plus_adapter(repo):
+    merge = json.loads((repo[0] / "metrics/merge.json").read_text())
+    assert merge["max_logit_diff"] < 1e-4 and merge["check_tokens"] > 0
+
+
+def test_samples_page_shows_both_models_side_by_side(repo):
+    dest, _ = repo
+    page = (dest / "metrics/samples.md").read_text()
+    assert "| Prompt | Base model | Fine-tuned |" in page and "HAMLET:" in page
+    rows = [json.loads(line) for line in (dest / "metrics/samples.jsonl").read_text().splitlines()]
+    assert sorted({r["model"] for r in rows}) == ["base", "merged"] and len(rows) == 4
+
+
+def test_one_mlflow_run_holds_params_metrics_and_artifacts(repo):
+    dest, _ = repo
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lmtune").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    run_id = json.loads((dest / "models/adapter/tracking.json").read_text())["run_id"]
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert run.data.params["lora.r"] == "16" and run.data.params["model.name"] == "tiny_random"
+    for key in ("train.final_val_loss", "merge.max_logit_diff", "eval.merged.perplexity",
+                "eval.base.perplexity", "sample.merged_tokens_per_second", "prepare.train.passages"):  # fmt: skip
+        assert key in run.data.metrics, key
+    assert len(client.get_metric_history(run_id, "train_loss")) == 6
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"samples.md", "metrics", "adapter", "base_source.json"} <= artifacts
+    assert run.data.tags["git_commit"] == sh("git", "rev-parse", "HEAD", cwd=dest).stdout.strip()
+
+
+def test_second_repro_runs_nothing_and_status_is_clean(repo):
+    dest, _ = repo
+    again = sh("dvc", "repro", cwd=dest)
+    assert "Running stage" not in again.stdout
+    assert "up to date" in sh("dvc", "status", cwd=dest).stdout
+
+
+def test_a_stage_override_by_hand_and_a_bad_key_before_any_work(repo):
+    dest, _ = repo
+    bad = sh(sys.executable, "stages/finetune.py", "lora.rank=8", cwd=dest, check=False)
+    assert bad.returncode == 2 and "lora.rank" in bad.stderr and "Traceback" not in bad.stderr
+    wrong = sh(sys.executable, "stages/finetune.py", "lora.r=many", cwd=dest, check=False)
+    assert wrong.returncode == 2 and "lora.r" in wrong.stderr
