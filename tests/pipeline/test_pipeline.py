@@ -136,3 +136,17 @@ def test_a_stage_override_by_hand_and_a_bad_key_before_any_work(repo):
     assert bad.returncode == 2 and "lora.rank" in bad.stderr and "Traceback" not in bad.stderr
     wrong = sh(sys.executable, "stages/finetune.py", "lora.r=many", cwd=dest, check=False)
     assert wrong.returncode == 2 and "lora.r" in wrong.stderr
+
+
+def test_dvc_exp_run_composes_conf_with_the_override(repo):
+    """Runs last: it changes the workspace. DVC composes conf/ itself, so the profile is passed too."""
+    dest, _ = repo
+    sh("dvc", "exp", "run", "-S", "experiment=smoke", "-S", "lora.r=8", cwd=dest)
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.load(dest / "params.yaml")
+    assert params.lora.r == 8 and params.model.name == "tiny_random"
+    trainable = json.loads((dest / "metrics/train.json").read_text())["trainable_parameters"]
+    assert trainable == 65536 // 2  # rank 16 → 8 halves the adapter
+    shown = sh("dvc", "exp", "show", "--json", cwd=dest).stdout
+    assert '"r": 8' in shown.replace(" ", "").replace('"r":8', '"r": 8')
