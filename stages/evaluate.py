@@ -1,54 +1,95 @@
-"""Score the base and the merged model on the test split → metrics/eval.json.
+"""Score every model on the test split → metrics/eval.json and metrics/eval.md.
 
-    python stages/evaluate.py [key=value ...]    # or: make eval
+    python stages/evaluate.py [key=value ...]    # or: make eval (reruns only this stage)
 
-Perplexity and next-token accuracy over every token of every test passage (each scored on its
-own, truncated to data.max_length), for each model in the same dtype, and the deltas vs base.
+Models: the base in 16/32-bit; the quantized base alone and with the adapter exactly as trained
+(4/8-bit runs); the merged model. Metrics (README, "Evaluation"): perplexity and token accuracy
+on every token of every passage; token F1, ROUGE-1/2/L and BLEU of greedy continuations of each
+passage's first eval.prompt_tokens tokens against its next eval.reference_tokens. Each with a 95%
+bootstrap interval, and each model's delta vs the base with its paired interval.
 """
 
 import sys
 from pathlib import Path
 
+# This script shares its name with the `evaluate` library: keep its folder off the import path
+# so that `import evaluate` (in lmtune.metrics) finds the library, not this file.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 from lmtune import tracking
-from lmtune.artifacts import write_json
+from lmtune.artifacts import write_json, write_text
 from lmtune.config import run_stage
 from lmtune.data import read_split, tokenize
-from lmtune.metrics import language_model_scores
-from lmtune.modeling import load_full, load_tokenizer, resolve_dtype, set_threads
+from lmtune.generation import greedy_continuations
+from lmtune.metrics import (
+    ALL_METRICS,
+    bootstrap,
+    eval_markdown,
+    generation_per_example,
+    likelihood_per_passage,
+    metric_functions,
+)
+from lmtune.modeling import (
+    load_base_with_adapter,
+    load_for_training,
+    load_full,
+    load_tokenizer,
+    resolve_dtype,
+)
+
+
+def model_loaders(cfg, dtype) -> dict:
+    paths = cfg.paths
+    loaders = {"base": lambda: load_full(paths.base, dtype)}
+    if cfg.quant.bits < 16:
+        label = f"{cfg.quant.bits}bit"
+        loaders[f"base_{label}"] = lambda: load_for_training(paths.base, cfg.quant, False)
+        loaders[f"base_{label}_adapter"] = lambda: load_base_with_adapter(
+            paths.base, paths.adapter, dtype, quant=cfg.quant
+        )
+    loaders["merged"] = lambda: load_full(paths.merged, dtype)
+    return loaders
 
 
 def run(cfg) -> dict:
-    set_threads(cfg.train.threads)
-    paths, dtype = cfg.paths, resolve_dtype(cfg.eval.dtype)
+    e, paths, dtype = cfg.eval, cfg.paths, resolve_dtype(cfg.eval.dtype)
     tokenizer = load_tokenizer(paths.base)
-    texts = read_split(paths.processed, "test")[: cfg.eval.max_passages]
+    texts = read_split(paths.processed, "test")[: e.max_passages]
     seqs = tokenize(texts, tokenizer, cfg.data.max_length)
-    models = {"base": paths.base, "merged": paths.merged}
-    scores = {}
-    for name, path in models.items():
-        model = load_full(path, dtype)
-        scores[name] = language_model_scores(
-            model, seqs, cfg.eval.batch_size, tokenizer.pad_token_id, desc=name
-        )
+    # generation set: passages long enough to hold a prompt and at least one reference token
+    pairs = [(s[: e.prompt_tokens], s[e.prompt_tokens : e.prompt_tokens + e.reference_tokens])
+             for s in seqs if len(s) > e.prompt_tokens + 1]  # fmt: skip
+    prompts = [p for p, _ in pairs]
+    references = [tokenizer.decode(r, skip_special_tokens=True) for _, r in pairs]
+    sizes = {m: len(seqs) for m in ALL_METRICS[:2]} | {m: len(pairs) for m in ALL_METRICS[2:]}
+
+    functions, examples = {}, {}
+    for name, load in model_loaders(cfg, dtype).items():
+        model = load()
+        likelihood = likelihood_per_passage(model, seqs, e.batch_size, tokenizer.pad_token_id, desc=name)
+        continuations = greedy_continuations(model, prompts, e.reference_tokens, tokenizer.pad_token_id,
+                                             tokenizer.eos_token_id, e.batch_size, desc=name)  # fmt: skip
+        predictions = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
+        generation = generation_per_example(predictions, references, e.metrics_source)
+        functions[name] = metric_functions(likelihood, generation)
+        examples[name] = predictions[:3]
         del model
-    metrics = {
-        **scores,
-        "delta_vs_base": {
-            name: {k: scores[name][k] - scores["base"][k] for k in ("perplexity", "nll", "token_accuracy")}
-            for name in models
-            if name != "base"
-        },
-        "settings": {
-            "split": "test",
-            "passages": len(seqs),
-            "max_length": cfg.data.max_length,
-            "dtype": str(dtype).replace("torch.", ""),
-        },  # fmt: skip
-    }
+    scores = bootstrap(functions, sizes, "base", e.bootstrap_resamples, cfg.seed)
+    settings = {
+        "split": "test", "passages": len(seqs), "generation_examples": len(pairs),
+        "max_length": cfg.data.max_length, "prompt_tokens": e.prompt_tokens,
+        "reference_tokens": e.reference_tokens, "decoding": "greedy",
+        "bootstrap_resamples": e.bootstrap_resamples, "dtype": str(dtype).replace("torch.", ""),
+        "tokens_scored": int(sum(len(s) - 1 for s in seqs)),
+    }  # fmt: skip
+    metrics = {"models": scores, "settings": settings}
     write_json(Path(paths.metrics) / "eval.json", metrics)
+    write_text(Path(paths.metrics) / "eval.md", eval_markdown(scores, settings, references[:3], examples))
     with tracking.resume_run(cfg, paths.adapter):
-        tracking.log_metrics(metrics, prefix="eval.")
-    return metrics
+        tracking.log_metrics(
+            {name: {m: v["value"] for m, v in per.items()} for name, per in scores.items()}, prefix="eval."
+        )
+    return {name: {m: round(v["value"], 4) for m, v in per.items()} for name, per in scores.items()}
 
 
 if __name__ == "__main__":

@@ -122,9 +122,13 @@ class Merge:
 
 @dataclass
 class Eval:
-    max_passages: int | None = 200
-    batch_size: int = 8
+    max_passages: int | None = 64
+    batch_size: int = 16
     dtype: str = "auto"
+    prompt_tokens: int = 32
+    reference_tokens: int = 32
+    bootstrap_resamples: int = 1000
+    metrics_source: str = "local"
 
 
 @dataclass
@@ -181,13 +185,15 @@ CHOICES = {
     "lora.bias": ("none", "all", "lora_only"),
     "merge.dtype": ("fp32", "bf16", "fp16"),
     "eval.dtype": ("auto", "bf16", "fp16", "fp32"),
+    "eval.metrics_source": ("local", "hub"),
     "sample.dtype": ("auto", "bf16", "fp16", "fp32"),
 }
 POSITIVE = (
     "lora.r", "lora.lora_alpha", "train.max_steps", "train.batch_size", "train.grad_accum",
     "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
     "data.passage_chars", "data.max_length", "eval.batch_size", "sample.max_new_tokens",
-    "sample.batch_size", "merge.check_passages",
+    "sample.batch_size", "merge.check_passages", "eval.prompt_tokens", "eval.reference_tokens",
+    "eval.bootstrap_resamples",
 )  # fmt: skip
 
 

@@ -69,3 +69,34 @@ def samples_markdown(base: list[dict], tuned: list[dict], settings: dict, title:
     lines += ["", f"Speed: base {tokens_per_second(base):.1f} tokens/s, fine-tuned {tokens_per_second(tuned):.1f} tokens/s "
               f"(batch {settings.get('batch_size')}, KV cache, {device()}).", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, eos_id: int,
+                         batch_size: int, desc: str = "generate") -> list[list[int]]:  # fmt: skip
+    """Greedy continuation of each token-id prompt (batched, left-padded, KV cache); stops at EOS."""
+    from tqdm.auto import tqdm
+
+    from lmtune.data import collate
+
+    model.eval()
+    outputs: list[list[int]] = [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    for start in tqdm(range(0, len(order), batch_size), desc=f"{desc}: generate", unit="batch", leave=False):
+        rows = order[start : start + batch_size]
+        batch = collate([prompts[i] for i in rows], pad_id, left_pad=True)
+        generated = model.generate(
+            input_ids=batch["input_ids"].to(device()),
+            attention_mask=batch["attention_mask"].to(device()),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+            use_cache=True,
+        )[:, batch["input_ids"].shape[1] :]
+        for row, ids in zip(rows, generated.tolist(), strict=True):
+            outputs[row] = ids[: ids.index(eos_id)] if eos_id in ids else ids
+    return outputs

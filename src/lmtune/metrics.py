@@ -1,42 +1,210 @@
-"""Scores of a causal LM on held-out passages: perplexity and next-token accuracy."""
+"""Scores of a causal LM on held-out passages, with bootstrap confidence intervals.
+
+Likelihood metrics use every token of every passage; generation metrics continue the first
+`prompt_tokens` tokens of each passage greedily and compare with the next `reference_tokens`.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from lmtune.data import collate
 from lmtune.modeling import device
 
+GENERATION_METRICS = ("token_f1", "rouge1", "rouge2", "rougeL", "bleu")
+ALL_METRICS = ("perplexity", "token_accuracy", *GENERATION_METRICS)
+
+
+class EvaluationError(ValueError):
+    """The evaluation cannot give a meaningful number (say, too few passages for intervals)."""
+
 
 @torch.no_grad()
-def language_model_scores(model, seqs: list[list[int]], batch_size: int, pad_id: int,
-                          desc: str = "score") -> dict[str, float]:  # fmt: skip
-    """Perplexity = exp(mean NLL) over every predicted token of every passage; each passage is
-    scored on its own from its first token (which is not itself predicted); padding is masked.
-    Token accuracy = share of those positions where the top-1 prediction is the next token."""
+def likelihood_per_passage(model, seqs: list[list[int]], batch_size: int, pad_id: int,
+                           desc: str = "score") -> dict[str, np.ndarray]:  # fmt: skip
+    """Per passage: summed NLL, tokens predicted, top-1 hits. Each passage is scored on its own
+    from its first token (which is not itself predicted); padding is masked."""
     model.eval()
-    nll, correct, count = 0.0, 0, 0
-    # Longest first: padding waste is smallest when similar lengths share a batch.
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-        batch = collate([seqs[i] for i in order[start : start + batch_size]], pad_id)
-        batch = {k: v.to(device()) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = logits[:, :-1].float()
+    nll, hits, count = np.zeros(len(seqs)), np.zeros(len(seqs)), np.zeros(len(seqs))
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # similar lengths share a batch
+    for start in tqdm(
+        range(0, len(order), batch_size), desc=f"{desc}: likelihood", unit="batch", leave=False
+    ):
+        rows = order[start : start + batch_size]
+        batch = {k: v.to(device()) for k, v in collate([seqs[i] for i in rows], pad_id).items()}
+        logits = (
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        )
         targets = batch["labels"][:, 1:]
         mask = targets != -100
-        nll += float(torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum"))
-        correct += int((logits.argmax(-1)[mask] == targets[mask]).sum())
-        count += int(mask.sum())
-    if count == 0:
-        raise ValueError("no tokens to score: the test split is empty or every passage is one token")
-    mean_nll = nll / count
+        token_nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), targets.clamp(min=0), reduction="none"
+        )
+        nll[rows] = (token_nll * mask).sum(1).cpu().numpy()
+        hits[rows] = ((logits.argmax(-1) == targets) & mask).sum(1).cpu().numpy()
+        count[rows] = mask.sum(1).cpu().numpy()
+    return {"nll": nll, "hits": hits, "count": count}
+
+
+def language_model_scores(model, seqs: list[list[int]], batch_size: int, pad_id: int,
+                          desc: str = "score") -> dict[str, float]:  # fmt: skip
+    """Perplexity = exp(mean NLL over every predicted token); token accuracy = top-1 hit rate."""
+    per = likelihood_per_passage(model, seqs, batch_size, pad_id, desc)
+    if per["count"].sum() == 0:
+        raise EvaluationError("no tokens to score: the test split is empty or every passage is one token")
     return {
-        "perplexity": math.exp(mean_nll),
-        "nll": mean_nll,
-        "token_accuracy": correct / count,
-        "tokens_scored": count,
+        "perplexity": _perplexity(per, slice(None)),
+        "nll": float(per["nll"].sum() / per["count"].sum()),
+        "token_accuracy": float(per["hits"].sum() / per["count"].sum()),
+        "tokens_scored": int(per["count"].sum()),
     }
+
+
+def _perplexity(per: dict, idx) -> float:
+    return math.exp(per["nll"][idx].sum() / per["count"][idx].sum())
+
+
+def _load_local(name: str):
+    """The metric module folder `eval_metrics/<name>` through evaluate (works offline)."""
+    import evaluate
+
+    return evaluate.load(str(Path(__file__).parent / "eval_metrics" / name))
+
+
+def _bleu_from_stats():
+    spec = importlib.util.spec_from_file_location(
+        "lmtune_bleu", Path(__file__).parent / "eval_metrics" / "bleu" / "bleu.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.corpus_bleu_from_stats
+
+
+def generation_per_example(predictions: list[str], references: list[str], source: str = "local") -> dict:
+    """Per-example token F1 and ROUGE, and BLEU sufficient statistics, via `evaluate` modules.
+    source="hub" uses the hub's rouge/sacrebleu modules instead (needs network) for the means."""
+    f1 = _load_local("token_f1").compute(predictions=predictions, references=references)
+    rouge = _load_local("rouge").compute(predictions=predictions, references=references)
+    bleu = _load_local("bleu").compute(predictions=predictions, references=references)
+    per = {"token_f1": np.array(f1["per_example"]), "bleu_stats": bleu["per_example"]}
+    per.update({k: np.array(v) for k, v in rouge["per_example"].items()})
+    if source == "hub":  # cross-check with the reference implementations when reachable
+        import evaluate
+
+        per["hub"] = {
+            **evaluate.load("rouge").compute(predictions=predictions, references=references),
+            "bleu": evaluate.load("sacrebleu").compute(
+                predictions=predictions, references=[[r] for r in references]
+            )["score"],
+        }
+    return per
+
+
+def metric_functions(likelihood: dict, generation: dict | None) -> dict[str, Callable]:
+    """metric name → f(indices) computing it on a subset of passages (for the bootstrap)."""
+    fns: dict[str, Callable] = {
+        "perplexity": lambda idx: _perplexity(likelihood, idx),
+        "token_accuracy": lambda idx: float(likelihood["hits"][idx].sum() / likelihood["count"][idx].sum()),
+    }
+    if generation is not None:
+        bleu = _bleu_from_stats()
+        stats = generation["bleu_stats"]
+        for name in ("token_f1", "rouge1", "rouge2", "rougeL"):
+            fns[name] = lambda idx, a=generation[name]: float(a[idx].mean())
+        fns["bleu"] = lambda idx: bleu([stats[i] for i in idx])
+    return fns
+
+
+def bootstrap(models: dict[str, dict[str, Callable]], sizes: dict[str, int], baseline: str,
+              resamples: int, seed: int, min_examples: int = 10) -> dict:  # fmt: skip
+    """Point estimate, 95% percentile interval, and paired delta vs `baseline` for each metric.
+
+    Each resample draws passages with replacement; every model is scored on the same draw, so
+    the delta's interval reflects the difference itself, not two independent noises.
+    `sizes` gives the number of examples behind each metric (likelihood and generation sets).
+    """
+    for metric, n in sizes.items():
+        if n < min_examples:
+            raise EvaluationError(
+                f"{metric}: only {n} test examples; bootstrap intervals need at least {min_examples}. "
+                "Raise eval.max_passages or data.test_fraction."
+            )
+    rng = np.random.default_rng(seed)
+    draws = {n: rng.integers(0, n, size=(resamples, n)) for n in set(sizes.values())}
+    result: dict = {name: {} for name in models}
+    for metric, n in sizes.items():
+        everything = np.arange(n)
+        samples = {name: np.array([fns[metric](d) for d in draws[n]]) for name, fns in models.items()}
+        for name, fns in models.items():
+            entry = {"value": fns[metric](everything), "ci95": _interval(samples[name])}
+            if name != baseline:
+                entry["delta"] = entry["value"] - models[baseline][metric](everything)
+                entry["delta_ci95"] = _interval(samples[name] - samples[baseline])
+            result[name][metric] = entry
+    return result
+
+
+def _interval(values: np.ndarray) -> list[float]:
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+EXPLAIN = {
+    "perplexity": "exp(mean negative log-likelihood) over every predicted token; lower is better",
+    "token_accuracy": "share of tokens where the top-1 prediction is the true next token",
+    "token_f1": "word-overlap F1 between the greedy continuation and the reference (SQuAD-style)",
+    "rouge1": "ROUGE-1 F-measure: unigram overlap (rouge_score, no stemming)",
+    "rouge2": "ROUGE-2 F-measure: bigram overlap",
+    "rougeL": "ROUGE-L F-measure: longest common subsequence",
+    "bleu": "corpus BLEU (sacreBLEU defaults), 0-100",
+}
+_PERCENT = {"token_accuracy", "token_f1", "rouge1", "rouge2", "rougeL"}
+
+
+def _fmt(metric: str, value: float, signed: bool = False) -> str:
+    if metric in _PERCENT:
+        value *= 100
+    text = f"{value:+.2f}" if signed else f"{value:.2f}"
+    return text + ("%" if metric in _PERCENT else "")
+
+
+def eval_markdown(scores: dict, settings: dict, references: list[str], examples: dict) -> str:
+    """metrics/eval.md: one row per metric, one column per model, intervals and deltas vs base."""
+    names = list(scores)
+    lines = [
+        "# Evaluation",
+        "",
+        f"Test split: {settings['passages']} passages ({settings['tokens_scored']} tokens scored) for "
+        f"likelihood metrics; {settings['generation_examples']} greedy continuations of "
+        f"{settings['prompt_tokens']}-token prompts against the next {settings['reference_tokens']} tokens "
+        f"for generation metrics. dtype {settings['dtype']}. Brackets: 95% bootstrap interval "
+        f"({settings['bootstrap_resamples']} resamples of passages); Δ: paired difference vs base.",
+        "",
+        "| metric | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for metric in scores[names[0]]:
+        cells = []
+        for name in names:
+            entry = scores[name][metric]
+            lo, hi = entry["ci95"]
+            cell = f"{_fmt(metric, entry['value'])} [{_fmt(metric, lo)}, {_fmt(metric, hi)}]"
+            if "delta" in entry:
+                dlo, dhi = entry["delta_ci95"]
+                cell += f"<br>Δ {_fmt(metric, entry['delta'], True)} [{_fmt(metric, dlo, True)}, {_fmt(metric, dhi, True)}]"
+            cells.append(cell)
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    lines += ["", "## What each metric is", ""]
+    lines += [f"- **{m}**: {EXPLAIN[m]}" for m in scores[names[0]]]
+    lines += ["", "## First continuations", ""]
+    for i, reference in enumerate(references):
+        lines.append(f"**Reference {i + 1}:** {reference.strip()!r}")
+        lines += [f"- {name}: {examples[name][i].strip()!r}" for name in names]
+        lines.append("")
+    return "\n".join(lines)

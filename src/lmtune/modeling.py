@@ -275,8 +275,14 @@ def lora_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_base_with_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: torch.dtype):
+def load_base_with_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: torch.dtype,
+                           quant: DictConfig | None = None):  # fmt: skip
+    """Base + unmerged adapter: the base in `dtype`, or quantized as in training when `quant`."""
     from peft import PeftModel
 
-    base = load_full(base_dir, dtype)
+    if quant is not None and quant.bits < 16:
+        base = load_for_training(base_dir, quant, gradient_checkpointing=False)
+        base.config.use_cache = True
+    else:
+        base = load_full(base_dir, dtype)
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()

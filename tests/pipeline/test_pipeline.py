@@ -58,7 +58,7 @@ def test_every_stage_ran_and_wrote_exactly_its_outputs(repo):
         assert f"Running stage '{stage}'" in repro.stdout
     for directory, expected in EXPECTED_FILES.items():
         assert {p.name for p in (dest / directory).iterdir()} == expected, directory
-    for name in ("prepare.json", "train.json", "merge.json", "eval.json", "sample.json",
+    for name in ("prepare.json", "train.json", "merge.json", "eval.json", "eval.md", "sample.json",
                  "samples.jsonl", "samples.md", "train_loss.csv", "val_loss.csv"):  # fmt: skip
         assert (dest / "metrics" / name).stat().st_size > 0, name
     assert not (dest / "models/checkpoints").exists()  # cleaned once the adapter is safe
@@ -79,8 +79,24 @@ def test_every_metric_is_finite_and_training_changed_the_model(repo):
         collect(json.loads((dest / "metrics" / f"{name}.json").read_text()))
     assert numbers and all(math.isfinite(n) for n in numbers)
     evaluation = json.loads((dest / "metrics/eval.json").read_text())
-    assert evaluation["base"]["perplexity"] != evaluation["merged"]["perplexity"]
-    assert evaluation["base"]["tokens_scored"] == evaluation["merged"]["tokens_scored"] > 0
+    models = evaluation["models"]
+    assert list(models) == ["base", "base_4bit", "base_4bit_adapter", "merged"]
+    assert models["base"]["perplexity"]["value"] != models["merged"]["perplexity"]["value"]
+    for name, metrics in models.items():
+        assert set(metrics) == {
+            "perplexity",
+            "token_accuracy",
+            "token_f1",
+            "rouge1",
+            "rouge2",
+            "rougeL",
+            "bleu",
+        }
+        for entry in metrics.values():
+            lo, hi = entry["ci95"]
+            assert lo <= entry["value"] <= hi or math.isclose(lo, hi)
+            assert ("delta" in entry) == (name != "base")
+    assert evaluation["settings"]["tokens_scored"] > 0
     train = json.loads((dest / "metrics/train.json").read_text())
     assert train["lora_matrices_unchanged"] == 0 and train["steps"] == 6
     # lora_B starts at zero: every one must have moved, validations ran in between

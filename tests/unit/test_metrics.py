@@ -1,0 +1,130 @@
+"""Evaluation metrics: agreement with the reference libraries, intervals, edge cases."""
+
+import numpy as np
+import pytest
+import torch
+from rouge_score import rouge_scorer
+from sacrebleu import corpus_bleu
+
+from lmtune.generation import greedy_continuations
+from lmtune.metrics import (
+    EvaluationError,
+    bootstrap,
+    eval_markdown,
+    generation_per_example,
+    likelihood_per_passage,
+    metric_functions,
+)
+
+PREDICTIONS = ["the cat sat on the mat", "", "O Romeo, wherefore art thou", "héllo wörld — ça va?", "to be"]
+REFERENCES = [
+    "the cat is on the mat",
+    "something here",
+    "O Romeo, Romeo",
+    "héllo wörld — ça va?",
+    "to be or not to be",
+]
+
+
+def test_bleu_and_rouge_equal_sacrebleu_and_rouge_score():
+    per = generation_per_example(PREDICTIONS, REFERENCES)
+    fns = metric_functions({"nll": np.ones(5), "hits": np.ones(5), "count": np.ones(5)}, per)
+    everything = np.arange(len(PREDICTIONS))
+    assert fns["bleu"](everything) == pytest.approx(corpus_bleu(PREDICTIONS, [REFERENCES]).score, abs=1e-9)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    for kind in ("rouge1", "rouge2", "rougeL"):
+        expected = np.mean(
+            [scorer.score(r, p)[kind].fmeasure for p, r in zip(PREDICTIONS, REFERENCES, strict=True)]
+        )
+        assert fns[kind](everything) == pytest.approx(expected, abs=1e-12)
+
+
+def test_token_f1_cases():
+    per = generation_per_example(
+        ["the cat sat", "", "", "A, b!", "x"], ["cat the mat", "", "ref", "a b", "y"]
+    )
+    assert per["token_f1"].tolist() == pytest.approx([2 / 3, 1.0, 0.0, 1.0, 0.0])
+
+
+def test_empty_generations_score_zero_without_errors():
+    per = generation_per_example(["", ""], ["a reference", "another"])
+    assert per["token_f1"].tolist() == [0.0, 0.0] and per["rouge1"].tolist() == [0.0, 0.0]
+    fns = metric_functions({"nll": np.ones(2), "hits": np.ones(2), "count": np.ones(2)}, per)
+    assert fns["bleu"](np.arange(2)) == 0.0
+
+
+def test_bootstrap_intervals_and_paired_deltas():
+    rng = np.random.default_rng(0)
+    n = 50
+    base = {
+        "nll": rng.uniform(1, 3, n) * 20,
+        "hits": rng.integers(0, 10, n).astype(float),
+        "count": np.full(n, 20.0),
+    }
+    better = {**base, "nll": base["nll"] * 0.9}
+    fns = {
+        "base": metric_functions(base, None),
+        "same": metric_functions(base, None),
+        "better": metric_functions(better, None),
+    }
+    result = bootstrap(fns, {"perplexity": n, "token_accuracy": n}, "base", resamples=300, seed=1)
+    for name in fns:
+        entry = result[name]["perplexity"]
+        assert entry["ci95"][0] <= entry["value"] <= entry["ci95"][1]
+    assert result["same"]["perplexity"]["delta_ci95"] == [0.0, 0.0]  # paired: identical models, no noise
+    lo, hi = result["better"]["perplexity"]["delta_ci95"]
+    assert hi < 0 and result["better"]["perplexity"]["delta"] < 0
+    page = eval_markdown(result, {"passages": n, "tokens_scored": 1000, "generation_examples": 0,
+                                  "prompt_tokens": 32, "reference_tokens": 32, "dtype": "fp32",
+                                  "bootstrap_resamples": 300}, [], {})  # fmt: skip
+    assert "| perplexity |" in page and "Δ" in page
+
+
+def test_too_few_passages_for_the_bootstrap_is_a_clear_error():
+    fns = {"base": metric_functions({"nll": np.ones(3), "hits": np.ones(3), "count": np.ones(3)}, None)}
+    with pytest.raises(EvaluationError, match=r"only 3 test examples.*eval\.max_passages"):
+        bootstrap(fns, {"perplexity": 3}, "base", resamples=10, seed=0)
+
+
+class OnlyEos(torch.nn.Module):
+    """A model that emits only the end token: generation must come back empty, not crash."""
+
+    def __init__(self, eos):
+        super().__init__()
+        self.eos = eos
+
+    def generate(self, input_ids, max_new_tokens, eos_token_id, **kwargs):
+        tail = torch.full((input_ids.shape[0], 1), eos_token_id)
+        return torch.cat([input_ids, tail], dim=1)
+
+
+def test_a_model_that_emits_only_the_end_token():
+    out = greedy_continuations(OnlyEos(2), [[5, 6], [7]], 8, pad_id=2, eos_id=2, batch_size=2)
+    assert out == [[], []]
+    per = generation_per_example(["", ""], ["x y", "z"])
+    assert per["token_f1"].sum() == 0
+
+
+def test_greedy_continuations_are_the_same_batched_or_one_by_one(tiny_base, tiny_seqs):
+    from lmtune.modeling import load_full
+
+    seqs, tokenizer = tiny_seqs
+    model = load_full(tiny_base, torch.float32)
+    prompts = [s[:12] for s in seqs[:6]] + [seqs[0][:5]]  # different lengths: left padding matters
+    batched = greedy_continuations(
+        model, prompts, 6, tokenizer.pad_token_id, tokenizer.eos_token_id, batch_size=7
+    )
+    single = [
+        greedy_continuations(model, [p], 6, tokenizer.pad_token_id, tokenizer.eos_token_id, 1)[0]
+        for p in prompts
+    ]
+    assert batched == single
+
+
+def test_likelihood_per_passage_sums_to_the_totals(tiny_base, tiny_seqs):
+    from lmtune.modeling import load_full
+
+    seqs, tokenizer = tiny_seqs
+    per = likelihood_per_passage(load_full(tiny_base, torch.float32), seqs, 4, tokenizer.pad_token_id)
+    assert per["count"].tolist() == [len(s) - 1 for s in seqs]
+    assert (per["hits"] <= per["count"]).all() and (per["nll"] > 0).all()
