@@ -85,10 +85,8 @@ def run(cfg) -> dict:
     metrics = {"models": scores, "settings": settings}
     write_json(Path(paths.metrics) / "eval.json", metrics)
     write_text(Path(paths.metrics) / "eval.md", eval_markdown(scores, settings, references[:3], examples))
-    with tracking.resume_run(cfg, paths.adapter):
-        tracking.log_metrics(
-            {name: {m: v["value"] for m, v in per.items()} for name, per in scores.items()}, prefix="eval."
-        )
+    values = {name: {m: v["value"] for m, v in per.items()} for name, per in scores.items()}
+    tracking.log_to_run(cfg, paths.adapter, values, "eval.", (Path(paths.metrics) / "eval.md",))
     return {name: {m: round(v["value"], 4) for m, v in per.items()} for name, per in scores.items()}
 
 

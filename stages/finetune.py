@@ -23,6 +23,7 @@ from lmtune.training import peak_memory_gib, train
 
 def run(cfg) -> dict:
     set_threads(cfg.train.threads)
+    tracking.check_reachable(cfg)  # before any model loads: an unreachable server fails fast
     paths, metrics_dir = cfg.paths, Path(cfg.paths.metrics)
     tokenizer = load_tokenizer(paths.base)
     train_seqs = tokenize(read_split(paths.processed, "train"), tokenizer, cfg.data.max_length)
@@ -33,30 +34,33 @@ def run(cfg) -> dict:
     trainable, total = model.get_nb_trainable_parameters()
 
     run_id = tracking.start_run(cfg)
-    try:
+    with tracking.best_effort("logging the inputs"):
         tracking.log_metrics(read_json(metrics_dir / "prepare.json"), prefix="prepare.")
         mlflow.log_dict(read_json(Path(paths.base) / "source.json"), "base_source.json")
+    try:
         result = train(model, train_seqs, val_seqs, cfg, Path(paths.checkpoints), tokenizer.pad_token_id,
-                       on_step=lambda step, record: tracking.log_metrics(record, step=step))  # fmt: skip
-        # Save the adapter before any more logging: a tracking failure must not lose it.
-        with atomic_dir(paths.adapter) as out:
-            model.save_pretrained(out)
-            tokenizer.save_pretrained(out)
-            save_config(cfg, out)
-            write_json(out / tracking.RUN_FILE, {"run_id": run_id, "tracking_uri": mlflow.get_tracking_uri()})
-        pd.DataFrame(result.pop("train_curve")).to_csv(metrics_dir / "train_loss.csv", index=False)
-        pd.DataFrame(result.pop("val_curve")).to_csv(metrics_dir / "val_loss.csv", index=False)
-        metrics = {**result, "trainable_parameters": trainable, "total_parameters": total,
-                   "trainable_share": trainable / total, "peak_memory_gib": peak_memory_gib()}  # fmt: skip
-        write_json(metrics_dir / "train.json", metrics)
+                       on_step=tracking.step_logger())  # fmt: skip
+    except BaseException:
+        with tracking.best_effort("closing the failed run"):
+            mlflow.end_run(status="FAILED")
+        raise
+    # Save the adapter before any more logging: a tracking failure must not lose it.
+    with atomic_dir(paths.adapter) as out:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        save_config(cfg, out)
+        write_json(out / tracking.RUN_FILE, {"run_id": run_id, "tracking_uri": mlflow.get_tracking_uri()})
+    pd.DataFrame(result.pop("train_curve")).to_csv(metrics_dir / "train_loss.csv", index=False)
+    pd.DataFrame(result.pop("val_curve")).to_csv(metrics_dir / "val_loss.csv", index=False)
+    metrics = {**result, "trainable_parameters": trainable, "total_parameters": total,
+               "trainable_share": trainable / total, "peak_memory_gib": peak_memory_gib()}  # fmt: skip
+    write_json(metrics_dir / "train.json", metrics)
+    with tracking.best_effort("logging the results"):
         tracking.log_metrics(metrics, prefix="train.")
         for name in ("train_loss.csv", "val_loss.csv", "train.json", "prepare.json"):
             mlflow.log_artifact(str(metrics_dir / name), "metrics")
         mlflow.log_artifact(str(Path(paths.adapter) / "adapter_config.json"), "adapter")
-    except BaseException:
-        mlflow.end_run(status="FAILED")
-        raise
-    mlflow.end_run()
+        mlflow.end_run()
     shutil.rmtree(paths.checkpoints, ignore_errors=True)  # the adapter is safe; resume state is not needed
     return metrics
 

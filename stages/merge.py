@@ -43,8 +43,7 @@ def run(cfg) -> dict:
         tokenizer.save_pretrained(out)
         save_config(cfg, out)
     write_json(Path(paths.metrics) / "merge.json", metrics)
-    with tracking.resume_run(cfg, paths.adapter):
-        tracking.log_metrics(metrics, prefix="merge.")
+    tracking.log_to_run(cfg, paths.adapter, metrics, prefix="merge.")
     return metrics
 
 

@@ -10,7 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-import mlflow
 from omegaconf import OmegaConf
 
 from lmtune import tracking
@@ -37,10 +36,8 @@ def run(cfg) -> dict:
     write_text(metrics_dir / "samples.md", page)
     metrics = {f"{name}_tokens_per_second": tokens_per_second(rows) for name, rows in outputs.items()}
     write_json(metrics_dir / "sample.json", metrics)
-    with tracking.resume_run(cfg, paths.adapter):
-        tracking.log_metrics(metrics, prefix="sample.")
-        mlflow.log_artifact(str(metrics_dir / "samples.md"))
-        mlflow.log_artifact(str(metrics_dir / "samples.jsonl"))
+    tracking.log_to_run(cfg, paths.adapter, metrics, "sample.",
+                        (metrics_dir / "samples.md", metrics_dir / "samples.jsonl"))  # fmt: skip
     return metrics
 
 

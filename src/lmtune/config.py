@@ -13,6 +13,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ class Model:
     gguf_file: str | None = None
     dtype: str = "auto"
     trust_remote_code: bool = False
+    allow_pickle: bool = False
     tiny: TinyModel = field(default_factory=TinyModel)
 
 
@@ -390,18 +392,38 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def check_writable(cfg: DictConfig) -> None:
+    """Every output folder (or the nearest existing parent) must be writable before work starts."""
+    for key, value in cfg.paths.items():
+        path = Path(value)
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        try:  # a real write: permission bits alone mislead (root, read-only mounts)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError:
+            raise ConfigError(
+                f"paths.{key}={value}: {path} is not writable; fix its permissions or point "
+                f"paths.{key} somewhere writable"
+            ) from None
+
+
 def run_stage(run, argv: list[str] | None = None) -> int:
     """Shared `main` of the stage scripts: load config, run, print metrics; user errors
     (bad config, bad data, missing model) print one clear message instead of a traceback."""
     import json
 
     from lmtune.data import DataError
+    from lmtune.metrics import EvaluationError
     from lmtune.modeling import ModelError
+    from lmtune.tracking import TrackingError
     from lmtune.training import TrainingError
 
     try:
-        metrics = run(load(sys.argv[1:] if argv is None else argv))
-    except (ConfigError, DataError, ModelError, TrainingError) as err:
+        cfg = load(sys.argv[1:] if argv is None else argv)
+        check_writable(cfg)
+        metrics = run(cfg)
+    except (ConfigError, DataError, ModelError, TrainingError, TrackingError, EvaluationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(metrics, indent=2, default=str))

@@ -91,7 +91,14 @@ def _from_pretrained(cfg: DictConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if cfg.source == "local" and not Path(cfg.path).is_dir():
-        raise ModelError(f"model.path: local directory {cfg.path} not found")
+        raise ModelError(
+            f"model.path: local directory {cfg.path} not found; give the folder holding config.json"
+        )
+    if cfg.source == "local" and not cfg.allow_pickle and not list(Path(cfg.path).glob("*.safetensors")):
+        raise ModelError(
+            f"model.path={cfg.path} has no .safetensors weights. Pickle (.bin) checkpoints can run code "
+            "when loaded and are refused; convert them, or set model.allow_pickle=true if you trust the source."
+        )
     if cfg.source == "hub" and os.environ.get("HF_HUB_OFFLINE", "1") == "1":
         raise ModelError(
             f"model.path={cfg.path} is a hub id but HF_HUB_OFFLINE=1. With network and access "
@@ -102,11 +109,14 @@ def _from_pretrained(cfg: DictConfig):
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, dtype=DTYPES.get(cfg.dtype, "auto"), use_safetensors=True, **kwargs
+            cfg.path, dtype=DTYPES.get(cfg.dtype, "auto"), use_safetensors=not cfg.allow_pickle, **kwargs
         )
     except OSError as err:
-        raise ModelError(f"model.path={cfg.path}: cannot load ({err}). For gated hub models check "
-                         "HF_TOKEN and that your account accepted the license.") from None  # fmt: skip
+        reason = str(err).splitlines()[0]
+        raise ModelError(
+            f"model.path={cfg.path}: cannot load ({reason}). For gated hub models check the network, "
+            "HF_TOKEN and that your account accepted the license."
+        ) from None
     commit = getattr(model.config, "_commit_hash", None)
     origin = {"origin": f"{cfg.source}:{cfg.path}", "revision": cfg.revision or commit, "sha256": None}
     return model, tokenizer, origin

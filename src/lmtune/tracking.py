@@ -6,6 +6,8 @@ import contextlib
 import os
 import re
 import subprocess
+import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,12 @@ from lmtune.artifacts import read_json
 from lmtune.config import flatten, git_commit
 
 RUN_FILE = "tracking.json"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; raised before any long work starts."""
+
+
 _SECRET = re.compile(r"token|password|passwd|secret|api_?key|credential", re.IGNORECASE)
 
 
@@ -67,15 +75,70 @@ def start_run(cfg: DictConfig, run_name: str | None = None) -> str:
     return run.info.run_id
 
 
+def check_reachable(cfg: DictConfig) -> str:
+    """Fail fast, before a model loads, when the configured store cannot be reached."""
+    uri = tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
+                pass
+        except OSError as err:
+            raise TrackingError(
+                f"tracking.uri={uri} is not reachable ({err}). Start the server "
+                "(mlflow server --host 127.0.0.1 --port 5000) or set tracking.uri=null to log "
+                "into mlflow.db at the repo root."
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not os.access(folder, os.W_OK):
+            raise TrackingError(f"tracking store {uri}: folder {folder} is not writable; set tracking.uri")
+    return uri
+
+
 @contextlib.contextmanager
-def resume_run(cfg: DictConfig, adapter_dir: str | Path) -> Iterator[Any]:
-    """Log into the run that finetune opened (its id travels in models/adapter/tracking.json)."""
+def best_effort(what: str) -> Iterator[None]:
+    """Tracking never costs the user their outputs: a logging failure is reported, not fatal."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - any tracking failure is survivable
+        print(
+            f"warning: MLflow {what} failed ({type(err).__name__}: {str(err)[:200]}); "
+            "the stage's outputs and metrics/*.json are complete.",
+            file=sys.stderr,
+        )
+
+
+def step_logger():
+    """on_step callback for training: logs each step's numbers; after one failure it warns once
+    and stops trying, so a tracking server going away never stops or stalls training."""
+    working = True
+
+    def log(step: int, record: dict) -> None:
+        nonlocal working
+        if working:
+            try:
+                log_metrics(record, step=step)
+            except Exception as err:  # noqa: BLE001
+                working = False
+                print(f"warning: MLflow step logging failed ({type(err).__name__}); training goes on, "
+                      "curves stay in metrics/*.csv", file=sys.stderr)  # fmt: skip
+
+    return log
+
+
+def log_to_run(cfg: DictConfig, adapter_dir: str | Path, metrics: dict, prefix: str,
+               artifacts: tuple[str | Path, ...] = ()) -> None:  # fmt: skip
+    """Log a later stage's metrics and files into the run that finetune opened
+    (its id travels in models/adapter/tracking.json)."""
     import mlflow
 
-    info = read_json(Path(adapter_dir) / RUN_FILE)
-    mlflow.set_tracking_uri(info.get("tracking_uri") or tracking_uri(cfg))
-    with mlflow.start_run(run_id=info["run_id"]) as run:
-        yield run
+    with best_effort(f"logging {prefix.rstrip('.')}"):
+        info = read_json(Path(adapter_dir) / RUN_FILE)
+        mlflow.set_tracking_uri(info.get("tracking_uri") or tracking_uri(cfg))
+        with mlflow.start_run(run_id=info["run_id"]):
+            log_metrics(metrics, prefix=prefix)
+            for path in artifacts:
+                mlflow.log_artifact(str(path))
 
 
 def log_metrics(metrics: dict[str, Any], prefix: str = "", step: int | None = None) -> None:

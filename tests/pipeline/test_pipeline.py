@@ -4,8 +4,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -152,6 +154,28 @@ def test_a_stage_override_by_hand_and_a_bad_key_before_any_work(repo):
     assert bad.returncode == 2 and "lora.rank" in bad.stderr and "Traceback" not in bad.stderr
     wrong = sh(sys.executable, "stages/finetune.py", "lora.r=many", cwd=dest, check=False)
     assert wrong.returncode == 2 and "lora.r" in wrong.stderr
+
+
+def test_sigkill_during_finetune_then_repro_resumes_from_the_checkpoint(repo):
+    dest, _ = repo
+    sh(sys.executable, "-m", "lmtune.config", "--force", "experiment=smoke", "train.max_steps=150",
+       "train.checkpoint_every=5", "train.eval_every=50", cwd=dest)  # fmt: skip
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    proc = subprocess.Popen(["dvc", "repro"], cwd=dest, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    checkpoints = dest / "models/checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(checkpoints.glob("step-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: dvc and the stage script
+    proc.wait()
+    assert list(checkpoints.glob("step-*")), "no checkpoint was written before the kill"
+    assert not (dest / "models/adapter").exists()  # nothing DVC could take as complete
+    assert "finetune" in sh("dvc", "status", cwd=dest).stdout
+    sh("dvc", "repro", cwd=dest)
+    train = json.loads((dest / "metrics/train.json").read_text())
+    assert train["steps"] == 150 and train["resumed_from_step"] >= 5
+    assert "up to date" in sh("dvc", "status", cwd=dest).stdout
 
 
 def test_dvc_exp_run_composes_conf_with_the_override(repo):

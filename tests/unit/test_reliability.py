@@ -1,0 +1,125 @@
+"""Bad input fails early and clearly; tracking trouble never costs the user their outputs."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lmtune import tracking
+from lmtune.config import Config, compose_conf, run_stage, write_params
+from lmtune.modeling import ModelError, add_lora, build_base, load_for_training
+from lmtune.training import TrainingError, train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cfg_with(**sections):
+    base = OmegaConf.merge(
+        OmegaConf.structured(Config), compose_conf(["experiment=smoke"], conf_dir=ROOT / "conf")
+    )
+    return OmegaConf.merge(base, sections)
+
+
+def stage(name):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_local_model_path_not_found(tmp_path):
+    cfg = cfg_with(model={"source": "local", "path": str(tmp_path / "nope")})
+    with pytest.raises(ModelError, match=r"model\.path: local directory .*nope not found"):
+        build_base(cfg, tmp_path / "out")
+
+
+def test_hub_model_while_offline_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = compose_conf(["model=llama2_7b"], conf_dir=ROOT / "conf")
+    with pytest.raises(ModelError, match=r"meta-llama/Llama-2-7b-hf.*HF_HUB_OFFLINE=1.*HF_TOKEN"):
+        build_base(cfg, tmp_path / "out")
+
+
+def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path, tiny_base):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    for f in tiny_base.iterdir():
+        if f.suffix != ".safetensors":
+            (folder / f.name).write_bytes(f.read_bytes())
+    torch.save({}, folder / "pytorch_model.bin")
+    cfg = cfg_with(model={"source": "local", "path": str(folder)})
+    with pytest.raises(ModelError, match=r"no \.safetensors weights.*model\.allow_pickle=true"):
+        build_base(cfg, tmp_path / "out")
+
+
+def test_unwritable_output_folder_fails_before_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_params(compose_conf(["experiment=smoke"], conf_dir=ROOT / "conf"), tmp_path / "params.yaml")
+    ran = []
+    code = run_stage(lambda cfg: ran.append(cfg) or {}, ["paths.adapter=/proc/lmtune/adapter"])
+    assert code == 2 and not ran
+    assert "paths.adapter=/proc/lmtune/adapter" in capsys.readouterr().err
+
+
+def test_every_passage_longer_than_the_context_is_refused(tmp_path, tiny_base, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = cfg_with(data={"max_length": 4, "max_passages": 200},
+                   paths={"base": str(tiny_base), "processed": "processed", "metrics": "metrics"})  # fmt: skip
+    with pytest.raises(Exception, match=r"every training passage is longer than data\.max_length=4"):
+        stage("prepare").run(cfg)
+    assert not Path("processed").exists()  # nothing half-written
+
+
+def test_corrupted_checkpoint_is_named_on_resume(tmp_path, tiny_base, tiny_seqs):
+    seqs, tokenizer = tiny_seqs
+    cfg = cfg_with(quant={"bits": 16}, train={"max_steps": 4, "checkpoint_every": 2})
+
+    def model():
+        return add_lora(load_for_training(tiny_base, cfg.quant, False), cfg.lora, cfg.seed)
+
+    def die(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model(), seqs, seqs[:4], cfg, tmp_path, tokenizer.pad_token_id, on_step=die)
+    (tmp_path / "step-000002" / "lora.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(TrainingError, match=r"step-000002 is corrupted.*rm -r"):
+        train(model(), seqs, seqs[:4], cfg, tmp_path, tokenizer.pad_token_id)
+
+
+def test_unreachable_tracking_server_fails_at_start():
+    cfg = cfg_with(tracking={"uri": "http://127.0.0.1:9"})
+    with pytest.raises(
+        tracking.TrackingError,
+        match=r"tracking\.uri=http://127\.0\.0\.1:9 is not reachable.*tracking\.uri=null",
+    ):
+        tracking.check_reachable(cfg)
+
+
+def test_tracking_failures_mid_run_only_warn(monkeypatch, capsys, tmp_path):
+    import mlflow
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise ConnectionError("server went away")
+
+    monkeypatch.setattr(mlflow, "log_metrics", broken)
+    log = tracking.step_logger()
+    for step in range(1, 4):
+        log(step, {"train_loss": 1.0})
+    assert len(calls) == 1  # gave up after the first failure: no stalls on every step
+    (tmp_path / tracking.RUN_FILE).write_text('{"run_id": "missing", "tracking_uri": "http://127.0.0.1:9"}')
+    tracking.log_to_run(cfg_with(), tmp_path, {"x": 1.0}, "eval.")  # must not raise
+    err = capsys.readouterr().err
+    assert "step logging failed" in err and "outputs and metrics/*.json are complete" in err
+
+
+def test_remote_code_is_off_by_default_everywhere():
+    for option in (ROOT / "conf/model").glob("*.yaml"):
+        cfg = compose_conf([f"model={option.stem}"], conf_dir=ROOT / "conf")
+        assert cfg.model.trust_remote_code is False and cfg.model.allow_pickle is False
