@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help setup run params repro eval ui test test-slow lint format clean
+.PHONY: help setup run params repro eval ui test test-slow lint format clean bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -49,12 +49,17 @@ test-slow: setup  ## long checks on the real default model
 	$(PY) -m pytest -m slow -q
 
 lint: setup  ## ruff check and format check
-	$(PY) -m ruff check src stages tests
-	$(PY) -m ruff format --check src stages tests
+	$(PY) -m ruff check src stages tests bench
+	$(PY) -m ruff format --check src stages tests bench
 
 format: setup  ## apply ruff fixes and formatting
-	$(PY) -m ruff check --fix src stages tests
-	$(PY) -m ruff format src stages tests
+	$(PY) -m ruff check --fix src stages tests bench
+	$(PY) -m ruff format src stages tests bench
 
 clean:  ## remove pipeline outputs (not the venv, not mlflow.db)
-	rm -rf data/processed data/raw models/base models/adapter models/checkpoints models/merged
+	rm -rf data/processed data/raw models/base models/adapter models/checkpoints models/merged models/quantized
+
+bench: setup  ## the usual QLoRA recipe vs lmtune, side by side (STEPS=10): metrics/bench.json, bench/RESULTS.md
+	$(PY) -m lmtune.config --keep
+	dvc repro prepare
+	$(PY) bench/run.py --steps $(or $(STEPS),10)

@@ -36,6 +36,7 @@ from lmtune.modeling import (
     load_tokenizer,
     resolve_dtype,
 )
+from lmtune.quantization import load_quantized
 
 
 def model_loaders(cfg, dtype) -> dict:
@@ -48,6 +49,7 @@ def model_loaders(cfg, dtype) -> dict:
             paths.base, paths.adapter, dtype, quant=cfg.quant
         )
     loaders["merged"] = lambda: load_full(paths.merged, dtype)
+    loaders[f"merged_{cfg.quantize.method}"] = lambda: load_quantized(paths.quantized, dtype)
     return loaders
 
 

@@ -113,6 +113,7 @@ class Train:
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     gradient_checkpointing: bool = False
+    packing: bool = True
     threads: int | None = None
 
 
@@ -123,8 +124,14 @@ class Merge:
 
 
 @dataclass
+class Quantize:
+    method: str = "int8_weight_only"
+    dtype: str = "auto"
+
+
+@dataclass
 class Eval:
-    max_passages: int | None = 64
+    max_passages: int | None = 48
     batch_size: int = 16
     dtype: str = "auto"
     prompt_tokens: int = 32
@@ -153,6 +160,7 @@ class Paths:
     adapter: str = "models/adapter"
     checkpoints: str = "models/checkpoints"
     merged: str = "models/merged"
+    quantized: str = "models/quantized"
     metrics: str = "metrics"
 
 
@@ -171,6 +179,7 @@ class Config:
     lora: Lora = field(default_factory=Lora)
     train: Train = field(default_factory=Train)
     merge: Merge = field(default_factory=Merge)
+    quantize: Quantize = field(default_factory=Quantize)
     eval: Eval = field(default_factory=Eval)
     sample: Sample = field(default_factory=Sample)
     paths: Paths = field(default_factory=Paths)
@@ -186,6 +195,8 @@ CHOICES = {
     "quant.bnb_4bit_compute_dtype": ("auto", "bf16", "fp16", "fp32"),
     "lora.bias": ("none", "all", "lora_only"),
     "merge.dtype": ("fp32", "bf16", "fp16"),
+    "quantize.method": ("int8_weight_only", "int8_dynamic", "int4_weight_only"),
+    "quantize.dtype": ("auto", "bf16", "fp16", "fp32"),
     "eval.dtype": ("auto", "bf16", "fp16", "fp32"),
     "eval.metrics_source": ("local", "hub"),
     "sample.dtype": ("auto", "bf16", "fp16", "fp32"),

@@ -228,3 +228,41 @@ def batch_indices(n: int, batch_size: int, seed: int, index: int) -> list[int]:
     epoch, position = divmod(index, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     return order[position * batch_size : (position + 1) * batch_size]
+
+
+def pack(seqs: list[list[int]], capacity: int) -> list[list[list[int]]]:
+    """First-fit-decreasing packing of whole sequences into rows of at most `capacity` tokens."""
+    rows: list[list[list[int]]] = []
+    space: list[int] = []
+    for seq in sorted(seqs, key=len, reverse=True):
+        for i, free in enumerate(space):
+            if len(seq) <= free:
+                rows[i].append(seq)
+                space[i] -= len(seq)
+                break
+        else:
+            rows.append([seq])
+            space.append(capacity - len(seq))
+    return rows
+
+
+def collate_packed(seqs: list[list[int]], pad_id: int, capacity: int) -> dict[str, torch.Tensor]:
+    """Several sequences per row, kept apart: positions restart at 0 for each sequence, so
+    transformers builds a block-diagonal causal mask (no attention across boundaries), and no
+    sequence's first token is predicted from the previous one's end. Same targets as `collate`,
+    with far less padding."""
+    rows = pack(seqs, capacity)
+    width = max(sum(len(s) for s in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for seq in row:
+            end = start + len(seq)
+            input_ids[r, start:end] = torch.tensor(seq)
+            position_ids[r, start:end] = torch.arange(len(seq))
+            labels[r, start + 1 : end] = torch.tensor(seq[1:])
+            start = end
+        position_ids[r, start:] = torch.arange(width - start)  # padding: a segment of its own
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}

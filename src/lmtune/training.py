@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from lmtune.data import batch_indices, collate
+from lmtune.data import batch_indices, collate, collate_packed
 from lmtune.modeling import device, lora_state
 
 
@@ -162,11 +162,17 @@ def train(
         loss_sum, tokens = 0.0, 0
         for micro in range(tc.grad_accum):
             idx = batch_indices(len(train_seqs), tc.batch_size, cfg.seed, step * tc.grad_accum + micro)
-            batch = {k: v.to(device()) for k, v in collate([train_seqs[i] for i in idx], pad_id).items()}
-            loss = model(**batch).loss
+            samples = [train_seqs[i] for i in idx]
+            if tc.packing:
+                batch = collate_packed(samples, pad_id, cfg.data.max_length)
+            else:
+                batch = collate(samples, pad_id)
+            batch = {k: v.to(device()) for k, v in batch.items()}
+            # no KV cache: with one, transformers ignores the packed positions and lets rows attend across
+            loss = model(**batch, use_cache=False).loss
             (loss / tc.grad_accum).backward()
             loss_sum += loss.item()
-            tokens += int(batch["attention_mask"].sum())
+            tokens += sum(len(s) for s in samples)  # useful tokens: padding never counts
         train_loss = loss_sum / tc.grad_accum
         _check_gradients(model, step + 1)
         if not math.isfinite(train_loss):

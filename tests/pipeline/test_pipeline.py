@@ -24,6 +24,8 @@ EXPECTED_FILES = {
                        "tokenizer_config.json", "config.yaml", "tracking.json", "README.md"},
     "models/merged": {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                       "tokenizer_config.json", "config.yaml"},
+    "models/quantized": {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                         "tokenizer_config.json", "config.yaml"},
     "data/processed": {"train.parquet", "validation.parquet", "test.parquet"},
 }  # fmt: skip
 
@@ -56,11 +58,11 @@ def repo(tmp_path_factory):
 
 def test_every_stage_ran_and_wrote_exactly_its_outputs(repo):
     dest, repro = repo
-    for stage in ("base", "prepare", "finetune", "merge", "evaluate", "sample"):
+    for stage in ("base", "prepare", "finetune", "merge", "quantize", "evaluate", "sample"):
         assert f"Running stage '{stage}'" in repro.stdout
     for directory, expected in EXPECTED_FILES.items():
         assert {p.name for p in (dest / directory).iterdir()} == expected, directory
-    for name in ("prepare.json", "train.json", "merge.json", "eval.json", "eval.md", "sample.json",
+    for name in ("prepare.json", "train.json", "merge.json", "eval.json", "eval.md", "quantize.json", "sample.json",
                  "samples.jsonl", "samples.md", "train_loss.csv", "val_loss.csv"):  # fmt: skip
         assert (dest / "metrics" / name).stat().st_size > 0, name
     assert not (dest / "models/checkpoints").exists()  # cleaned once the adapter is safe
@@ -77,12 +79,12 @@ def test_every_metric_is_finite_and_training_changed_the_model(repo):
         elif isinstance(value, int | float) and not isinstance(value, bool):
             numbers.append(value)
 
-    for name in ("prepare", "train", "merge", "eval", "sample"):
+    for name in ("prepare", "train", "merge", "quantize", "eval", "sample"):
         collect(json.loads((dest / "metrics" / f"{name}.json").read_text()))
     assert numbers and all(math.isfinite(n) for n in numbers)
     evaluation = json.loads((dest / "metrics/eval.json").read_text())
     models = evaluation["models"]
-    assert list(models) == ["base", "base_4bit", "base_4bit_adapter", "merged"]
+    assert list(models) == ["base", "base_4bit", "base_4bit_adapter", "merged", "merged_int8_weight_only"]
     assert models["base"]["perplexity"]["value"] != models["merged"]["perplexity"]["value"]
     for name, metrics in models.items():
         assert set(metrics) == {

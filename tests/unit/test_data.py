@@ -9,7 +9,9 @@ from lmtune.data import (
     DataError,
     batch_indices,
     collate,
+    collate_packed,
     load_corpus,
+    pack,
     parse_play,
     passages_from_scenes,
     split,
@@ -135,3 +137,35 @@ def test_missing_file_is_named(tmp_path):
     )
     with pytest.raises(DataError, match="nope.jsonl not found"):
         load_corpus(cfg)
+
+
+def test_pack_keeps_every_sequence_whole_within_capacity():
+    seqs = [[1] * n for n in (9, 7, 5, 4, 3, 2, 1)]
+    rows = pack(seqs, capacity=10)
+    assert sorted(len(s) for row in rows for s in row) == sorted(len(s) for s in seqs)
+    assert all(sum(len(s) for s in row) <= 10 for row in rows) and len(rows) == 4
+
+
+def test_packed_batch_gives_the_same_logits_and_loss_as_padded(tiny_base, tiny_seqs):
+    from lmtune.modeling import load_full
+
+    seqs, tokenizer = tiny_seqs
+    seqs = [s[:n] for s, n in zip(seqs[:6], (30, 12, 20, 7, 25, 16), strict=True)]
+    model = load_full(tiny_base, torch.float32)
+    padded = collate(seqs, tokenizer.pad_token_id)
+    packed = collate_packed(seqs, tokenizer.pad_token_id, capacity=40)
+    assert packed["input_ids"].shape[0] < len(seqs)  # fewer rows, less padding
+    with torch.no_grad():
+        loss_padded = model(**padded).loss
+        loss_packed = model(**packed, use_cache=False).loss
+        logits = model(
+            input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
+        ).logits
+    assert loss_packed.item() == pytest.approx(loss_padded.item(), rel=1e-5)
+    with torch.no_grad():  # each sequence's logits inside its row equal those computed alone
+        for r, row in enumerate(pack(seqs, 40)):
+            start = 0
+            for seq in row:
+                alone = model(input_ids=torch.tensor([seq])).logits[0]
+                assert torch.allclose(logits[r, start : start + len(seq)], alone, atol=1e-4)
+                start += len(seq)

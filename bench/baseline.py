@@ -1,0 +1,117 @@
+"""The usual QLoRA recipe, as most users would write it: HF Trainer + peft + bitsandbytes NF4
+with double quantization, prepare_model_for_kbit_training (gradient checkpointing), batches padded
+to their longest sample. Kept honest: same model, data, LoRA config, sequence length, batch and
+steps as lmtune's side; nothing here is tuned against.
+
+    python bench/baseline.py --steps 10 --out /tmp/baseline.json
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    DataCollatorForLanguageModeling,
+    Trainer,
+    TrainingArguments,
+)
+
+from lmtune.config import load
+from lmtune.data import read_split, tokenize
+from lmtune.modeling import load_tokenizer, resolve_dtype
+from lmtune.training import peak_memory_gib, validation_loss
+
+
+class CountingCollator(DataCollatorForLanguageModeling):
+    """The stock collator, counting the non-padding tokens it hands to the model."""
+
+    useful_tokens = 0
+
+    def __call__(self, features, *args, **kwargs):
+        batch = super().__call__(features, *args, **kwargs)
+        CountingCollator.useful_tokens += int(batch["attention_mask"].sum())
+        return batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    args, overrides = parser.parse_known_args()
+    cfg = load(overrides)
+    dtype = resolve_dtype(cfg.quant.bnb_4bit_compute_dtype)
+    tokenizer = load_tokenizer(cfg.paths.base)
+    train_seqs = tokenize(read_split(cfg.paths.processed, "train"), tokenizer, cfg.data.max_length)
+    val_seqs = tokenize(read_split(cfg.paths.processed, "validation"), tokenizer, cfg.data.max_length)
+
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.paths.base,
+        dtype=dtype,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        ),
+    )
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.lora_alpha,
+            lora_dropout=cfg.lora.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),  # fmt: skip
+    )
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(
+                output_dir=out,
+                per_device_train_batch_size=cfg.train.batch_size,
+                gradient_accumulation_steps=cfg.train.grad_accum,
+                max_steps=args.steps,
+                learning_rate=cfg.train.lr,
+                lr_scheduler_type="cosine",
+                warmup_steps=cfg.train.warmup_steps,
+                bf16=dtype == torch.bfloat16,
+                use_cpu=not torch.cuda.is_available(),
+                logging_steps=1,
+                save_strategy="no",
+                report_to=[],
+                seed=cfg.seed,
+                disable_tqdm=False,
+            ),
+            train_dataset=[{"input_ids": s} for s in train_seqs],
+            data_collator=CountingCollator(tokenizer, mlm=False),
+        )
+        began = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - began
+    val = validation_loss(
+        model, val_seqs, cfg.train.batch_size, cfg.train.eval_batches, tokenizer.pad_token_id
+    )
+    result = {
+        "side": "baseline (HF Trainer + NF4 + checkpointing + padding)",
+        "steps": args.steps,
+        "useful_tokens": CountingCollator.useful_tokens,
+        "seconds": seconds,
+        "useful_tokens_per_second": CountingCollator.useful_tokens / seconds,
+        "step_seconds": seconds / args.steps,
+        "peak_memory_gib": peak_memory_gib(),
+        "val_loss": val,
+    }
+    json.dump(result, open(args.out, "w"), indent=2)
+    print(json.dumps(result, indent=2), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""`make bench`: the usual QLoRA recipe and lmtune's finetune, one after the other on this machine,
+same model, data, LoRA config, sequence length, batch and steps. Prints both sides and the ratios;
+writes metrics/bench.json and bench/RESULTS.md.
+
+    python bench/run.py --steps 10
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+SIDES = [  # (name, script, overrides): the baseline, then lmtune with each lever on or off
+    ("baseline", "baseline.py", []),
+    ("lmtune, padded batches", "lmtune_side.py", ["train.packing=false"]),
+    ("lmtune (default: packing)", "lmtune_side.py", []),
+]
+
+
+def matmul_gflops(size: int = 2048, dtype=torch.bfloat16, repeats: int = 10) -> float:
+    """This machine's dense matrix-multiply rate: the ceiling a training step is measured against."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    began = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - began) / 1e9
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=10)
+    args, overrides = parser.parse_known_args()
+    params = json.loads(subprocess.run([sys.executable, "-c", "import json;from lmtune.config import load;"
+                                        "from omegaconf import OmegaConf as O;print(json.dumps(O.to_container(load())))"],
+                                       capture_output=True, text=True, check=True, cwd=ROOT).stdout)  # fmt: skip
+    base_params = json.loads((ROOT / params["paths"]["base"] / "source.json").read_text())["parameters"]
+    rows = []
+    for name, script, side_overrides in SIDES:
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            print(f"== {name}", flush=True)
+            subprocess.run([sys.executable, str(HERE / script), "--steps", str(args.steps), "--out", out.name,
+                            *side_overrides, *overrides], check=True, cwd=ROOT)  # fmt: skip
+            rows.append({"name": name, **json.loads(Path(out.name).read_text())})
+    peak = matmul_gflops()
+    baseline = rows[0]
+    for row in rows:
+        row["speedup"] = row["useful_tokens_per_second"] / baseline["useful_tokens_per_second"]
+        row["memory_ratio"] = row["peak_memory_gib"] / baseline["peak_memory_gib"]
+        row["val_perplexity"] = math.exp(row["val_loss"])
+        # frozen base: forward 2N + input-gradient backward 2N FLOPs per token (LoRA adds ~3%)
+        row["gflops"] = 4 * base_params * row["useful_tokens_per_second"] / 1e9
+        row["share_of_matmul_peak"] = row["gflops"] / peak
+    report = {"machine": machine(), "matmul_bf16_gflops": peak, "steps": args.steps,
+              "batch_size": params["train"]["batch_size"], "max_length": params["data"]["max_length"],
+              "model": params["model"]["name"], "sides": rows}  # fmt: skip
+    (ROOT / "metrics").mkdir(exist_ok=True)
+    (ROOT / "metrics" / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = [
+        "| side | useful tokens/s | step s | peak GiB | val perplexity | speed vs baseline | memory vs baseline | share of bf16 matmul peak |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        table.append(f"| {r['name']} | {r['useful_tokens_per_second']:.0f} | {r['step_seconds']:.1f} | "
+                     f"{r['peak_memory_gib']:.1f} | {r['val_perplexity']:.1f} | {r['speedup']:.2f}x | "
+                     f"{r['memory_ratio']:.2f}x | {r['share_of_matmul_peak']:.0%} |")  # fmt: skip
+    text = "\n".join(table)
+    print(text)
+    (HERE / "RESULTS.md").write_text(
+        f"# Benchmark results\n\n`python bench/run.py --steps {args.steps}` (`make bench`), "
+        f"{time.strftime('%Y-%m-%d')}.\n\nMachine: {report['machine']}. bf16 2048² matmul: {peak:.0f} GFLOP/s.\n"
+        f"Model {report['model']}, batch {report['batch_size']}, max {report['max_length']} tokens, "
+        f"{args.steps} steps per side, LoRA r{params['lora']['r']} all-linear, NF4 + double quantization.\n\n"
+        f"{text}\n\nPeak memory is the process's peak RSS on CPU (allocated memory on GPU). Useful tokens "
+        "exclude padding. FLOP share counts 4 x base parameters per token.\n"
+    )
+
+
+if __name__ == "__main__":
+    main()

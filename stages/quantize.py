@@ -1,0 +1,39 @@
+"""Post-training quantization: models/merged → models/quantized (torchao, safetensors).
+
+    python stages/quantize.py [key=value ...]    # e.g. quantize=int8_dynamic
+
+metrics/quantize.json: method, format, size on disk of merged and quantized, load time.
+The evaluate stage scores the quantized model next to the others.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+from lmtune import tracking
+from lmtune.artifacts import atomic_dir, save_config, write_json
+from lmtune.config import run_stage
+from lmtune.modeling import load_tokenizer, resolve_dtype
+from lmtune.quantization import check_method, folder_mb, load_quantized, quantize
+
+
+def run(cfg) -> dict:
+    check_method(cfg.quantize.method)  # before any model loads
+    paths, dtype = cfg.paths, resolve_dtype(cfg.quantize.dtype)
+    with atomic_dir(paths.quantized) as out:
+        metrics = quantize(paths.merged, out, cfg.quantize.method, dtype)
+        load_tokenizer(paths.merged).save_pretrained(out)
+        save_config(cfg, out)
+        began = time.perf_counter()
+        load_quantized(out, dtype)  # it must load with plain transformers before we call it done
+        metrics["load_seconds"] = time.perf_counter() - began
+    metrics["merged_mb"] = folder_mb(paths.merged)
+    metrics["quantized_mb"] = folder_mb(paths.quantized)
+    metrics["size_ratio"] = metrics["quantized_mb"] / metrics["merged_mb"]
+    write_json(Path(paths.metrics) / "quantize.json", metrics)
+    tracking.log_to_run(cfg, paths.adapter, metrics, prefix="quantize.")
+    return metrics
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(run))
