@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help setup run params repro eval ui test test-slow lint format clean bench
+.PHONY: help setup run params repro eval ui test test-slow lint format clean bench sweep compare
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -58,6 +58,16 @@ format: setup  ## apply ruff fixes and formatting
 
 clean:  ## remove pipeline outputs (not the venv, not mlflow.db)
 	rm -rf data/processed data/raw models/base models/adapter models/checkpoints models/merged models/quantized
+
+GRID ?= lora.r=4,8,16 quant.bits=4,16
+sweep: setup  ## queue and run a sweep on the sweep profile (GRID="lora.r=4,8,16 quant.bits=4,16"), one at a time
+	$(PY) -m lmtune.config --validate-grid experiment=sweep $(GRID)
+	dvc exp run --queue -S experiment=sweep $(foreach g,$(GRID),-S '$(g)')
+	dvc exp run --run-all --jobs $(or $(JOBS),1)
+	dvc exp show --no-pager --md --keep -A --only-changed | head -40 || true
+
+compare: setup  ## every finished run side by side: metrics/sweep.md + metrics/plots/*.png (logged to MLflow)
+	$(PY) -m lmtune.comparison
 
 bench: setup  ## the usual QLoRA recipe vs lmtune, side by side (STEPS=10): metrics/bench.json, bench/RESULTS.md
 	$(PY) -m lmtune.config --keep

@@ -53,6 +53,7 @@ def run(cfg) -> dict:
     pd.DataFrame(result.pop("train_curve")).to_csv(metrics_dir / "train_loss.csv", index=False)
     pd.DataFrame(result.pop("val_curve")).to_csv(metrics_dir / "val_loss.csv", index=False)
     metrics = {**result, "trainable_parameters": trainable, "total_parameters": total,
+               "adapter_mb": sum(f.stat().st_size for f in Path(paths.adapter).glob("*.safetensors")) / 2**20,
                "trainable_share": trainable / total, "peak_memory_gib": peak_memory_gib()}  # fmt: skip
     write_json(metrics_dir / "train.json", metrics)
     with tracking.best_effort("logging the results"):

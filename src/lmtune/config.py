@@ -373,6 +373,26 @@ def git_commit(cwd: Path | str = ".") -> str | None:
         return None
 
 
+def validate_grid(overrides: list[str]) -> int:
+    """Compose and validate every point of a sweep grid (`lora.r=4,8 quant.bits=4,16`) before
+    anything is queued: one impossible value fails the whole sweep up front, naming it."""
+    import itertools
+
+    axes = [[f"{o.split('=', 1)[0]}={v}" for v in o.split("=", 1)[1].split(",")] for o in overrides]
+    points = list(itertools.product(*axes))
+    for point in points:
+        try:
+            compose_conf(list(point))
+        except ConfigError as err:
+            print(
+                f"error: sweep point {' '.join(point)} is invalid, nothing was queued:\n{err}",
+                file=sys.stderr,
+            )
+            return 2
+    print(f"sweep grid: {len(points)} valid experiments")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m lmtune.config [--force|--keep] [overrides...]`: compose conf/ into params.yaml.
 
@@ -380,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     edits are picked up; if params.yaml holds values from elsewhere, keep it and say so.
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    if "--validate-grid" in args:
+        return validate_grid([a for a in args if a != "--validate-grid"])
     force, keep = "--force" in args, "--keep" in args
     args = [a for a in args if a not in ("--force", "--keep")]
     if keep and not args:

@@ -192,3 +192,37 @@ def test_dvc_exp_run_composes_conf_with_the_override(repo):
     assert trainable == 65536 // 2  # rank 16 → 8 halves the adapter
     shown = sh("dvc", "exp", "show", "--json", cwd=dest).stdout
     assert '"r": 8' in shown.replace(" ", "").replace('"r":8', '"r": 8')
+
+
+def test_queued_sweep_lands_in_the_one_store_and_compares(repo):
+    """Runs last. Queue workers run in temporary copies of the repo; their MLflow runs must still
+    land in the user's mlflow.db, tagged with their DVC experiment name."""
+    dest, _ = repo
+    bad = sh(
+        sys.executable,
+        "-m",
+        "lmtune.config",
+        "--validate-grid",
+        "experiment=smoke",
+        "lora.r=4,0",
+        cwd=dest,
+        check=False,
+    )
+    assert bad.returncode == 2 and "lora.r=0" in bad.stderr and "nothing was queued" in bad.stderr
+    sh("dvc", "exp", "run", "--queue", "-S", "experiment=smoke", "-S", "lora.r=4,8", cwd=dest)
+    sh("dvc", "exp", "run", "--run-all", "--jobs", "1", cwd=dest)
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lmtune").experiment_id])
+    queued = [
+        r for r in runs if r.data.tags.get("dvc_experiment") and r.data.params.get("lora.r") in ("4", "8")
+    ]
+    assert len(queued) >= 2 and all(r.info.status == "FINISHED" for r in queued)
+    assert all("eval.merged.perplexity" in r.data.metrics for r in queued)
+    assert not list((dest / ".dvc/tmp/exps").glob("**/mlflow.db"))  # no store left behind in a worker copy
+    sh(sys.executable, "-m", "lmtune.comparison", cwd=dest)
+    table = (dest / "metrics/sweep.md").read_text()
+    assert table.count("| tiny_random |") >= 3
+    for name in ("quality_vs_rank.png", "quality_vs_memory.png", "loss_curves.png"):
+        assert (dest / "metrics/plots" / name).read_bytes()[:4] == b"\x89PNG"
