@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help setup run params repro eval ui test test-slow lint format clean bench sweep compare
+.PHONY: help setup run params repro eval ui test test-slow lint format clean bench sweep compare plots
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -65,6 +65,11 @@ sweep: setup  ## queue and run a sweep on the sweep profile (GRID="lora.r=4,8,16
 	dvc exp run --queue -S experiment=sweep $(foreach g,$(GRID),-S '$(g)')
 	dvc exp run --run-all --jobs $(or $(JOBS),1)
 	dvc exp show --no-pager --md --keep -A --only-changed | head -40 || true
+
+plots: setup  ## the loss curves as an HTML page that works offline (vega inlined from npm): metrics/plots.html
+	dvc plots show --html-template $$($(PY) -m lmtune.offline_plots) -o .cache/dvc_plots
+	cp .cache/dvc_plots/index.html metrics/plots.html
+	@echo "open metrics/plots.html"
 
 compare: setup  ## every finished run side by side: metrics/sweep.md + metrics/plots/*.png (logged to MLflow)
 	$(PY) -m lmtune.comparison

@@ -25,6 +25,7 @@ from lmtune.metrics import (
     ALL_METRICS,
     bootstrap,
     eval_markdown,
+    generation_pairs,
     generation_per_example,
     likelihood_per_passage,
     metric_functions,
@@ -59,8 +60,7 @@ def run(cfg) -> dict:
     texts = read_split(paths.processed, "test")[: e.max_passages]
     seqs = tokenize(texts, tokenizer, cfg.data.max_length)
     # generation set: passages long enough to hold a prompt and at least one reference token
-    pairs = [(s[: e.prompt_tokens], s[e.prompt_tokens : e.prompt_tokens + e.reference_tokens])
-             for s in seqs if len(s) > e.prompt_tokens + 1]  # fmt: skip
+    pairs = generation_pairs(seqs, e.prompt_tokens, e.reference_tokens)
     prompts = [p for p, _ in pairs]
     references = [tokenizer.decode(r, skip_special_tokens=True) for _, r in pairs]
     sizes = {m: len(seqs) for m in ALL_METRICS[:2]} | {m: len(pairs) for m in ALL_METRICS[2:]}

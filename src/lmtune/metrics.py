@@ -26,6 +26,16 @@ class EvaluationError(ValueError):
     """The evaluation cannot give a meaningful number (say, too few passages for intervals)."""
 
 
+def generation_pairs(
+    seqs: list[list[int]], prompt_tokens: int, reference_tokens: int
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt, reference) per passage: the first `prompt_tokens` tokens, then up to the next
+    `reference_tokens` (fewer when the passage ends sooner). Passages with no token after the
+    prompt have nothing to compare and are left out."""
+    return [(s[:prompt_tokens], s[prompt_tokens : prompt_tokens + reference_tokens])
+            for s in seqs if len(s) > prompt_tokens]  # fmt: skip
+
+
 @torch.no_grad()
 def likelihood_per_passage(model, seqs: list[list[int]], batch_size: int, pad_id: int,
                            desc: str = "score") -> dict[str, np.ndarray]:  # fmt: skip

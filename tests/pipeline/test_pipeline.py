@@ -5,9 +5,11 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +17,9 @@ import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
+SECRET = "hf_never_log_this_0123456789"  # set as HF_TOKEN for every command the pipeline runs
 BIN = Path(sys.executable).parent
+ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots of the UI test (git-ignored)
 
 EXPECTED_FILES = {
     "models/base": {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
@@ -31,7 +35,7 @@ EXPECTED_FILES = {
 
 
 def sh(*cmd, cwd, check=True):
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "HF_TOKEN": SECRET}
     env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and result.returncode != 0:
@@ -58,6 +62,7 @@ def repo(tmp_path_factory):
 
 def test_every_stage_ran_and_wrote_exactly_its_outputs(repo):
     dest, repro = repo
+    assert SECRET not in repro.stdout + repro.stderr
     for stage in ("base", "prepare", "finetune", "merge", "quantize", "evaluate", "sample"):
         assert f"Running stage '{stage}'" in repro.stdout
     for directory, expected in EXPECTED_FILES.items():
@@ -141,6 +146,8 @@ def test_one_mlflow_run_holds_params_metrics_and_artifacts(repo):
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"samples.md", "metrics", "adapter", "base_source.json"} <= artifacts
     assert run.data.tags["git_commit"] == sh("git", "rev-parse", "HEAD", cwd=dest).stdout.strip()
+    logged = json.dumps([run.data.params, run.data.tags])
+    assert SECRET not in logged and SECRET not in (dest / "params.yaml").read_text()
 
 
 def test_second_repro_runs_nothing_and_status_is_clean(repo):
@@ -148,6 +155,15 @@ def test_second_repro_runs_nothing_and_status_is_clean(repo):
     again = sh("dvc", "repro", cwd=dest)
     assert "Running stage" not in again.stdout
     assert "up to date" in sh("dvc", "status", cwd=dest).stdout
+
+
+def test_plots_page_renders_without_a_cdn(repo):
+    dest, _ = repo
+    template = sh(sys.executable, "-m", "lmtune.offline_plots", cwd=dest).stdout.strip()
+    sh("dvc", "plots", "show", "--html-template", template, "-o", "plots_out", cwd=dest)
+    page = (dest / "plots_out/index.html").read_text()
+    assert "cdn.jsdelivr" not in page and "vegaEmbed" in page and "train_loss.csv" in page
+    assert page.count("<script>") >= 3  # vega, vega-lite and vega-embed inlined
 
 
 def test_a_stage_override_by_hand_and_a_bad_key_before_any_work(repo):
@@ -210,7 +226,7 @@ def test_queued_sweep_lands_in_the_one_store_and_compares(repo):
     )
     assert bad.returncode == 2 and "lora.r=0" in bad.stderr and "nothing was queued" in bad.stderr
     sh("dvc", "exp", "run", "--queue", "-S", "experiment=smoke", "-S", "lora.r=4,8", cwd=dest)
-    sh("dvc", "exp", "run", "--run-all", "--jobs", "1", cwd=dest)
+    sh("dvc", "exp", "run", "--run-all", "--jobs", "2", cwd=dest)  # two workers, one store
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
@@ -219,10 +235,73 @@ def test_queued_sweep_lands_in_the_one_store_and_compares(repo):
         r for r in runs if r.data.tags.get("dvc_experiment") and r.data.params.get("lora.r") in ("4", "8")
     ]
     assert len(queued) >= 2 and all(r.info.status == "FINISHED" for r in queued)
-    assert all("eval.merged.perplexity" in r.data.metrics for r in queued)
+    expected = runs[-1].data.metrics.keys()  # the first, unqueued run: every metric a pipeline logs
+    for run in queued:  # concurrent workers lost no metric and no step of the loss curve
+        assert set(expected) <= set(run.data.metrics), set(expected) - set(run.data.metrics)
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 6
     assert not list((dest / ".dvc/tmp/exps").glob("**/mlflow.db"))  # no store left behind in a worker copy
     sh(sys.executable, "-m", "lmtune.comparison", cwd=dest)
     table = (dest / "metrics/sweep.md").read_text()
     assert table.count("| tiny_random |") >= 3
     for name in ("quality_vs_rank.png", "quality_vs_memory.png", "loss_curves.png"):
         assert (dest / "metrics/plots" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mlflow_ui_shows_the_sweep_runs_in_a_real_browser(repo):
+    """Runs after the sweep test: headless Chromium opens the MLflow UI on 127.0.0.1 and finds the
+    sweep's runs, then one run's params and metrics. Screenshots go to tests/artifacts/."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
+    import mlflow
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    dest, _ = repo
+    store = f"sqlite:///{dest / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("lmtune")
+    sweep = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("dvc_experiment")]
+    assert len(sweep) >= 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen([str(BIN / "mlflow"), "ui", "--backend-store-uri", store, "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the MLflow UI did not come up"
+                time.sleep(0.5)
+        options = webdriver.ChromeOptions()
+        options.binary_location = chromium
+        for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
+            options.add_argument(flag)
+        browser = webdriver.Chrome(service=Service(driver), options=options)
+        try:
+
+            def page_shows(*texts):
+                return lambda b: all(t in b.find_element(By.TAG_NAME, "body").text for t in texts)
+
+            browser.get(f"{url}/#/experiments/{experiment.experiment_id}")
+            WebDriverWait(browser, 60).until(page_shows(*(r.info.run_name for r in sweep)))
+            browser.save_screenshot(str(ARTIFACTS / "mlflow_ui_runs.png"))
+            run = sweep[0]
+            browser.get(f"{url}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}")
+            WebDriverWait(browser, 60).until(page_shows("lora.r", "eval.merged.perplexity"))
+            browser.save_screenshot(str(ARTIFACTS / "mlflow_ui_run.png"))
+        finally:
+            browser.quit()
+    finally:
+        server.terminate()
+        server.wait(timeout=20)

@@ -11,6 +11,7 @@ from lmtune.metrics import (
     EvaluationError,
     bootstrap,
     eval_markdown,
+    generation_pairs,
     generation_per_example,
     likelihood_per_passage,
     metric_functions,
@@ -44,6 +45,14 @@ def test_token_f1_cases():
         ["the cat sat", "", "", "A, b!", "x"], ["cat the mat", "", "ref", "a b", "y"]
     )
     assert per["token_f1"].tolist() == pytest.approx([2 / 3, 1.0, 0.0, 1.0, 0.0])
+
+
+def test_references_shorter_than_m_and_passages_too_short_for_a_prompt():
+    seqs = [list(range(10)), list(range(5)), list(range(4)), list(range(3))]
+    pairs = generation_pairs(seqs, prompt_tokens=4, reference_tokens=3)
+    assert pairs == [([0, 1, 2, 3], [4, 5, 6]), ([0, 1, 2, 3], [4])]  # second: shorter than M; others dropped
+    per = generation_per_example(["four", "x y z"], ["four", "x"])  # a short reference still scores
+    assert per["token_f1"].tolist() == pytest.approx([1.0, 0.5])
 
 
 def test_empty_generations_score_zero_without_errors():
