@@ -248,6 +248,26 @@ def test_queued_sweep_lands_in_the_one_store_and_compares(repo):
         assert (dest / "metrics/plots" / name).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_exp_apply_then_repro_reproduces_that_experiments_metrics(repo):
+    """Runs after the sweep: bring one queued experiment back into the workspace and recompute
+    its evaluation from its own outputs: the same numbers."""
+    dest, _ = repo
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lmtune").experiment_id])
+    name = next(r.data.tags["dvc_experiment"] for r in runs
+                if r.data.tags.get("dvc_experiment") and r.data.params.get("lora.r") == "4")  # fmt: skip
+    sh("dvc", "exp", "apply", name, cwd=dest)
+    assert json.loads((dest / "metrics/train.json").read_text())["trainable_parameters"] == 65536 // 4
+    assert "Running stage" not in sh("dvc", "repro", cwd=dest).stdout
+    before = json.loads((dest / "metrics/eval.json").read_text())["models"]
+    sh("dvc", "repro", "--force", "--single-item", "evaluate", cwd=dest)  # what `make eval` does
+    after = json.loads((dest / "metrics/eval.json").read_text())["models"]
+    values = lambda models: {(n, m): v["value"] for n, ms in models.items() for m, v in ms.items()}  # noqa: E731
+    assert values(after) == pytest.approx(values(before), rel=1e-6)
+
+
 def test_mlflow_ui_shows_the_sweep_runs_in_a_real_browser(repo):
     """Runs after the sweep test: headless Chromium opens the MLflow UI on 127.0.0.1 and finds the
     sweep's runs, then one run's params and metrics. Screenshots go to tests/artifacts/."""
