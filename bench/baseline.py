@@ -7,13 +7,12 @@ steps as lmtune's side; nothing here is tuned against.
 """
 
 import argparse
-import json
-import sys
 import tempfile
 import time
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from report import write_side
 from transformers import (
     AutoModelForCausalLM,
     BitsAndBytesConfig,
@@ -25,7 +24,7 @@ from transformers import (
 from lmtune.config import load
 from lmtune.data import read_split, tokenize
 from lmtune.modeling import load_tokenizer, resolve_dtype
-from lmtune.training import peak_memory_gib, validation_loss
+from lmtune.training import validation_loss
 
 
 class CountingCollator(DataCollatorForLanguageModeling):
@@ -99,18 +98,8 @@ def main() -> None:
     val = validation_loss(
         model, val_seqs, cfg.train.batch_size, cfg.train.eval_batches, tokenizer.pad_token_id
     )
-    result = {
-        "side": "baseline (HF Trainer + NF4 + checkpointing + padding)",
-        "steps": args.steps,
-        "useful_tokens": CountingCollator.useful_tokens,
-        "seconds": seconds,
-        "useful_tokens_per_second": CountingCollator.useful_tokens / seconds,
-        "step_seconds": seconds / args.steps,
-        "peak_memory_gib": peak_memory_gib(),
-        "val_loss": val,
-    }
-    json.dump(result, open(args.out, "w"), indent=2)
-    print(json.dumps(result, indent=2), file=sys.stderr)
+    write_side(args.out, "baseline (HF Trainer + NF4 + checkpointing + padding)", args.steps,
+               CountingCollator.useful_tokens, seconds, val)  # fmt: skip
 
 
 if __name__ == "__main__":

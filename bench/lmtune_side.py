@@ -4,18 +4,17 @@ python bench/lmtune_side.py --steps 10 --out /tmp/lmtune.json [key=value ...]
 """
 
 import argparse
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from report import write_side
 
 from lmtune.config import load
 from lmtune.data import read_split, tokenize
 from lmtune.modeling import add_lora, load_for_training, load_tokenizer
-from lmtune.training import peak_memory_gib, train, validation_loss
+from lmtune.training import train, validation_loss
 
 
 def main() -> None:
@@ -41,19 +40,9 @@ def main() -> None:
     val = validation_loss(
         model, val_seqs, cfg.train.batch_size, cfg.train.eval_batches, tokenizer.pad_token_id
     )
-    out = {
-        "side": f"lmtune (packing={cfg.train.packing}, checkpointing={cfg.train.gradient_checkpointing}, "
-        f"{cfg.quant.bits}-bit)",
-        "steps": args.steps,
-        "useful_tokens": result["train_tokens"],
-        "seconds": seconds,
-        "useful_tokens_per_second": result["train_tokens"] / seconds,
-        "step_seconds": seconds / args.steps,
-        "peak_memory_gib": peak_memory_gib(),
-        "val_loss": val,
-    }
-    json.dump(out, open(args.out, "w"), indent=2)
-    print(json.dumps(out, indent=2), file=sys.stderr)
+    side = (f"lmtune (packing={cfg.train.packing}, checkpointing={cfg.train.gradient_checkpointing}, "
+            f"{cfg.quant.bits}-bit)")  # fmt: skip
+    write_side(args.out, side, args.steps, result["train_tokens"], seconds, val)
 
 
 if __name__ == "__main__":
