@@ -1,6 +1,7 @@
 """lmtune's finetune loop on the same budget as bench/baseline.py (one side of `make bench`).
 
 python bench/lmtune_side.py --steps 10 --out /tmp/lmtune.json [key=value ...]
+python bench/lmtune_side.py --tokens 12000 --out /tmp/lmtune.json   # as many steps as that budget needs
 """
 
 import argparse
@@ -14,21 +15,33 @@ from report import write_side
 from lmtune.config import load
 from lmtune.data import read_split, tokenize
 from lmtune.modeling import add_lora, load_for_training, load_tokenizer
-from lmtune.training import train, validation_loss
+from lmtune.training import batch_maker, train, validation_loss
+
+
+def steps_for_budget(train_seqs, cfg, pad_id: int, tokens: int) -> int:
+    """The fewest optimizer steps whose micro-batches hold at least `tokens` useful tokens."""
+    next_batch, seen, steps = batch_maker(train_seqs, cfg, pad_id), 0, 0
+    while seen < tokens:
+        seen += sum(next_batch(steps * cfg.train.grad_accum + m)[1] for m in range(cfg.train.grad_accum))
+        steps += 1
+    return steps
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, required=True)
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--steps", type=int)
+    budget.add_argument("--tokens", type=int, help="train on at least this many useful tokens")
     parser.add_argument("--out", required=True)
     args, overrides = parser.parse_known_args()
     cfg = load(overrides)
-    # no mid-run validation or checkpoints: the baseline does neither
-    cfg = OmegaConf.merge(
-        cfg, {"train": {"max_steps": args.steps, "eval_every": 10**6, "checkpoint_every": 10**6}}
-    )
     tokenizer = load_tokenizer(cfg.paths.base)
     train_seqs = tokenize(read_split(cfg.paths.processed, "train"), tokenizer, cfg.data.max_length)
+    steps = args.steps or steps_for_budget(train_seqs, cfg, tokenizer.pad_token_id, args.tokens)
+    # no mid-run validation or checkpoints: the baseline does neither
+    cfg = OmegaConf.merge(
+        cfg, {"train": {"max_steps": steps, "eval_every": 10**6, "checkpoint_every": 10**6}}
+    )
     val_seqs = tokenize(read_split(cfg.paths.processed, "validation"), tokenizer, cfg.data.max_length)
     model = add_lora(
         load_for_training(cfg.paths.base, cfg.quant, cfg.train.gradient_checkpointing), cfg.lora, cfg.seed
@@ -42,7 +55,7 @@ def main() -> None:
     )
     side = (f"lmtune (packing={cfg.train.packing}, checkpointing={cfg.train.gradient_checkpointing}, "
             f"{cfg.quant.bits}-bit)")  # fmt: skip
-    write_side(args.out, side, args.steps, result["train_tokens"], seconds, val)
+    write_side(args.out, side, steps, result["train_tokens"], seconds, val)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ SIDES = [  # (name, script, overrides): the baseline, then lmtune with each leve
     ("lmtune, padded batches", "lmtune_side.py", ["train.packing=false"]),
     ("lmtune (default: packing)", "lmtune_side.py", []),
 ]
+HAND_WRITTEN = "<!-- everything below is kept when make bench rewrites the table above -->"
 
 
 def matmul_gflops(size: int = 2048, dtype=torch.bfloat16, repeats: int = 10) -> float:
@@ -55,9 +56,11 @@ def main() -> None:
     base_params = json.loads((ROOT / params["paths"]["base"] / "source.json").read_text())["parameters"]
     rows = []
     for name, script, side_overrides in SIDES:
+        # the baseline trains --steps steps; each lmtune side then trains on the same useful-token budget
+        budget = ["--steps", str(args.steps)] if not rows else ["--tokens", str(rows[0]["useful_tokens"])]
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             print(f"== {name}", flush=True)
-            subprocess.run([sys.executable, str(HERE / script), "--steps", str(args.steps), "--out", out.name,
+            subprocess.run([sys.executable, str(HERE / script), *budget, "--out", out.name,
                             *side_overrides, *overrides], check=True, cwd=ROOT)  # fmt: skip
             rows.append({"name": name, **json.loads(Path(out.name).read_text())})
     peak = matmul_gflops()
@@ -75,22 +78,28 @@ def main() -> None:
     (ROOT / "metrics").mkdir(exist_ok=True)
     (ROOT / "metrics" / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     table = [
-        "| side | useful tokens/s | step s | peak GiB | val perplexity | speed vs baseline | memory vs baseline | share of bf16 matmul peak |",
-        "|---|---|---|---|---|---|---|---|",
+        "| side | steps | useful tokens | useful tokens/s | step s | peak GiB | val perplexity | speed vs baseline | memory vs baseline | share of bf16 matmul peak |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        table.append(f"| {r['name']} | {r['useful_tokens_per_second']:.0f} | {r['step_seconds']:.1f} | "
+        table.append(f"| {r['name']} | {r['steps']} | {r['useful_tokens']} | {r['useful_tokens_per_second']:.0f} | {r['step_seconds']:.1f} | "
                      f"{r['peak_memory_gib']:.1f} | {r['val_perplexity']:.1f} | {r['speedup']:.2f}x | "
                      f"{r['memory_ratio']:.2f}x | {r['share_of_matmul_peak']:.0%} |")  # fmt: skip
     text = "\n".join(table)
     print(text)
-    (HERE / "RESULTS.md").write_text(
+    results = HERE / "RESULTS.md"
+    kept = results.read_text().partition(HAND_WRITTEN)[2] if results.exists() else ""
+    results.write_text(
         f"# Benchmark results\n\n`python bench/run.py --steps {args.steps}` (`make bench`), "
         f"{time.strftime('%Y-%m-%d')}.\n\nMachine: {report['machine']}. bf16 2048² matmul: {peak:.0f} GFLOP/s.\n"
-        f"Model {report['model']}, batch {report['batch_size']}, max {report['max_length']} tokens, "
-        f"{args.steps} steps per side, LoRA r{params['lora']['r']} all-linear, NF4 + double quantization.\n\n"
+        f"Model {report['model']}, batch {report['batch_size']}, max {report['max_length']} tokens (packed rows of "
+        f"{params['train']['pack_length']}), "
+        f"LoRA r{params['lora']['r']} all-linear (dropout {params['lora']['lora_dropout']}), NF4 + double quantization. "
+        f"The baseline trains {args.steps} steps; each lmtune side trains as many steps as the same budget of "
+        "useful tokens needs.\n\n"
         f"{text}\n\nPeak memory is the process's peak RSS on CPU (allocated memory on GPU). Useful tokens "
-        "exclude padding. FLOP share counts 4 x base parameters per token.\n"
+        "exclude padding. FLOP share counts 4 x base parameters per token.\n\n"
+        f"{HAND_WRITTEN}{kept}"
     )
 
 

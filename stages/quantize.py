@@ -1,6 +1,8 @@
-"""Post-training quantization: models/merged → models/quantized (torchao, safetensors).
+"""Post-training quantization: models/merged → models/quantized (torchao safetensors, or GGUF).
 
-    python stages/quantize.py [key=value ...]    # e.g. quantize=int8_dynamic
+    python stages/quantize.py [key=value ...]    # e.g. quantize=int8_dynamic, quantize=gguf_q8_0
+
+After quant=qat_int4 training this is the conversion to the int4 weights QAT trained for.
 
 metrics/quantize.json: method, format, size on disk of merged and quantized, load time.
 The evaluate stage scores the quantized model next to the others.
@@ -21,7 +23,7 @@ def run(cfg) -> dict:
     check_method(cfg.quantize.method)  # before any model loads
     paths, dtype = cfg.paths, resolve_dtype(cfg.quantize.dtype)
     with atomic_dir(paths.quantized) as out:
-        metrics = quantize(paths.merged, out, cfg.quantize.method, dtype)
+        metrics = quantize(paths.merged, out, cfg.quantize.method, dtype, cfg.quantize.group_size)
         load_tokenizer(paths.merged).save_pretrained(out)
         save_config(cfg, out)
         began = time.perf_counter()

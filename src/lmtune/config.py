@@ -88,13 +88,15 @@ class Quant:
     bnb_4bit_quant_type: str = "nf4"
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: str = "auto"
+    qat: str | None = None
+    qat_group_size: int = 32
 
 
 @dataclass
 class Lora:
     r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     target_modules: Any = "all-linear"
     bias: str = "none"
 
@@ -114,6 +116,7 @@ class Train:
     keep_checkpoints: int = 2
     gradient_checkpointing: bool = False
     packing: bool = True
+    pack_length: int = 512
     threads: int | None = None
 
 
@@ -126,6 +129,7 @@ class Merge:
 @dataclass
 class Quantize:
     method: str = "int8_weight_only"
+    group_size: int = 32
     dtype: str = "auto"
 
 
@@ -195,7 +199,8 @@ CHOICES = {
     "quant.bnb_4bit_compute_dtype": ("auto", "bf16", "fp16", "fp32"),
     "lora.bias": ("none", "all", "lora_only"),
     "merge.dtype": ("fp32", "bf16", "fp16"),
-    "quantize.method": ("int8_weight_only", "int8_dynamic", "int4_weight_only"),
+    "quant.qat": (None, "int4"),
+    "quantize.method": ("int8_weight_only", "int8_dynamic", "int4_weight_only", "gguf_q8_0", "gguf_f16"),
     "quantize.dtype": ("auto", "bf16", "fp16", "fp32"),
     "eval.dtype": ("auto", "bf16", "fp16", "fp32"),
     "eval.metrics_source": ("local", "hub"),
@@ -203,7 +208,7 @@ CHOICES = {
 }
 POSITIVE = (
     "lora.r", "lora.lora_alpha", "train.max_steps", "train.batch_size", "train.grad_accum",
-    "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.pack_length", "quant.qat_group_size", "quantize.group_size", "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
     "data.passage_chars", "data.max_length", "eval.batch_size", "sample.max_new_tokens",
     "sample.batch_size", "merge.check_passages", "eval.prompt_tokens", "eval.reference_tokens",
     "eval.bootstrap_resamples",
@@ -223,6 +228,18 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
             problems.append(f"{key}={value!r}: must be a positive integer")
     if not 0 <= cfg.lora.lora_dropout < 1:
         problems.append(f"lora.lora_dropout={cfg.lora.lora_dropout}: must be in [0, 1)")
+    if cfg.quant.qat and cfg.quant.bits != 16:
+        problems.append(f"quant.qat={cfg.quant.qat} with quant.bits={cfg.quant.bits}: QAT fake-quantizes a "
+                        "16-bit base; use quant=qat_int4 (bits 16), or quant.qat=null for bitsandbytes")  # fmt: skip
+    if cfg.quant.qat and cfg.quantize.method != "int4_weight_only":
+        problems.append(f"quantize.method={cfg.quantize.method} with quant.qat={cfg.quant.qat}: the QAT model "
+                        "must be converted to what it trained for; use quantize=int4_weight_only")  # fmt: skip
+    if cfg.quant.qat and cfg.quant.qat_group_size != cfg.quantize.group_size:
+        problems.append(f"quantize.group_size={cfg.quantize.group_size}: must equal quant.qat_group_size="
+                        f"{cfg.quant.qat_group_size}, the grouping QAT trained with")  # fmt: skip
+    if cfg.train.packing and cfg.train.pack_length < cfg.data.max_length:
+        problems.append(f"train.pack_length={cfg.train.pack_length}: must be at least data.max_length="
+                        f"{cfg.data.max_length} so every passage fits a packed row")  # fmt: skip
     fractions = cfg.data.validation_fraction + cfg.data.test_fraction
     if not (0 < cfg.data.validation_fraction and 0 < cfg.data.test_fraction and fractions < 1):
         problems.append("data.validation_fraction + data.test_fraction: each must be > 0 and together < 1")

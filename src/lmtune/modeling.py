@@ -253,6 +253,10 @@ def load_for_training(path: str | Path, quant: DictConfig, gradient_checkpointin
         use_safetensors=True,
     )
     keep_4bit_trainable(model)
+    if quant.get("qat"):
+        from lmtune.quantization import prepare_qat
+
+        prepare_qat(model, quant.qat_group_size)
     for param in model.parameters():
         param.requires_grad_(False)
     if gradient_checkpointing:

@@ -1,4 +1,4 @@
-"""Post-training quantization of the merged model with torchao (CPU kernels exist for int8)."""
+"""Quantizing the merged model (torchao, GGUF) and the int4 quantization-aware training that goes with it."""
 
 from __future__ import annotations
 
@@ -9,39 +9,73 @@ import torch
 
 from lmtune.modeling import ModelError, device
 
-# method → torchao config class name. Packed int4 has no CPU kernel in torchao 0.18 (measured),
-# so int4 is refused on CPU before any work, naming what works instead.
+GGUF_FILE = "model.gguf"
+# method → what is written. int4 uses torchao's IntxWeightOnly layout (int4 values, one scale per group,
+# dequantized at matmul time): it runs on CPU and CUDA, and QAT can fake-quantize exactly the same
+# numerics. torchao's packed int4 kernels (tinygemm) are CUDA-only, and QAT cannot target its CPU one.
 METHODS = {
-    "int8_weight_only": "Int8WeightOnlyConfig",
-    "int8_dynamic": "Int8DynamicActivationInt8WeightConfig",
-    "int4_weight_only": "Int4WeightOnlyConfig",
+    "int8_weight_only": "torchao Int8WeightOnlyConfig",
+    "int8_dynamic": "torchao Int8DynamicActivationInt8WeightConfig",
+    "int4_weight_only": "torchao IntxWeightOnlyConfig(int4, per group)",
+    "gguf_q8_0": "GGUF Q8_0 (llama.cpp)",
+    "gguf_f16": "GGUF F16 (llama.cpp)",
 }
-NEEDS_CUDA = {"int4_weight_only"}
 
 
 def check_method(method: str) -> None:
     if method not in METHODS:
         raise ModelError(f"quantize.method={method}: unknown; choose one of {', '.join(METHODS)}")
-    if method in NEEDS_CUDA and not torch.cuda.is_available():
-        cpu_ok = [m for m in METHODS if m not in NEEDS_CUDA]
-        raise ModelError(
-            f"quantize.method={method}: torchao has no CPU kernel for it on this machine; "
-            f"use {' or '.join(cpu_ok)} on CPU, or run on a CUDA GPU"
-        )
+
+
+def torchao_config(method: str, group_size: int = 32):
+    import torchao.quantization as tq
+
+    if method == "int4_weight_only":
+        from torchao.quantization.granularity import PerGroup
+
+        return tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size))
+    return {
+        "int8_weight_only": tq.Int8WeightOnlyConfig,
+        "int8_dynamic": tq.Int8DynamicActivationInt8WeightConfig,
+    }[method]()
+
+
+def is_quantized_linear(module: torch.nn.Module, name: str) -> bool:
+    """The layers PTQ quantizes and QAT fake-quantizes: every linear layer but the output head,
+    which shares its weight with the embedding in tied models."""
+    return isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
+
+
+def prepare_qat(model, group_size: int):
+    """Fake-quantize the base's linear weights as int4 (torchao QAT): forward passes see the int4
+    rounding, gradients pass straight through to the LoRA adapters added afterwards."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    quantize_(model, QATConfig(torchao_config("int4_weight_only", group_size), step="prepare"),
+              filter_fn=is_quantized_linear)  # fmt: skip
+    return model
 
 
 def folder_mb(path: str | Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
-def quantize(merged_dir: str | Path, out_dir: Path, method: str, dtype: torch.dtype) -> dict:
-    """Load the merged model quantized by torchao and save it (safetensors) to `out_dir`."""
-    import torchao.quantization as tq
+def quantize(
+    merged_dir: str | Path, out_dir: Path, method: str, dtype: torch.dtype, group_size: int = 32
+) -> dict:
+    """Write the merged model quantized by `method` to `out_dir` (safetensors, or one GGUF file)."""
+    check_method(method)
+    began = time.perf_counter()
+    if method.startswith("gguf_"):
+        from lmtune.gguf_export import export_gguf
+
+        metrics = export_gguf(merged_dir, out_dir / GGUF_FILE, method.removeprefix("gguf_"))
+        return {"method": method, "format": METHODS[method], "quantize_seconds": time.perf_counter() - began,
+                **{k: v for k, v in metrics.items() if k != "format"}}  # fmt: skip
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
-    check_method(method)
-    config = TorchAoConfig(quant_type=getattr(tq, METHODS[method])())
-    began = time.perf_counter()
+    config = TorchAoConfig(quant_type=torchao_config(method, group_size))
     model = AutoModelForCausalLM.from_pretrained(
         merged_dir,
         dtype=dtype,
@@ -50,14 +84,19 @@ def quantize(merged_dir: str | Path, out_dir: Path, method: str, dtype: torch.dt
         use_safetensors=True,
     )
     model.save_pretrained(out_dir, safe_serialization=True)
-    return {"method": method, "format": f"torchao {METHODS[method]}, safetensors",
+    return {"method": method, "format": f"{METHODS[method]}, safetensors",
             "quantize_seconds": time.perf_counter() - began}  # fmt: skip
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype):
-    """A model saved by `quantize`: plain transformers loading, the torchao config travels along."""
+    """A model saved by `quantize`, with plain transformers: the torchao config travels along in
+    config.json; a GGUF file is read back by transformers' GGUF loader."""
     from transformers import AutoModelForCausalLM
 
+    path = Path(path)
+    if (path / GGUF_FILE).is_file():
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_FILE, dtype=dtype)
+        return model.to(device()).eval()
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, device_map={"": str(device())}, use_safetensors=True
     )

@@ -9,6 +9,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -16,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from lmtune.data import batch_indices, collate, collate_packed
-from lmtune.modeling import device, lora_state
+from lmtune.data import batch_indices, collate, collate_rows, pack, rows_per_batch
+from lmtune.modeling import device, lora_state, resolve_dtype
 
 
 class TrainingError(RuntimeError):
@@ -129,6 +130,27 @@ def _check_gradients(model, step: int) -> None:
         )
 
 
+def batch_maker(train_seqs: list[list[int]], cfg: DictConfig, pad_id: int):
+    """index → (micro-batch tensors, useful tokens): a pure function of (seed, index), so a resumed
+    run sees the same data. Packing packs the whole split once into rows of train.pack_length."""
+    tc = cfg.train
+    if tc.packing:
+        rows = pack(train_seqs, tc.pack_length)
+        per_batch = rows_per_batch(tc.batch_size, cfg.data.max_length, tc.pack_length)
+
+        def packed(index: int) -> tuple[dict, int]:
+            picked = [rows[i] for i in batch_indices(len(rows), per_batch, cfg.seed, index)]
+            return collate_rows(picked, pad_id), sum(len(s) for row in picked for s in row)
+
+        return packed
+
+    def padded(index: int) -> tuple[dict, int]:
+        picked = [train_seqs[i] for i in batch_indices(len(train_seqs), tc.batch_size, cfg.seed, index)]
+        return collate(picked, pad_id), sum(len(s) for s in picked)
+
+    return padded
+
+
 def train(
     model,
     train_seqs: list[list[int]],
@@ -154,6 +176,13 @@ def train(
         resumed_from = state["step"]
         print(f"resuming from {checkpoint} (step {resumed_from} of {tc.max_steps})")
 
+    next_batch = batch_maker(train_seqs, cfg, pad_id)
+    # LoRA weights stay fp32 for the optimizer while the base computes in bf16. Under autocast the
+    # adapter matmuls run in bf16 too, and peft skips casting every layer's whole input to fp32 and
+    # back (measured 1.3x per step on this CPU). fp16 would need a gradient scaler: not autocast.
+    bf16 = resolve_dtype(cfg.quant.bnb_4bit_compute_dtype) == torch.bfloat16
+    autocast = torch.autocast(device().type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
     model.train()
     bar = tqdm(total=tc.max_steps, initial=state["step"], desc="finetune", unit="step", dynamic_ncols=True)
     while state["step"] < tc.max_steps:
@@ -161,18 +190,14 @@ def train(
         started = time.perf_counter()
         loss_sum, tokens = 0.0, 0
         for micro in range(tc.grad_accum):
-            idx = batch_indices(len(train_seqs), tc.batch_size, cfg.seed, step * tc.grad_accum + micro)
-            samples = [train_seqs[i] for i in idx]
-            if tc.packing:
-                batch = collate_packed(samples, pad_id, cfg.data.max_length)
-            else:
-                batch = collate(samples, pad_id)
+            batch, useful = next_batch(step * tc.grad_accum + micro)
             batch = {k: v.to(device()) for k, v in batch.items()}
             # no KV cache: with one, transformers ignores the packed positions and lets rows attend across
-            loss = model(**batch, use_cache=False).loss
+            with autocast:
+                loss = model(**batch, use_cache=False).loss
             (loss / tc.grad_accum).backward()
             loss_sum += loss.item()
-            tokens += sum(len(s) for s in samples)  # useful tokens: padding never counts
+            tokens += useful  # padding never counts
         train_loss = loss_sum / tc.grad_accum
         _check_gradients(model, step + 1)
         if not math.isfinite(train_loss):

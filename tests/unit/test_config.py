@@ -50,6 +50,7 @@ def test_default_is_qlora_nf4_on_the_shipped_model():
         ("quant.bits=3", "quant.bits"),
         ("quant.bnb_4bit_quant_type=int3", "quant.bnb_4bit_quant_type"),
         ("train.batch_size=-1", "train.batch_size"),
+        ("train.pack_length=128", "train.pack_length"),
         ("data.test_fraction=0.99", "data.test_fraction"),
         ("model=llama2_7b model.path=null", "model.path"),
     ],

@@ -1,4 +1,5 @@
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -144,6 +145,37 @@ def test_pack_keeps_every_sequence_whole_within_capacity():
     rows = pack(seqs, capacity=10)
     assert sorted(len(s) for row in rows for s in row) == sorted(len(s) for s in seqs)
     assert all(sum(len(s) for s in row) <= 10 for row in rows) and len(rows) == 4
+
+
+def test_packing_a_whole_split_fills_rows_and_rejects_what_cannot_fit():
+    lengths = torch.randint(20, 256, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
+    seqs = [[i] * n for i, n in enumerate(lengths)]
+    rows = pack(seqs, capacity=512)
+    placed = sorted(s[0] for row in rows for s in row)
+    assert placed == list(range(len(seqs)))  # each sequence exactly once, whole
+    assert all(sum(len(s) for s in row) <= 512 for row in rows)
+    assert sum(lengths) / (512 * len(rows)) > 0.95  # best-fit leaves little padding
+    with pytest.raises(ValueError, match="300 tokens does not fit rows of 256"):
+        pack([[0] * 300], capacity=256)
+
+
+def test_packed_micro_batches_are_reproducible_and_cover_the_split_once_per_epoch():
+    from lmtune.training import batch_maker
+
+    seqs = [[i + 1] * (5 + i % 20) for i in range(200)]
+    cfg = OmegaConf.create({"seed": 3, "data": {"max_length": 32},
+                            "train": {"packing": True, "pack_length": 64, "batch_size": 4}})  # fmt: skip
+    first, again = batch_maker(seqs, cfg, pad_id=0), batch_maker(seqs, cfg, pad_id=0)
+    batches = [first(i) for i in range(40)]
+    assert all(b["input_ids"].shape[0] == 2 for b, _ in batches)  # 4 x 32 slots = 2 rows of 64
+    assert torch.equal(again(7)[0]["input_ids"], batches[7][0]["input_ids"])  # a resume sees the same
+    rows = pack(seqs, 64)
+    epoch = batches[: len(rows) // 2]  # one epoch: every row once (an odd one out waits)
+    tokens = torch.cat([b["input_ids"].flatten() for b, _ in epoch])
+    counts = Counter(t for t in tokens.tolist() if t != 0)
+    assert all(counts[i + 1] == len(seqs[i]) for i in range(200) if i + 1 in counts)  # whole, once
+    assert len(counts) >= 200 - max(len(row) for row in rows)
+    assert sum(useful for _, useful in epoch) == sum(counts.values())  # padding is not counted
 
 
 def test_packed_batch_gives_the_same_logits_and_loss_as_padded(tiny_base, tiny_seqs):

@@ -1,37 +1,97 @@
-"""Post-training quantization: what cannot run here is refused first; what runs loads and generates."""
+"""Quantizing the merged model (torchao, GGUF) and int4 QAT: what cannot work is refused first;
+every output loads with plain transformers and generates; QAT converts to what it trained on."""
+
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from lmtune.config import ConfigError, compose_conf
 from lmtune.modeling import ModelError, load_full
-from lmtune.quantization import check_method, load_quantized, quantize
+from lmtune.quantization import GGUF_FILE, check_method, load_quantized, prepare_qat, quantize
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
-def test_int4_without_a_gpu_and_unknown_methods_fail_before_work():
-    if not torch.cuda.is_available():
-        with pytest.raises(
-            ModelError, match=r"int4_weight_only.*no CPU kernel.*int8_weight_only or int8_dynamic"
-        ):
-            check_method("int4_weight_only")
-    with pytest.raises(ModelError, match="unknown"):
+def test_unknown_methods_and_impossible_qat_combinations_fail_before_work():
+    with pytest.raises(ModelError, match="unknown; choose one of int8_weight_only"):
         check_method("int3")
+    with pytest.raises(ConfigError, match=r"quant\.qat=int4 with quant\.bits=4.*quant=qat_int4"):
+        compose_conf(["quant=qat_int4", "quant.bits=4"], conf_dir=CONF)
+    with pytest.raises(ConfigError, match=r"quantize\.method=int8_dynamic with quant\.qat=int4"):
+        compose_conf(["quant=qat_int4", "quantize.method=int8_dynamic"], conf_dir=CONF)
+    with pytest.raises(ConfigError, match=r"quant\.qat='int8'"):
+        compose_conf(["quant=qat_int4", "quant.qat=int8"], conf_dir=CONF)
+    cfg = compose_conf(["quant=qat_int4"], conf_dir=CONF)  # the switch alone picks the int4 conversion
+    assert cfg.quant.bits == 16 and cfg.quantize.method == "int4_weight_only"
 
 
-@pytest.mark.parametrize("method", ["int8_weight_only", "int8_dynamic"])
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize(
+    "method, tolerance",
+    [("int8_weight_only", 0.05), ("int8_dynamic", 0.05), ("int4_weight_only", 0.3),
+     ("gguf_f16", 0.01), ("gguf_q8_0", 0.05)],
+)  # fmt: skip
 def test_quantized_model_loads_with_plain_transformers_and_stays_close(
-    tiny_base, tiny_seqs, tmp_path, method
+    tiny_base, tiny_seqs, tmp_path, method, tolerance
 ):
     seqs, tokenizer = tiny_seqs
-    quantize(tiny_base, tmp_path, method, torch.float32)
-    assert list(tmp_path.glob("*.safetensors"))
+    metrics = quantize(tiny_base, tmp_path, method, torch.float32)
+    assert metrics["method"] == method
+    assert (
+        (tmp_path / GGUF_FILE).is_file()
+        if method.startswith("gguf")
+        else list(tmp_path.glob("*.safetensors"))
+    )
     reference = load_full(tiny_base, torch.float32)
     model = load_quantized(tmp_path, torch.float32)
     ids = torch.tensor([seqs[0][:20]])
-    with torch.no_grad():
-        expected, got = reference(ids).logits, model(ids).logits
-        generated = model.generate(
-            ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
+    expected, got = _logits(reference, ids), _logits(model, ids)
+    generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert generated.shape[1] == 24
-    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    assert (got - expected).abs().max() < tolerance * expected.abs().max()
     assert not torch.equal(got, expected)  # it really is quantized
+
+
+def test_gguf_export_in_f32_reads_back_as_the_same_model(tiny_base, tiny_seqs, tmp_path):
+    """f32 loses nothing, so any difference would be a layout error (names, the q/k row order)."""
+    from lmtune.gguf_export import export_gguf
+
+    seqs, _ = tiny_seqs
+    export_gguf(tiny_base, tmp_path / GGUF_FILE, "f32")
+    ids = torch.tensor([seqs[1][:24]])
+    expected = _logits(load_full(tiny_base, torch.float32), ids)
+    assert torch.allclose(_logits(load_quantized(tmp_path, torch.float32), ids), expected, atol=1e-4)
+
+
+def test_qat_converted_logits_equal_the_fake_quantized_logits(tiny_base, tiny_seqs, tmp_path):
+    """What QAT trains on (fake-quantized int4) is what the quantize stage delivers (real int4)."""
+    seqs, _ = tiny_seqs
+    ids = torch.tensor([seqs[2][:24]])
+    fake = prepare_qat(load_full(tiny_base, torch.float32), group_size=32)
+    assert sum(type(m).__name__ == "FakeQuantizedLinear" for m in fake.modules()) == 2 * 7  # all but lm_head
+    quantize(tiny_base, tmp_path, "int4_weight_only", torch.float32, group_size=32)
+    converted = load_quantized(tmp_path, torch.float32)
+    expected, got = _logits(fake, ids), _logits(converted, ids)
+    assert torch.allclose(got, expected, atol=1e-4)
+    plain = _logits(load_full(tiny_base, torch.float32), ids)
+    assert (plain - expected).abs().max() > 100 * (got - expected).abs().max()  # int4 rounding is visible
+
+
+def test_qat_training_learns_through_the_fake_quantized_base(tiny_base, tiny_seqs, tmp_path):
+    from lmtune.modeling import add_lora, load_for_training
+    from lmtune.training import train
+
+    seqs, tokenizer = tiny_seqs
+    cfg = OmegaConf.merge(compose_conf(["experiment=smoke", "quant=qat_int4"], conf_dir=CONF),
+                          {"train": {"max_steps": 4, "eval_every": 2}})  # fmt: skip
+    model = add_lora(load_for_training(tiny_base, cfg.quant, False), cfg.lora, cfg.seed)
+    assert any(type(m).__name__ == "FakeQuantizedLinear" for m in model.modules())
+    result = train(model, seqs, seqs[:8], cfg, tmp_path, tokenizer.pad_token_id)
+    assert result["lora_matrices_unchanged"] == 0
+    assert result["train_curve"][-1]["loss"] < result["train_curve"][0]["loss"]
