@@ -10,6 +10,7 @@ bootstrap interval, and each model's delta vs the base with its paired interval.
 """
 
 import sys
+import time
 from pathlib import Path
 
 # This script shares its name with the `evaluate` library: keep its folder off the import path
@@ -31,6 +32,7 @@ from lmtune.metrics import (
     metric_functions,
 )
 from lmtune.modeling import (
+    device,
     load_base_with_adapter,
     load_for_training,
     load_full,
@@ -43,8 +45,8 @@ from lmtune.quantization import load_quantized
 def model_loaders(cfg, dtype) -> dict:
     paths = cfg.paths
     loaders = {"base": lambda: load_full(paths.base, dtype)}
-    if cfg.quant.bits < 16:
-        label = f"{cfg.quant.bits}bit"
+    if cfg.quant.bits < 16 or cfg.quant.qat:  # the base as training saw it, alone and with the adapter
+        label = f"qat_{cfg.quant.qat}" if cfg.quant.qat else f"{cfg.quant.bits}bit"
         loaders[f"base_{label}"] = lambda: load_for_training(paths.base, cfg.quant, False)
         loaders[f"base_{label}_adapter"] = lambda: load_base_with_adapter(
             paths.base, paths.adapter, dtype, quant=cfg.quant
@@ -65,12 +67,18 @@ def run(cfg) -> dict:
     references = [tokenizer.decode(r, skip_special_tokens=True) for _, r in pairs]
     sizes = {m: len(seqs) for m in ALL_METRICS[:2]} | {m: len(pairs) for m in ALL_METRICS[2:]}
 
-    functions, examples = {}, {}
+    functions, examples, speed = {}, {}, {}
     for name, load in model_loaders(cfg, dtype).items():
+        began = time.perf_counter()
         model = load()
+        speed[name] = {"load_seconds": time.perf_counter() - began}
         likelihood = likelihood_per_passage(model, seqs, e.batch_size, tokenizer.pad_token_id, desc=name)
+        began = time.perf_counter()
         continuations = greedy_continuations(model, prompts, e.reference_tokens, tokenizer.pad_token_id,
                                              tokenizer.eos_token_id, e.batch_size, desc=name)  # fmt: skip
+        speed[name]["generated_tokens_per_second"] = sum(map(len, continuations)) / (
+            time.perf_counter() - began
+        )
         predictions = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
         generation = generation_per_example(predictions, references, e.metrics_source)
         functions[name] = metric_functions(likelihood, generation)
@@ -82,12 +90,15 @@ def run(cfg) -> dict:
         "max_length": cfg.data.max_length, "prompt_tokens": e.prompt_tokens,
         "reference_tokens": e.reference_tokens, "decoding": "greedy",
         "bootstrap_resamples": e.bootstrap_resamples, "dtype": str(dtype).replace("torch.", ""),
-        "tokens_scored": int(sum(len(s) - 1 for s in seqs)),
+        "tokens_scored": int(sum(len(s) - 1 for s in seqs)), "batch_size": e.batch_size,
+        "device": str(device()),
     }  # fmt: skip
-    metrics = {"models": scores, "settings": settings}
+    metrics = {"models": scores, "speed": speed, "settings": settings}
     write_json(Path(paths.metrics) / "eval.json", metrics)
-    write_text(Path(paths.metrics) / "eval.md", eval_markdown(scores, settings, references[:3], examples))
-    values = {name: {m: v["value"] for m, v in per.items()} for name, per in scores.items()}
+    write_text(
+        Path(paths.metrics) / "eval.md", eval_markdown(scores, settings, references[:3], examples, speed)
+    )
+    values = {name: {m: v["value"] for m, v in per.items()} | speed[name] for name, per in scores.items()}
     tracking.log_to_run(cfg, paths.adapter, values, "eval.", (Path(paths.metrics) / "eval.md",))
     return {name: {m: round(v["value"], 4) for m, v in per.items()} for name, per in scores.items()}
 

@@ -4,6 +4,12 @@
 
 Opens the pipeline's MLflow run (its id is saved in models/adapter/tracking.json for the later
 stages). Killed midway, it resumes from the last checkpoint in models/checkpoints.
+
+    python stages/finetune.py --multirun lora.r=4,8    # Hydra multirun: a quick look at this stage alone
+
+Each multirun job writes its adapter, checkpoints and metrics (and its own MLflow run) under
+multirun/<date>/<time>/<job>/, leaving the pipeline's outputs alone. To compare whole pipelines
+(merge, quantize, evaluate) use `make sweep` (DVC experiments) instead.
 """
 
 import shutil
@@ -35,7 +41,8 @@ def run(cfg) -> dict:
 
     run_id = tracking.start_run(cfg)
     with tracking.best_effort("logging the inputs"):
-        tracking.log_metrics(read_json(metrics_dir / "prepare.json"), prefix="prepare.")
+        if (metrics_dir / "prepare.json").is_file():  # absent in a --multirun job's own folder
+            tracking.log_metrics(read_json(metrics_dir / "prepare.json"), prefix="prepare.")
         mlflow.log_dict(read_json(Path(paths.base) / "source.json"), "base_source.json")
     try:
         result = train(model, train_seqs, val_seqs, cfg, Path(paths.checkpoints), tokenizer.pad_token_id,
@@ -50,6 +57,7 @@ def run(cfg) -> dict:
         tokenizer.save_pretrained(out)
         save_config(cfg, out)
         write_json(out / tracking.RUN_FILE, {"run_id": run_id, "tracking_uri": mlflow.get_tracking_uri()})
+    metrics_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(result.pop("train_curve")).to_csv(metrics_dir / "train_loss.csv", index=False)
     pd.DataFrame(result.pop("val_curve")).to_csv(metrics_dir / "val_loss.csv", index=False)
     metrics = {**result, "trainable_parameters": trainable, "total_parameters": total,
@@ -59,7 +67,8 @@ def run(cfg) -> dict:
     with tracking.best_effort("logging the results"):
         tracking.log_metrics(metrics, prefix="train.")
         for name in ("train_loss.csv", "val_loss.csv", "train.json", "prepare.json"):
-            mlflow.log_artifact(str(metrics_dir / name), "metrics")
+            if (metrics_dir / name).is_file():
+                mlflow.log_artifact(str(metrics_dir / name), "metrics")
         mlflow.log_artifact(str(Path(paths.adapter) / "adapter_config.json"), "adapter")
         mlflow.end_run()
     shutil.rmtree(paths.checkpoints, ignore_errors=True)  # the adapter is safe; resume state is not needed
@@ -67,4 +76,5 @@ def run(cfg) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage(run))
+    # --multirun (Hydra): each job writes its adapter, checkpoints and metrics under multirun/<date>/<time>/<job>/
+    sys.exit(run_stage(run, multirun_outputs=("adapter", "checkpoints", "metrics")))

@@ -98,9 +98,10 @@ def plots(frame: pd.DataFrame, client, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
-    for bits, group in frame.groupby("bits"):
+    # one line per profile and bits: runs of other models or step counts are not comparable points
+    for (model, steps, bits), group in frame.groupby(["model", "steps", "bits"]):
         group = group.sort_values("r")
-        ax.plot(group["r"], group["perplexity"], marker="o", label=f"{bits}-bit base")
+        ax.plot(group["r"], group["perplexity"], marker="o", label=f"{bits}-bit base, {model}, {steps} steps")
     ax.set(xlabel="LoRA rank r", ylabel="test perplexity (merged, lower is better)", title="Quality vs rank")
     ax.set_xscale("log", base=2)
     ax.grid(alpha=0.3)

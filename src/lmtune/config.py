@@ -458,26 +458,73 @@ def check_writable(cfg: DictConfig) -> None:
             ) from None
 
 
-def run_stage(run, argv: list[str] | None = None) -> int:
-    """Shared `main` of the stage scripts: load config, run, print metrics; user errors
-    (bad config, bad data, missing model) print one clear message instead of a traceback."""
-    import json
-
+def _user_errors() -> tuple[type[Exception], ...]:
     from lmtune.data import DataError
     from lmtune.metrics import EvaluationError
     from lmtune.modeling import ModelError
     from lmtune.tracking import TrackingError
     from lmtune.training import TrainingError
 
+    return ConfigError, DataError, ModelError, TrainingError, TrackingError, EvaluationError
+
+
+def run_stage(run, argv: list[str] | None = None, multirun_outputs: tuple[str, ...] = ()) -> int:
+    """Shared `main` of the stage scripts: load config, run, print metrics; user errors
+    (bad config, bad data, missing model) print one clear message instead of a traceback.
+    `--multirun` (Hydra) is offered by stages that name the `paths` they write: each job then
+    writes those into its own folder under multirun/ instead of the pipeline's."""
+    import json
+
+    argv = sys.argv[1:] if argv is None else argv
+    if "--multirun" in argv or "-m" in argv:
+        return _multirun(run, [a for a in argv if a not in ("--multirun", "-m")], multirun_outputs)
     try:
-        cfg = load(sys.argv[1:] if argv is None else argv)
+        cfg = load(argv)
         check_writable(cfg)
         metrics = run(cfg)
-    except (ConfigError, DataError, ModelError, TrainingError, TrackingError, EvaluationError) as err:
+    except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(metrics, indent=2, default=str))
     return 0
+
+
+def _multirun(run, overrides: list[str], outputs: tuple[str, ...]) -> int:
+    """Hydra's own multirun over params.yaml: its sweeper expands `lora.r=4,8`, numbers the jobs
+    and keeps each job's config in multirun/<date>/<time>/<job>/.hydra."""
+    import json
+
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    if not outputs:
+        print("error: --multirun is for a quick look at one stage (finetune); sweep the whole pipeline "
+              "with `make sweep` or `dvc exp run --queue -S ...`", file=sys.stderr)  # fmt: skip
+        return 2
+    root = Path.cwd().resolve()
+    failed: list[str] = []
+
+    @hydra.main(config_path=str(root), config_name=PARAMS_FILE.removesuffix(".yaml"), version_base=None)
+    def job(cfg: DictConfig) -> None:
+        out = Path(HydraConfig.get().runtime.output_dir)
+        name = " ".join(HydraConfig.get().overrides.task)
+        try:
+            cfg = validate(OmegaConf.to_container(cfg), source=f"{PARAMS_FILE} + {name}")
+            for key in outputs:
+                cfg.paths[key] = str(out / Path(cfg.paths[key]).name)
+            print(f"== job {HydraConfig.get().job.num}: {name} → {out}", flush=True)
+            print(json.dumps(run(cfg), indent=2, default=str))
+        except _user_errors() as err:  # one bad job does not stop the others
+            print(f"error in job {name}: {err}", file=sys.stderr)
+            failed.append(name)
+
+    saved = sys.argv
+    sys.argv = [saved[0], "--multirun", *overrides]
+    try:
+        job()
+    finally:
+        sys.argv = saved
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":

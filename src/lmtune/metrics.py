@@ -184,8 +184,10 @@ def _fmt(metric: str, value: float, signed: bool = False) -> str:
     return text + ("%" if metric in _PERCENT else "")
 
 
-def eval_markdown(scores: dict, settings: dict, references: list[str], examples: dict) -> str:
-    """metrics/eval.md: one row per metric, one column per model, intervals and deltas vs base."""
+def eval_markdown(scores: dict, settings: dict, references: list[str], examples: dict,
+                  speed: dict | None = None) -> str:  # fmt: skip
+    """metrics/eval.md: one row per metric, one column per model, intervals and deltas vs base;
+    then load time and greedy generation speed per model (what quantizing bought)."""
     names = list(scores)
     lines = [
         "# Evaluation",
@@ -210,6 +212,13 @@ def eval_markdown(scores: dict, settings: dict, references: list[str], examples:
                 cell += f"<br>Δ {_fmt(metric, entry['delta'], True)} [{_fmt(metric, dlo, True)}, {_fmt(metric, dhi, True)}]"
             cells.append(cell)
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    if speed:
+        lines += ["", f"Speed on this machine ({settings.get('device', 'this device')}), batch of "
+                  f"{settings.get('batch_size', '?')} prompts, KV cache:", "",
+                  "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+                  "| load s | " + " | ".join(f"{speed[n]['load_seconds']:.1f}" for n in names) + " |",
+                  "| generated tokens/s | " + " | ".join(f"{speed[n]['generated_tokens_per_second']:.0f}"
+                                                       for n in names) + " |"]  # fmt: skip
     lines += ["", "## What each metric is", ""]
     lines += [f"- **{m}**: {EXPLAIN[m]}" for m in scores[names[0]]]
     lines += ["", "## First continuations", ""]

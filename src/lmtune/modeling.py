@@ -294,7 +294,7 @@ def load_base_with_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype:
     """Base + unmerged adapter: the base in `dtype`, or quantized as in training when `quant`."""
     from peft import PeftModel
 
-    if quant is not None and quant.bits < 16:
+    if quant is not None and (quant.bits < 16 or quant.get("qat")):
         base = load_for_training(base_dir, quant, gradient_checkpointing=False)
         base.config.use_cache = True
     else:

@@ -335,3 +335,22 @@ def test_mlflow_ui_shows_the_sweep_runs_in_a_real_browser(repo):
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_hydra_multirun_on_finetune_writes_each_job_apart(repo):
+    dest, _ = repo
+    adapter = (dest / "models/adapter/adapter_model.safetensors").read_bytes()
+    run = sh(sys.executable, "stages/finetune.py", "--multirun", "lora.r=2,6", "train.max_steps=3",
+             "train.eval_every=1", cwd=dest)  # fmt: skip
+    jobs = sorted((dest / "multirun").glob("*/*/[0-9]"))
+    assert len(jobs) == 2, run.stdout
+    from safetensors.torch import load_file
+
+    for job, rank in zip(jobs, (2, 6), strict=True):
+        weights = load_file(job / "adapter/adapter_model.safetensors")
+        assert {t.shape[0] for n, t in weights.items() if "lora_A" in n} == {rank}
+        assert json.loads((job / "metrics/train.json").read_text())["steps"] == 3
+        assert "lora.r=" in (job / ".hydra/overrides.yaml").read_text()
+    assert (dest / "models/adapter/adapter_model.safetensors").read_bytes() == adapter  # pipeline untouched
+    bad = sh(sys.executable, "stages/merge.py", "--multirun", "merge.dtype=fp32,bf16", cwd=dest, check=False)
+    assert bad.returncode == 2 and "make sweep" in bad.stderr
