@@ -63,6 +63,11 @@ def main() -> None:
             subprocess.run([sys.executable, str(HERE / script), *budget, "--out", out.name,
                             *side_overrides, *overrides], check=True, cwd=ROOT)  # fmt: skip
             rows.append({"name": name, **json.loads(Path(out.name).read_text())})
+    print("== generation: batched vs one prompt at a time", flush=True)
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run([sys.executable, str(HERE / "generation.py"), "--out", out.name, *overrides],
+                       check=True, cwd=ROOT)  # fmt: skip
+        generation = json.loads(Path(out.name).read_text())
     peak = matmul_gflops()
     baseline = rows[0]
     for row in rows:
@@ -74,7 +79,7 @@ def main() -> None:
         row["share_of_matmul_peak"] = row["gflops"] / peak
     report = {"machine": machine(), "matmul_bf16_gflops": peak, "steps": args.steps,
               "batch_size": params["train"]["batch_size"], "max_length": params["data"]["max_length"],
-              "model": params["model"]["name"], "sides": rows}  # fmt: skip
+              "model": params["model"]["name"], "sides": rows, "generation": generation}  # fmt: skip
     (ROOT / "metrics").mkdir(exist_ok=True)
     (ROOT / "metrics" / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     table = [
@@ -99,6 +104,11 @@ def main() -> None:
         "useful tokens needs.\n\n"
         f"{text}\n\nPeak memory is the process's peak RSS on CPU (allocated memory on GPU). Useful tokens "
         "exclude padding. FLOP share counts 4 x base parameters per token.\n\n"
+        f"Generation (base model, {generation['dtype']}, greedy, {generation['prompts']} prompts x "
+        f"{generation['new_tokens']} new tokens): one prompt at a time {generation['loop_tokens_per_second']:.0f} "
+        f"tokens/s; batched by {generation['batch_size']} with the KV cache "
+        f"{generation['batched_tokens_per_second']:.0f} tokens/s (**{generation['speedup']:.1f}x**); "
+        f"{generation['identical_continuations']} of {generation['prompts']} continuations identical.\n\n"
         f"{HAND_WRITTEN}{kept}"
     )
 
