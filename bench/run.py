@@ -23,6 +23,8 @@ ROOT = HERE.parent
 
 SIDES = [  # (name, script, overrides): the baseline, then lmtune with each lever on or off
     ("baseline", "baseline.py", []),
+    # what the usual recipe is usually run with: LoRA dropout 0.05 (QLoRA paper); lmtune's default is 0
+    ("baseline, lora_dropout=0.05", "baseline.py", ["lora.lora_dropout=0.05"]),
     ("lmtune, padded batches", "lmtune_side.py", ["train.packing=false"]),
     ("lmtune (default: packing)", "lmtune_side.py", []),
 ]
@@ -57,7 +59,11 @@ def main() -> None:
     rows = []
     for name, script, side_overrides in SIDES:
         # the baseline trains --steps steps; each lmtune side then trains on the same useful-token budget
-        budget = ["--steps", str(args.steps)] if not rows else ["--tokens", str(rows[0]["useful_tokens"])]
+        budget = (
+            ["--steps", str(args.steps)]
+            if script == "baseline.py"
+            else ["--tokens", str(rows[0]["useful_tokens"])]
+        )
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             print(f"== {name}", flush=True)
             subprocess.run([sys.executable, str(HERE / script), *budget, "--out", out.name,

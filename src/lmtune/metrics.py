@@ -6,7 +6,6 @@ Likelihood metrics use every token of every passage; generation metrics continue
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -88,13 +87,16 @@ def _load_local(name: str):
     return evaluate.load(str(Path(__file__).parent / "eval_metrics" / name))
 
 
-def _bleu_from_stats():
-    spec = importlib.util.spec_from_file_location(
-        "lmtune_bleu", Path(__file__).parent / "eval_metrics" / "bleu" / "bleu.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.corpus_bleu_from_stats
+def corpus_bleu_from_stats(stats: list[dict]) -> float:
+    """Corpus BLEU of a set of examples from their summed sufficient statistics (the bleu
+    module returns them per example), so any bootstrap resample gets a true corpus BLEU."""
+    from sacrebleu.metrics import BLEU
+
+    n = len(stats[0]["counts"]) if stats else 4
+    counts = [sum(s["counts"][i] for s in stats) for i in range(n)]
+    totals = [sum(s["totals"][i] for s in stats) for i in range(n)]
+    sys_len, ref_len = sum(s["sys_len"] for s in stats), sum(s["ref_len"] for s in stats)
+    return BLEU.compute_bleu(counts, totals, sys_len, ref_len, smooth_method="exp").score
 
 
 def generation_per_example(predictions: list[str], references: list[str], source: str = "local") -> dict:
@@ -124,11 +126,10 @@ def metric_functions(likelihood: dict, generation: dict | None) -> dict[str, Cal
         "token_accuracy": lambda idx: float(likelihood["hits"][idx].sum() / likelihood["count"][idx].sum()),
     }
     if generation is not None:
-        bleu = _bleu_from_stats()
         stats = generation["bleu_stats"]
         for name in ("token_f1", "rouge1", "rouge2", "rougeL"):
             fns[name] = lambda idx, a=generation[name]: float(a[idx].mean())
-        fns["bleu"] = lambda idx: bleu([stats[i] for i in idx])
+        fns["bleu"] = lambda idx: corpus_bleu_from_stats([stats[i] for i in idx])
     return fns
 
 

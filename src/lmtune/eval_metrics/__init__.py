@@ -7,3 +7,18 @@ scores too, so the evaluate stage can bootstrap confidence intervals over passag
 from pathlib import Path
 
 FOLDER = Path(__file__).parent
+
+
+def text_pair_info(description: str):
+    """What every module here takes: one prediction and one reference string per example."""
+    import datasets
+    import evaluate
+
+    return evaluate.MetricInfo(
+        description=description,
+        citation="",
+        inputs_description="predictions: list of str; references: list of str (one per prediction)",
+        features=datasets.Features(
+            {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+        ),
+    )

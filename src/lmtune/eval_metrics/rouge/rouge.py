@@ -1,22 +1,16 @@
 """ROUGE-1/2/L F-measure per example (rouge_score, no stemming), and their means."""
 
-import datasets
 import evaluate
 from rouge_score import rouge_scorer
+
+from lmtune.eval_metrics import text_pair_info
 
 TYPES = ("rouge1", "rouge2", "rougeL")
 
 
 class Rouge(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=__doc__,
-            citation="",
-            inputs_description="predictions: list of str; references: list of str",
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
-        )
+        return text_pair_info(__doc__)
 
     def _compute(self, predictions, references):
         scorer = rouge_scorer.RougeScorer(list(TYPES), use_stemmer=False)

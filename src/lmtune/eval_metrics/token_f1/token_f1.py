@@ -7,8 +7,9 @@ import re
 import string
 from collections import Counter
 
-import datasets
 import evaluate
+
+from lmtune.eval_metrics import text_pair_info
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -30,14 +31,7 @@ def f1(prediction: str, reference: str) -> float:
 
 class TokenF1(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=__doc__,
-            citation="",
-            inputs_description="predictions: list of str; references: list of str",
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
-        )
+        return text_pair_info(__doc__)
 
     def _compute(self, predictions, references):
         scores = [f1(p, r) for p, r in zip(predictions, references, strict=True)]
