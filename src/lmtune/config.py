@@ -63,7 +63,7 @@ class Model:
     dtype: str = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False
-    tiny: TinyModel = field(default_factory=TinyModel)
+    tiny: TinyModel | None = None  # model=tiny_random only
 
 
 @dataclass
@@ -245,6 +245,10 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
         problems.append("data.validation_fraction + data.test_fraction: each must be > 0 and together < 1")
     if cfg.model.source in ("local", "hub") and not cfg.model.path:
         problems.append(f"model.path: required when model.source={cfg.model.source}")
+    if cfg.model.source == "tiny_random" and cfg.model.tiny is None:
+        problems.append(
+            "model.tiny: required when model.source=tiny_random (see conf/model/tiny_random.yaml)"
+        )
     if cfg.model.source == "gguf" and not (cfg.model.gguf_package and cfg.model.gguf_file):
         problems.append("model.gguf_package and model.gguf_file: required when model.source=gguf")
     if cfg.data.source == "files" and not cfg.data.files:

@@ -106,3 +106,19 @@ def test_flatten_and_secrets_never_logged():
     params = safe_params(cfg)
     assert params["tracking.hf_token"] == "***" and params["db.password"] == "***"
     assert params["tracking.uri"] == "x"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["experiment=smoke"], ["experiment=sweep"], ["quant=qat_int4"], ["quant=int8", "quantize=gguf_q8_0"],
+     ["quant=fp4", "model=llama2_7b", "model.path=x"], ["quant=none", "data=files", "data.files=[a.txt]"]],
+)  # fmt: skip
+def test_dvc_and_make_params_compose_the_same_params(overrides):
+    """`dvc exp run -S` composes conf/ with plain Hydra; `make params` merges into the schema. Any key
+    only the schema fills in would differ between the two, so every experiment would miss DVC's
+    run-cache and rerun every stage: conf/ must spell out every key."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        plain = OmegaConf.to_container(compose(config_name="config", overrides=overrides))
+    assert plain == OmegaConf.to_container(compose_conf(overrides, conf_dir=CONF))
