@@ -33,6 +33,7 @@ COLUMNS = {  # column → (source, key)
     "tokens/s": ("metric", "train.tokens_per_second"),
     "adapter MB": ("metric", "train.adapter_mb"),
     "train s": ("metric", "train.train_seconds"),
+    "wall s": ("metric", "wall_seconds"),  # finetune to sample, summed over the stages
 }
 
 
@@ -54,6 +55,8 @@ def collect(client, experiment: str) -> tuple[pd.DataFrame, list[dict]]:
         for column, (kind, key) in COLUMNS.items():
             source = {"tag": run.data.tags, "param": run.data.params, "metric": run.data.metrics}[kind]
             row[column] = source.get(key)
+        stage_seconds = [v for k, v in run.data.metrics.items() if k.startswith("wall_seconds.")]
+        row["wall s"] = sum(stage_seconds) if stage_seconds else None
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not frame.empty:

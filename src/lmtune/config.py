@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -485,10 +486,14 @@ def run_stage(run, argv: list[str] | None = None, multirun_outputs: tuple[str, .
     try:
         cfg = load(argv)
         check_writable(cfg)
+        began = time.perf_counter()
         metrics = run(cfg)
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from lmtune.tracking import log_stage_seconds
+
+    log_stage_seconds(cfg, Path(sys.argv[0]).stem, time.perf_counter() - began)
     print(json.dumps(metrics, indent=2, default=str))
     return 0
 

@@ -141,6 +141,13 @@ def log_to_run(cfg: DictConfig, adapter_dir: str | Path, metrics: dict, prefix: 
                 mlflow.log_artifact(str(path))
 
 
+def log_stage_seconds(cfg: DictConfig, stage: str, seconds: float) -> None:
+    """A stage's wall time, into the pipeline's run once finetune has opened it (base and prepare
+    run before it exists): `make compare` sums them into the experiment's wall time."""
+    if (Path(cfg.paths.adapter) / RUN_FILE).is_file():
+        log_to_run(cfg, cfg.paths.adapter, {stage: seconds}, prefix="wall_seconds.")
+
+
 def log_metrics(metrics: dict[str, Any], prefix: str = "", step: int | None = None) -> None:
     """Log every finite number in a (nested) metrics dict under dotted names."""
     import math

@@ -140,8 +140,11 @@ def test_one_mlflow_run_holds_params_metrics_and_artifacts(repo):
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     assert run.data.params["lora.r"] == "16" and run.data.params["model.name"] == "tiny_random"
     for key in ("train.final_val_loss", "merge.max_logit_diff", "eval.merged.perplexity",
-                "eval.base.perplexity", "sample.merged_tokens_per_second", "prepare.train.passages"):  # fmt: skip
+                "eval.base.perplexity", "sample.merged_tokens_per_second", "prepare.train.passages",
+                "eval.merged_int8_weight_only.generated_tokens_per_second"):  # fmt: skip
         assert key in run.data.metrics, key
+    for stage in ("finetune", "merge", "quantize", "evaluate", "sample"):  # wall time of each stage
+        assert run.data.metrics[f"wall_seconds.{stage}"] > 0, stage
     assert len(client.get_metric_history(run_id, "train_loss")) == 6
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"samples.md", "metrics", "adapter", "base_source.json"} <= artifacts
