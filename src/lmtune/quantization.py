@@ -17,6 +17,7 @@ METHODS = {
     "int8_weight_only": "torchao Int8WeightOnlyConfig",
     "int8_dynamic": "torchao Int8DynamicActivationInt8WeightConfig",
     "int4_weight_only": "torchao IntxWeightOnlyConfig(int4, per group)",
+    "bnb_nf4": "bitsandbytes NF4 + double quantization",
     "gguf_q8_0": "GGUF Q8_0 (llama.cpp)",
     "gguf_f16": "GGUF F16 (llama.cpp)",
 }
@@ -73,9 +74,13 @@ def quantize(
         metrics = export_gguf(merged_dir, out_dir / GGUF_FILE, method.removeprefix("gguf_"))
         return {"method": method, "format": METHODS[method], "quantize_seconds": time.perf_counter() - began,
                 **{k: v for k, v in metrics.items() if k != "format"}}  # fmt: skip
-    from transformers import AutoModelForCausalLM, TorchAoConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TorchAoConfig
 
-    config = TorchAoConfig(quant_type=torchao_config(method, group_size))
+    if method == "bnb_nf4":  # the QLoRA storage format, for serving with bitsandbytes (CUDA; CPU works too)
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)  # fmt: skip
+    else:
+        config = TorchAoConfig(quant_type=torchao_config(method, group_size))
     model = AutoModelForCausalLM.from_pretrained(
         merged_dir,
         dtype=dtype,
