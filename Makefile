@@ -63,11 +63,13 @@ GRID ?= lora.r=4,8,16 quant.bits=4,16
 sweep: setup  ## queue and run a sweep on the sweep profile (GRID="lora.r=4,8,16 quant.bits=4,16"), one at a time
 	$(PY) -m lmtune.config --validate-grid experiment=sweep $(GRID)
 	dvc exp run --queue -S experiment=sweep $(foreach g,$(GRID),-S '$(g)')
-	dvc exp run --run-all --jobs $(or $(JOBS),1)
-	@# DVC's queue worker can exit with experiments still queued (treeverse/dvc#10562): restart it, at most 3 times
-	@for try in 1 2 3; do dvc queue status | grep -q ' Queued' || break; \
-	  echo "queue worker stopped with experiments still queued: starting it again"; \
-	  dvc exp run --run-all --jobs $(or $(JOBS),1); done
+	@# not `dvc exp run --run-all`: its queue worker can stop after one experiment and leave it waiting
+	@# forever (treeverse/dvc#8165, #10562); this loop restarts the worker until the queue is empty
+	dvc queue start -j $(or $(JOBS),1)
+	@while dvc queue status | grep -qE ' (Queued|Running)$$'; do sleep 15; \
+	  if dvc queue status | grep -q 'Worker status: 0 active' && dvc queue status | grep -qE ' Queued$$'; then \
+	    echo "DVC's queue worker stopped with experiments queued: starting it again"; dvc queue start -j $(or $(JOBS),1); fi; \
+	done
 	dvc exp show --no-pager --md --keep -A --only-changed | head -40 || true
 
 plots: setup  ## the loss curves as an HTML page that works offline (vega inlined from npm): metrics/plots.html
