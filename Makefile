@@ -67,7 +67,8 @@ sweep: setup  ## queue and run a sweep on the sweep profile (GRID="lora.r=4,8,16
 	@# forever (treeverse/dvc#8165, #10562); this loop restarts the worker until the queue is empty
 	dvc queue start -j $(or $(JOBS),1)
 	@while dvc queue status | grep -qE ' (Queued|Running)$$'; do sleep 15; \
-	  if dvc queue status | grep -q 'Worker status: 0 active' && dvc queue status | grep -qE ' Queued$$'; then \
+	  status=$$(dvc queue status); \
+	  if ! echo "$$status" | grep -qE ' Running$$' && echo "$$status" | grep -qE ' Queued$$'; then \
 	    echo "DVC's queue worker stopped with experiments queued: starting it again"; dvc queue start -j $(or $(JOBS),1); fi; \
 	done
 	dvc exp show --no-pager --md --keep -A --only-changed | head -40 || true
