@@ -1,7 +1,9 @@
 """What each side of `make bench` reports, measured the same way for both."""
 
+import contextlib
 import json
 import sys
+import time
 
 from lmtune.training import peak_memory_gib
 
@@ -21,3 +23,36 @@ def write_side(out: str, side: str, steps: int, useful_tokens: int, seconds: flo
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2), file=sys.stderr)
     return result
+
+
+def micro_batch_rate(overrides: list[str], autocast: bool, steps: int) -> tuple[float, float]:
+    """(seconds, useful tokens/s) of one forward + backward per lmtune micro-batch on the configured
+    model; the first micro-batch pays one-off costs (allocations, kernel selection) and is not timed."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from lmtune.config import load
+    from lmtune.data import read_split, tokenize
+    from lmtune.modeling import add_lora, load_for_training, load_tokenizer
+    from lmtune.training import batch_maker
+
+    cfg = load(overrides)
+    tokenizer = load_tokenizer(cfg.paths.base)
+    seqs = tokenize(read_split(cfg.paths.processed, "train"), tokenizer, cfg.data.max_length)
+    model = add_lora(
+        load_for_training(cfg.paths.base, cfg.quant, cfg.train.gradient_checkpointing), cfg.lora, 0
+    )
+    model.train()
+    next_batch = batch_maker(seqs, OmegaConf.merge(cfg, {"seed": 0}), tokenizer.pad_token_id)
+    context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    tokens, began = 0, 0.0
+    for index in range(steps + 1):
+        if index == 1:
+            began = time.perf_counter()
+        batch, useful = next_batch(index)
+        with context():
+            model(**batch, use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+        tokens += useful if index else 0
+    seconds = time.perf_counter() - began
+    return seconds / steps, tokens / seconds

@@ -7,36 +7,13 @@ slots per step), and data preparation time (tokenize + pack) against dataset siz
 import argparse
 import time
 
-import torch
-from omegaconf import OmegaConf
+from report import micro_batch_rate
 
 from lmtune.config import load
 from lmtune.data import pack, read_split, tokenize
-from lmtune.modeling import add_lora, load_for_training, load_tokenizer
-from lmtune.training import batch_maker
+from lmtune.modeling import load_tokenizer
 
 TOKENS_PER_STEP = 2048
-
-
-def tokens_per_second(max_length: int, steps: int) -> float:
-    """Packed rows of 2 x max_length, as many as hold TOKENS_PER_STEP slots; one untimed warm-up step."""
-    cfg = load([f"data.max_length={max_length}", f"train.pack_length={2 * max_length}",
-                f"train.batch_size={TOKENS_PER_STEP // max_length}"])  # fmt: skip
-    tokenizer = load_tokenizer(cfg.paths.base)
-    seqs = tokenize(read_split(cfg.paths.processed, "train"), tokenizer, max_length)
-    model = add_lora(load_for_training(cfg.paths.base, cfg.quant, False), cfg.lora, 0)
-    model.train()
-    next_batch = batch_maker(seqs, OmegaConf.merge(cfg, {"seed": 0}), tokenizer.pad_token_id)
-    tokens, began = 0, 0.0
-    for index in range(steps + 1):
-        if index == 1:
-            began = time.perf_counter()
-        batch, useful = next_batch(index)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            model(**batch, use_cache=False).loss.backward()
-        model.zero_grad(set_to_none=True)
-        tokens += useful if index else 0
-    return tokens / (time.perf_counter() - began)
 
 
 def main() -> None:
@@ -48,7 +25,10 @@ def main() -> None:
         "|---|---|",
     ]
     for max_length in (128, 256, 512):
-        lines.append(f"| {max_length} | {tokens_per_second(max_length, args.steps):.0f} |")
+        # packed rows of 2 x max_length, as many as hold TOKENS_PER_STEP slots
+        overrides = [f"data.max_length={max_length}", f"train.pack_length={2 * max_length}",
+                     f"train.batch_size={TOKENS_PER_STEP // max_length}"]  # fmt: skip
+        lines.append(f"| {max_length} | {micro_batch_rate(overrides, True, args.steps)[1]:.0f} |")
         print(lines[-1], flush=True)
 
     cfg = load()
