@@ -13,13 +13,15 @@ from report import micro_batch_rate
 VARIANTS = [
     (
         "padded batches, fp32 adapters, LoRA dropout 0.05",
-        ["train.packing=false", "lora.lora_dropout=0.05"],
+        ["train.packing=false", "lora.lora_dropout=0.05", "train.chunked_loss=false"],
         False,
     ),
-    ("+ LoRA dropout 0", ["train.packing=false"], False),
-    ("+ bf16 autocast for the adapters", ["train.packing=false"], True),
-    ("+ packing, rows of 256", ["train.pack_length=256"], True),
-    ("+ packing, rows of 512 (lmtune's default)", [], True),
+    ("+ LoRA dropout 0", ["train.packing=false", "train.chunked_loss=false"], False),
+    ("+ bf16 autocast for the adapters", ["train.packing=false", "train.chunked_loss=false"], True),
+    ("+ packing, rows of 256", ["train.pack_length=256", "train.attention=sdpa", "train.chunked_loss=false"], True),
+    ("+ packing, rows of 512", ["train.attention=sdpa", "train.chunked_loss=false"], True),
+    ("+ per-passage (varlen) attention", ["train.chunked_loss=false"], True),
+    ("+ chunked head and loss (lmtune's default)", [], True),
     ("same + gradient checkpointing", ["train.gradient_checkpointing=true"], True),
 ]
 

@@ -34,7 +34,7 @@ def micro_batch_rate(overrides: list[str], autocast: bool, steps: int) -> tuple[
     from lmtune.config import load
     from lmtune.data import read_split, tokenize
     from lmtune.modeling import add_lora, load_for_training, load_tokenizer
-    from lmtune.training import batch_maker
+    from lmtune.training import batch_maker, micro_batch_loss, prepare_model
 
     cfg = load(overrides)
     tokenizer = load_tokenizer(cfg.paths.base)
@@ -43,6 +43,7 @@ def micro_batch_rate(overrides: list[str], autocast: bool, steps: int) -> tuple[
         load_for_training(cfg.paths.base, cfg.quant, cfg.train.gradient_checkpointing), cfg.lora, 0
     )
     model.train()
+    prepare_model(model, cfg.train)
     next_batch = batch_maker(seqs, OmegaConf.merge(cfg, {"seed": 0}), tokenizer.pad_token_id)
     context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
     tokens, began = 0, 0.0
@@ -51,7 +52,7 @@ def micro_batch_rate(overrides: list[str], autocast: bool, steps: int) -> tuple[
             began = time.perf_counter()
         batch, useful = next_batch(index)
         with context():
-            model(**batch, use_cache=False).loss.backward()
+            micro_batch_loss(model, batch, cfg.train).backward()
         model.zero_grad(set_to_none=True)
         tokens += useful if index else 0
     seconds = time.perf_counter() - began

@@ -118,6 +118,8 @@ class Train:
     gradient_checkpointing: bool = False
     packing: bool = True
     pack_length: int = 512
+    attention: str = "varlen"
+    chunked_loss: bool = True
     threads: int | None = None
 
 
@@ -248,6 +250,9 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
     if cfg.train.packing and cfg.train.pack_length < cfg.data.max_length:
         problems.append(f"train.pack_length={cfg.train.pack_length}: must be at least data.max_length="
                         f"{cfg.data.max_length} so every passage fits a packed row")  # fmt: skip
+    if cfg.train.attention not in ("varlen", "sdpa"):
+        problems.append(f"train.attention={cfg.train.attention}: use varlen (each packed passage attends "
+                        "to itself) or sdpa (transformers' block-diagonal mask over the whole row)")  # fmt: skip
     fractions = cfg.data.validation_fraction + cfg.data.test_fraction
     if not (0 < cfg.data.validation_fraction and 0 < cfg.data.test_fraction and fractions < 1):
         problems.append("data.validation_fraction + data.test_fraction: each must be > 0 and together < 1")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from lmtune.data import batch_indices, collate, collate_rows, pack, rows_per_batch
+from lmtune.kernels import chunked_cross_entropy, packed_segments, register_varlen_attention
 from lmtune.modeling import device, lora_state, resolve_dtype
 
 
@@ -151,6 +152,27 @@ def batch_maker(train_seqs: list[list[int]], cfg: DictConfig, pad_id: int):
     return padded
 
 
+def prepare_model(model, tc: DictConfig) -> None:
+    """Packed rows get per-passage (varlen) attention when train.attention=varlen."""
+    if tc.packing and tc.attention == "varlen":
+        model.get_base_model().set_attn_implementation(register_varlen_attention())
+
+
+def micro_batch_loss(model, batch: dict, tc: DictConfig) -> torch.Tensor:
+    """Mean next-token loss of one micro-batch. Packed rows pass their passage boundaries down to
+    the attention; with train.chunked_loss a frozen plain head computes its loss in chunks.
+    No KV cache: with one, transformers ignores the packed positions and rows attend across."""
+    extra = packed_segments(batch["position_ids"]) if "position_ids" in batch else {}
+    base = model.get_base_model()
+    head = base.get_output_embeddings()
+    plain_head = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+    if tc.chunked_loss and plain_head and getattr(base.config, "final_logit_softcapping", None) is None:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        hidden = base.base_model(**inputs, use_cache=False, **extra).last_hidden_state
+        return chunked_cross_entropy(hidden, head.weight, batch["labels"])
+    return model(**batch, use_cache=False, **extra).loss
+
+
 def train(
     model,
     train_seqs: list[list[int]],
@@ -177,6 +199,7 @@ def train(
         print(f"resuming from {checkpoint} (step {resumed_from} of {tc.max_steps})")
 
     next_batch = batch_maker(train_seqs, cfg, pad_id)
+    prepare_model(model, tc)
     # LoRA weights stay fp32 for the optimizer while the base computes in bf16. Under autocast the
     # adapter matmuls run in bf16 too, and peft skips casting every layer's whole input to fp32 and
     # back (measured 1.3x per step on this CPU). fp16 would need a gradient scaler: not autocast.
@@ -192,9 +215,8 @@ def train(
         for micro in range(tc.grad_accum):
             batch, useful = next_batch(step * tc.grad_accum + micro)
             batch = {k: v.to(device()) for k, v in batch.items()}
-            # no KV cache: with one, transformers ignores the packed positions and lets rows attend across
             with autocast:
-                loss = model(**batch, use_cache=False).loss
+                loss = micro_batch_loss(model, batch, tc)
             (loss / tc.grad_accum).backward()
             loss_sum += loss.item()
             tokens += useful  # padding never counts

@@ -1,0 +1,116 @@
+"""The hand-written training paths give what transformers' own paths give, in fp32."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from lmtune.config import Config
+from lmtune.data import collate_packed
+from lmtune.kernels import chunked_cross_entropy, packed_segments, varlen_attention
+from lmtune.modeling import add_lora, load_for_training
+from lmtune.training import micro_batch_loss, prepare_model
+
+
+class Attention(torch.nn.Module):
+    """What an attention function reads from its module."""
+
+    is_causal = True
+    num_key_value_groups = 3
+
+
+def packed_position_ids(lengths_per_row):
+    return torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths_per_row])
+
+
+def block_causal_mask(position_ids):
+    passage = (position_ids == 0).cumsum(1)
+    length = position_ids.shape[1]
+    same = passage[:, :, None] == passage[:, None, :]
+    return (same & torch.ones(length, length, dtype=torch.bool).tril())[:, None]
+
+
+def test_varlen_attention_equals_a_block_diagonal_causal_mask_with_gradients():
+    torch.manual_seed(0)
+    # passages that straddle the 32-token groups, one of a single token, grouped query heads
+    position_ids = packed_position_ids([[40, 1, 23, 32], [96]])
+    q = torch.randn(2, 6, 96, 16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 96, 16, requires_grad=True) for _ in range(2))
+    grad = torch.randn(2, 96, 6, 16)
+
+    out, _ = varlen_attention(Attention(), q, k, v, None, scaling=0.25, **packed_segments(position_ids))
+    out.backward(grad)
+    got = [out.detach(), q.grad, k.grad, v.grad]
+    for t in (q, k, v):
+        t.grad = None
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(position_ids), scale=0.25,
+                                         enable_gqa=True).transpose(1, 2)  # fmt: skip
+    ref.backward(grad)
+    for mine, theirs in zip(got, [ref.detach(), q.grad, k.grad, v.grad]):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_varlen_attention_without_passage_boundaries_is_transformers_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 10, 16), torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 16)
+    mask = torch.ones(2, 1, 10, 10, dtype=torch.bool).tril()
+    mask[1, :, :, 7:] = False  # padding
+    mine, _ = varlen_attention(Attention(), q, k, v, mask, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(Attention(), q, k, v, mask, scaling=0.25)
+    torch.testing.assert_close(mine, theirs)
+
+
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_chunked_cross_entropy_equals_the_full_loss_and_its_gradient(chunk):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 20, 8, requires_grad=True)
+    weight = torch.randn(50, 8)
+    labels = torch.randint(0, 50, (3, 20))
+    labels[0, :5] = -100  # unscored positions
+    labels[2, 11:] = -100
+
+    mine = chunked_cross_entropy(hidden, weight, labels, chunk)
+    (2 * mine).backward()
+    got = hidden.grad
+    hidden.grad = None
+    logits = hidden @ weight.T
+    theirs = F.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100)
+    (2 * theirs).backward()
+    torch.testing.assert_close(mine, theirs)
+    torch.testing.assert_close(got, hidden.grad)
+
+
+def test_chunked_cross_entropy_refuses_a_trainable_head():
+    with pytest.raises(ValueError, match="freeze"):
+        chunked_cross_entropy(torch.randn(1, 4, 8), torch.randn(50, 8, requires_grad=True),
+                              torch.zeros(1, 4, dtype=torch.long))  # fmt: skip
+
+
+def test_lmtune_micro_batch_loss_equals_transformers_loss_on_packed_rows(tiny_base, tiny_seqs, smoke_cfg):
+    """The whole model, fp32: varlen attention + chunked loss vs sdpa's block mask + model(...).loss,
+    same loss and same LoRA gradients."""
+    seqs, tokenizer = tiny_seqs
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), smoke_cfg,
+                          {"quant": {"bits": 16, "bnb_4bit_compute_dtype": "fp32"}})  # fmt: skip
+    batch = collate_packed(seqs[:9], tokenizer.pad_token_id, 128)
+    assert int((batch["position_ids"] == 0).sum()) > batch["position_ids"].shape[0]  # really packed
+
+    def loss_and_grads(train_overrides):
+        tc = OmegaConf.merge(cfg.train, train_overrides)
+        model = add_lora(load_for_training(tiny_base, cfg.quant, False), cfg.lora, cfg.seed)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: make the adapters do something
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+        prepare_model(model, tc)
+        loss = micro_batch_loss(model, batch, tc)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    fast_loss, fast = loss_and_grads({"attention": "varlen", "chunked_loss": True})
+    plain_loss, plain = loss_and_grads({"attention": "sdpa", "chunked_loss": False})
+    torch.testing.assert_close(fast_loss, plain_loss)
+    assert fast.keys() == plain.keys() and len(fast) > 0
+    for name in fast:
+        torch.testing.assert_close(fast[name], plain[name], atol=1e-6, rtol=1e-4, msg=name)
