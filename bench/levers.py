@@ -18,7 +18,11 @@ VARIANTS = [
     ),
     ("+ LoRA dropout 0", ["train.packing=false", "train.chunked_loss=false"], False),
     ("+ bf16 autocast for the adapters", ["train.packing=false", "train.chunked_loss=false"], True),
-    ("+ packing, rows of 256", ["train.pack_length=256", "train.attention=sdpa", "train.chunked_loss=false"], True),
+    (
+        "+ packing, rows of 256",
+        ["train.pack_length=256", "train.attention=sdpa", "train.chunked_loss=false"],
+        True,
+    ),
     ("+ packing, rows of 512", ["train.attention=sdpa", "train.chunked_loss=false"], True),
     ("+ per-passage (varlen) attention", ["train.chunked_loss=false"], True),
     ("+ chunked head and loss (lmtune's default)", [], True),

@@ -54,7 +54,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     scaling = dim**-0.5 if scaling is None else scaling
     flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value)]
     bounds = cu_seq_lens_q.tolist()
-    spans = list(zip(bounds[:-1], bounds[1:]))
+    spans = list(zip(bounds[:-1], bounds[1:], strict=True))
     # Passages of one padded width run together: rounding up to 32 tokens wastes little compute
     # and keeps the number of small matmuls down.
     widths = [-(-(end - start) // 32) * 32 for start, end in spans]
@@ -97,7 +97,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             # scale is applied after the matmul, on [rows, d] instead of [rows, vocab]
             probs = log_probs.exp_()
             probs[torch.arange(len(target)), target] -= 1
-            grad_hidden[rows] = ((probs.to(hidden.dtype) @ weight).float() * (keep / count)[:, None]).to(hidden.dtype)
+            scale = (keep / count)[:, None]
+            grad_hidden[rows] = ((probs.to(hidden.dtype) @ weight).float() * scale).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden)
         return total / count
 

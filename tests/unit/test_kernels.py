@@ -46,7 +46,7 @@ def test_varlen_attention_equals_a_block_diagonal_causal_mask_with_gradients():
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(position_ids), scale=0.25,
                                          enable_gqa=True).transpose(1, 2)  # fmt: skip
     ref.backward(grad)
-    for mine, theirs in zip(got, [ref.detach(), q.grad, k.grad, v.grad]):
+    for mine, theirs in zip(got, [ref.detach(), q.grad, k.grad, v.grad], strict=True):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
 
 
