@@ -233,8 +233,8 @@ def batch_indices(n: int, batch_size: int, seed: int, index: int) -> list[int]:
 def pack(seqs: list[list[int]], capacity: int) -> list[list[list[int]]]:
     """Best-fit-decreasing packing of whole sequences into rows of at most `capacity` tokens.
 
-    Rows are found through a free-space index, so packing a whole split stays O(n x capacity)
-    and takes well under a second for tens of thousands of passages.
+    Rows are found through a free-space index, so packing stays O(n x capacity) even for a
+    whole split of tens of thousands of passages.
     """
     rows: list[list[list[int]]] = []
     rows_by_free: list[list[int]] = [[] for _ in range(capacity + 1)]  # free tokens → row numbers
@@ -253,10 +253,10 @@ def pack(seqs: list[list[int]], capacity: int) -> list[list[list[int]]]:
 
 
 def collate_rows(rows: list[list[list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Packed rows to tensors, sequences kept apart: positions restart at 0 for each sequence,
-    so transformers builds a block-diagonal causal mask (no attention across boundaries), and no
-    sequence's first token is predicted from the previous one's end. Same targets as `collate`,
-    with far less padding."""
+    """Packed rows to tensors, sequences kept apart: positions restart at 0 for each sequence, so
+    attention never crosses a boundary (transformers' sdpa builds a block-diagonal causal mask;
+    lmtune's varlen attention runs each sequence on its own), and no sequence's first token is
+    predicted from the previous one's end. Same targets as `collate`, with no or little padding."""
     width = max(sum(len(s) for s in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -276,9 +276,3 @@ def collate_rows(rows: list[list[list[int]]], pad_id: int) -> dict[str, torch.Te
 def collate_packed(seqs: list[list[int]], pad_id: int, capacity: int) -> dict[str, torch.Tensor]:
     """`seqs` packed into as few rows of `capacity` tokens as fit them (see `collate_rows`)."""
     return collate_rows(pack(seqs, capacity), pad_id)
-
-
-def rows_per_batch(batch_size: int, max_length: int, pack_length: int) -> int:
-    """A packed micro-batch holds as many token slots as a padded one at full length
-    (batch_size x max_length), so switching packing on or off keeps the compute per step."""
-    return max(1, batch_size * max_length // pack_length)

@@ -1,9 +1,9 @@
 """Two training paths written by hand because no installed library has them on CPU.
 
 - `varlen_attention`: attention over packed rows, one causal block per passage. transformers'
-  sdpa path builds a dense block-diagonal mask over the whole 512-token row, so most of the work
-  is masked out; flash-attn's varlen kernels are CUDA-only. Here the passages of a micro-batch are
-  grouped by length and each group runs causal attention on its own.
+  sdpa path builds a dense block-diagonal mask over the whole packed row, so most of the work
+  is masked out; flash-attn's varlen kernels are CUDA-only. Here each passage runs causal
+  attention on its own.
 - `chunked_cross_entropy`: the language-model head and its loss over a few hundred tokens at a
   time, with the gradient computed on the way (what Liger's fused linear cross-entropy does on
   GPUs with Triton). The fp32 logits of a whole micro-batch (2,048 x 49,152 floats, 400 MB, plus
@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 VARLEN = "lmtune_varlen"  # the attention implementation's name in transformers' registry
 
@@ -30,14 +29,15 @@ def packed_segments(position_ids: torch.Tensor) -> dict:
 
 
 def _causal_attention(q, k, v, scaling: float) -> torch.Tensor:
-    """Causal attention on [n, h, w, d] queries and [n, kv, w, d] keys/values (grouped heads)."""
-    n, heads, width, dim = q.shape
-    groups = k.shape[1]
-    q = q.reshape(n, groups, heads // groups * width, dim)  # the heads sharing a key: one matmul
-    scores = (q @ k.transpose(-1, -2)).view(n, groups, heads // groups, width, width) * scaling
-    scores = scores.masked_fill(torch.ones(width, width, dtype=torch.bool).triu(1), float("-inf"))
-    probs = torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype)
-    return (probs.view(n, groups, heads // groups * width, width) @ v).view(n, heads, width, dim)
+    """Causal attention of one passage: q [h, l, d], k and v [kv, l, d] (grouped heads) → [h, l, d]."""
+    heads, length, dim = q.shape
+    groups = k.shape[0]
+    # each key head serves heads // groups query heads: broadcast instead of copying k and v
+    q = (q * scaling).view(groups, heads // groups, length, dim)
+    scores = q @ k.unsqueeze(1).transpose(-1, -2)
+    scores = scores.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
+    # softmax accumulates in fp32 inside the kernel even for bf16 scores
+    return (torch.softmax(scores, -1) @ v.unsqueeze(1)).view(heads, length, dim)
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -52,24 +52,16 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
                                       dropout=dropout, **kwargs)  # fmt: skip
     batch, heads, length, dim = query.shape
     scaling = dim**-0.5 if scaling is None else scaling
-    flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value)]
     bounds = cu_seq_lens_q.tolist()
-    spans = list(zip(bounds[:-1], bounds[1:], strict=True))
-    # Passages of one padded width run together: rounding up to 32 tokens wastes little compute
-    # and keeps the number of small matmuls down.
-    widths = [-(-(end - start) // 32) * 32 for start, end in spans]
-    pieces = [None] * len(spans)
-    for width in sorted(set(widths)):
-        members = [i for i, w in enumerate(widths) if w == width]
-
-        def group(t, members=members, width=width):
-            return torch.stack([F.pad(t[s:e], (0, 0, 0, 0, 0, width - (e - s))) for s, e in
-                                (spans[i] for i in members)]).transpose(1, 2)  # fmt: skip
-
-        out = _causal_attention(*(group(t) for t in flat), scaling).transpose(1, 2)
-        for j, i in enumerate(members):  # padding sits after each passage: causal, so unseen
-            pieces[i] = out[j, : spans[i][1] - spans[i][0]]
-    return torch.cat(pieces).view(batch, length, heads, dim), None
+    pieces = []
+    # One passage at a time, on views of its rows: a micro-batch holds a few passages, so the
+    # loop is short, and nothing is padded or gathered.
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        row, offset = divmod(start, length)
+        span = slice(offset, offset + end - start)
+        pieces.append(_causal_attention(query[row, :, span], key[row, :, span], value[row, :, span], scaling))
+    out = torch.cat(pieces, 1).view(heads, batch, length, dim)
+    return out.permute(1, 2, 0, 3), None
 
 
 def register_varlen_attention() -> str:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from lmtune.data import batch_indices, collate, collate_rows, pack, rows_per_batch
+from lmtune.data import batch_indices, collate, collate_rows, pack
 from lmtune.kernels import chunked_cross_entropy, packed_segments, register_varlen_attention
 from lmtune.modeling import device, lora_state, resolve_dtype
 
@@ -133,23 +133,25 @@ def _check_gradients(model, step: int) -> None:
 
 def batch_maker(train_seqs: list[list[int]], cfg: DictConfig, pad_id: int):
     """index → (micro-batch tensors, useful tokens): a pure function of (seed, index), so a resumed
-    run sees the same data. Packing packs the whole split once into rows of train.pack_length."""
+    run sees the same data. Packed or padded, a micro-batch holds the same train.batch_size
+    passages; packing only removes the padding. With varlen attention, whose cost does not depend
+    on row length, they go in one row; the sdpa path packs them into rows of train.pack_length to
+    bound its dense mask."""
     tc = cfg.train
-    if tc.packing:
-        rows = pack(train_seqs, tc.pack_length)
-        per_batch = rows_per_batch(tc.batch_size, cfg.data.max_length, tc.pack_length)
 
-        def packed(index: int) -> tuple[dict, int]:
-            picked = [rows[i] for i in batch_indices(len(rows), per_batch, cfg.seed, index)]
-            return collate_rows(picked, pad_id), sum(len(s) for row in picked for s in row)
+    def passages(index: int) -> list[list[int]]:
+        return [train_seqs[i] for i in batch_indices(len(train_seqs), tc.batch_size, cfg.seed, index)]
 
-        return packed
+    def packed(index: int) -> tuple[dict, int]:
+        picked = passages(index)
+        rows = [picked] if tc.attention == "varlen" else pack(picked, tc.pack_length)
+        return collate_rows(rows, pad_id), sum(len(s) for s in picked)
 
     def padded(index: int) -> tuple[dict, int]:
-        picked = [train_seqs[i] for i in batch_indices(len(train_seqs), tc.batch_size, cfg.seed, index)]
+        picked = passages(index)
         return collate(picked, pad_id), sum(len(s) for s in picked)
 
-    return padded
+    return packed if tc.packing else padded
 
 
 def prepare_model(model, tc: DictConfig) -> None:

@@ -159,23 +159,25 @@ def test_packing_a_whole_split_fills_rows_and_rejects_what_cannot_fit():
         pack([[0] * 300], capacity=256)
 
 
-def test_packed_micro_batches_are_reproducible_and_cover_the_split_once_per_epoch():
+@pytest.mark.parametrize("attention, rows", [("varlen", 1), ("sdpa", 2)])
+def test_packed_micro_batches_hold_the_passages_of_padded_ones_without_padding(attention, rows):
     from lmtune.training import batch_maker
 
     seqs = [[i + 1] * (5 + i % 20) for i in range(200)]
-    cfg = OmegaConf.create({"seed": 3, "data": {"max_length": 32},
-                            "train": {"packing": True, "pack_length": 64, "batch_size": 4}})  # fmt: skip
-    first, again = batch_maker(seqs, cfg, pad_id=0), batch_maker(seqs, cfg, pad_id=0)
-    batches = [first(i) for i in range(40)]
-    assert all(b["input_ids"].shape[0] == 2 for b, _ in batches)  # 4 x 32 slots = 2 rows of 64
-    assert torch.equal(again(7)[0]["input_ids"], batches[7][0]["input_ids"])  # a resume sees the same
-    rows = pack(seqs, 64)
-    epoch = batches[: len(rows) // 2]  # one epoch: every row once (an odd one out waits)
-    tokens = torch.cat([b["input_ids"].flatten() for b, _ in epoch])
-    counts = Counter(t for t in tokens.tolist() if t != 0)
-    assert all(counts[i + 1] == len(seqs[i]) for i in range(200) if i + 1 in counts)  # whole, once
-    assert len(counts) >= 200 - max(len(row) for row in rows)
-    assert sum(useful for _, useful in epoch) == sum(counts.values())  # padding is not counted
+    cfg = OmegaConf.create({"seed": 3, "train": {"packing": True, "pack_length": 64, "batch_size": 4,
+                                                 "attention": attention}})  # fmt: skip
+    packed, again = batch_maker(seqs, cfg, pad_id=0), batch_maker(seqs, cfg, pad_id=0)
+    padded = batch_maker(seqs, OmegaConf.merge(cfg, {"train": {"packing": False}}), pad_id=0)
+    for index in range(40):
+        (batch, useful), (plain, plain_useful) = packed(index), padded(index)
+        assert Counter(batch["input_ids"].flatten().tolist()) - Counter({0: 10**6}) == Counter(
+            plain["input_ids"].flatten().tolist()
+        ) - Counter({0: 10**6})  # the same passages, whole
+        assert useful == plain_useful == int(plain["attention_mask"].sum())  # padding is not counted
+        assert batch["input_ids"].shape[0] <= rows  # one row (varlen), or best-fit rows of 64 (sdpa)
+        if attention == "varlen":
+            assert batch["input_ids"].numel() == useful  # no padding at all
+    assert torch.equal(again(7)[0]["input_ids"], packed(7)[0]["input_ids"])  # a resume sees the same
 
 
 def test_packed_batch_gives_the_same_logits_and_loss_as_padded(tiny_base, tiny_seqs):
