@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help setup run params repro eval ui test test-slow lint format clean bench sweep compare plots
+.PHONY: help setup run params repro eval ui test test-slow lint format clean bench gpu-check sweep compare plots
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -85,3 +85,6 @@ bench: setup  ## the usual QLoRA recipe vs lmtune, side by side (STEPS=10): metr
 	$(PY) -m lmtune.config --keep
 	dvc repro prepare
 	$(PY) bench/run.py --steps $(or $(STEPS),10)
+
+gpu-check:  ## the GPU half of the benchmark, on a CUDA machine: Llama-2-7B shape, random weights
+	bash bench/gpu_check.sh

@@ -38,6 +38,65 @@ class CountingCollator(DataCollatorForLanguageModeling):
         return batch
 
 
+def load_usual(path, dtype: torch.dtype, lora) -> torch.nn.Module:
+    """The base in NF4 with double quantization, prepared for k-bit training (gradient
+    checkpointing), with LoRA on every linear layer."""
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        ),
+    )
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),  # fmt: skip
+    )
+
+
+def train_usual(
+    model, tokenizer, train_seqs, train, steps: int, seed: int, dtype: torch.dtype
+) -> tuple[int, float]:
+    """HF Trainer over padded batches for `steps` steps: (useful tokens, seconds)."""
+    CountingCollator.useful_tokens = 0
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(
+                output_dir=out,
+                per_device_train_batch_size=train.batch_size,
+                gradient_accumulation_steps=train.grad_accum,
+                max_steps=steps,
+                learning_rate=train.lr,
+                lr_scheduler_type="cosine",
+                warmup_steps=train.warmup_steps,
+                bf16=dtype == torch.bfloat16,
+                use_cpu=not torch.cuda.is_available(),
+                logging_steps=1,
+                save_strategy="no",
+                report_to=[],
+                seed=seed,
+                disable_tqdm=False,
+            ),
+            train_dataset=[{"input_ids": s} for s in train_seqs],
+            data_collator=CountingCollator(tokenizer, mlm=False),
+        )
+        began = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - began
+    return CountingCollator.useful_tokens, seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, required=True)
@@ -48,58 +107,13 @@ def main() -> None:
     tokenizer = load_tokenizer(cfg.paths.base)
     train_seqs = tokenize(read_split(cfg.paths.processed, "train"), tokenizer, cfg.data.max_length)
     val_seqs = tokenize(read_split(cfg.paths.processed, "validation"), tokenizer, cfg.data.max_length)
-
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.paths.base,
-        dtype=dtype,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        ),
-    )
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.lora_alpha,
-            lora_dropout=cfg.lora.lora_dropout,
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        ),  # fmt: skip
-    )
-    with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(
-            model=model,
-            args=TrainingArguments(
-                output_dir=out,
-                per_device_train_batch_size=cfg.train.batch_size,
-                gradient_accumulation_steps=cfg.train.grad_accum,
-                max_steps=args.steps,
-                learning_rate=cfg.train.lr,
-                lr_scheduler_type="cosine",
-                warmup_steps=cfg.train.warmup_steps,
-                bf16=dtype == torch.bfloat16,
-                use_cpu=not torch.cuda.is_available(),
-                logging_steps=1,
-                save_strategy="no",
-                report_to=[],
-                seed=cfg.seed,
-                disable_tqdm=False,
-            ),
-            train_dataset=[{"input_ids": s} for s in train_seqs],
-            data_collator=CountingCollator(tokenizer, mlm=False),
-        )
-        began = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - began
+    model = load_usual(cfg.paths.base, dtype, cfg.lora)
+    useful, seconds = train_usual(model, tokenizer, train_seqs, cfg.train, args.steps, cfg.seed, dtype)
     val = validation_loss(
         model, val_seqs, cfg.train.batch_size, cfg.train.eval_batches, tokenizer.pad_token_id
     )
     write_side(args.out, "baseline (HF Trainer + NF4 + checkpointing + padding)", args.steps,
-               CountingCollator.useful_tokens, seconds, val)  # fmt: skip
+               useful, seconds, val)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -25,9 +25,10 @@ def write_side(out: str, side: str, steps: int, useful_tokens: int, seconds: flo
     return result
 
 
-def micro_batch_rate(overrides: list[str], autocast: bool, steps: int) -> tuple[float, float]:
+def micro_batch_rate(overrides: list[str], autocast: bool, steps: int, join: int = 1) -> tuple[float, float]:
     """(seconds, useful tokens/s) of one forward + backward per lmtune micro-batch on the configured
-    model; the first micro-batch pays one-off costs (allocations, kernel selection) and is not timed."""
+    model; the first micro-batch pays one-off costs (allocations, kernel selection) and is not timed.
+    `join` > 1 makes longer sequences: that many consecutive passages, cut at data.max_length."""
     import torch
     from omegaconf import OmegaConf
 
@@ -39,6 +40,8 @@ def micro_batch_rate(overrides: list[str], autocast: bool, steps: int) -> tuple[
     cfg = load(overrides)
     tokenizer = load_tokenizer(cfg.paths.base)
     seqs = tokenize(read_split(cfg.paths.processed, "train"), tokenizer, cfg.data.max_length)
+    if join > 1:
+        seqs = [sum(seqs[i : i + join], [])[: cfg.data.max_length] for i in range(0, len(seqs), join)]
     model = add_lora(
         load_for_training(cfg.paths.base, cfg.quant, cfg.train.gradient_checkpointing), cfg.lora, 0
     )

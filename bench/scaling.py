@@ -1,44 +1,45 @@
-"""How training time grows on this machine: useful tokens/s against sequence length (same token
-slots per step), and data preparation time (tokenize + pack) against dataset size.
+"""How training time grows on this machine: useful tokens/s against sequence length (about the
+same number of tokens per step), and data preparation time (tokenizing) against dataset size.
 
     python bench/scaling.py --steps 3     # about 4 minutes on 2 cores; prints two Markdown tables
 """
 
 import argparse
+import math
 import time
 
 from report import micro_batch_rate
 
 from lmtune.config import load
-from lmtune.data import pack, read_split, tokenize
+from lmtune.data import read_split, tokenize
 from lmtune.modeling import load_tokenizer
 
 TOKENS_PER_STEP = 2048
+PASSAGE_TOKENS = 156  # the default data's mean passage length
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
-    lines = [
-        f"| max_length (rows of 2x) | useful tokens/s ({TOKENS_PER_STEP} token slots per step) |",
-        "|---|---|",
-    ]
-    for max_length in (128, 256, 512):
-        # packed rows of 2 x max_length, as many as hold TOKENS_PER_STEP slots
-        overrides = [f"data.max_length={max_length}", f"train.pack_length={2 * max_length}",
-                     f"train.batch_size={TOKENS_PER_STEP // max_length}"]  # fmt: skip
-        lines.append(f"| {max_length} | {micro_batch_rate(overrides, True, args.steps)[1]:.0f} |")
+    lines = ["| sequence length | sequences per step | useful tokens/s |", "|---|---|---|"]
+    for length in (128, 256, 512, 1024):
+        # sequences of `length` tokens: consecutive passages joined, then cut
+        join = math.ceil(length / PASSAGE_TOKENS) + 1
+        per_step = TOKENS_PER_STEP // length
+        overrides = [f"data.max_length={length}", f"train.batch_size={per_step}",
+                     f"train.pack_length={max(512, length)}"]  # fmt: skip
+        rate = micro_batch_rate(overrides, True, args.steps, join=join)[1]
+        lines.append(f"| {length} | {per_step} | {rate:.0f} |")
         print(lines[-1], flush=True)
 
     cfg = load()
     tokenizer = load_tokenizer(cfg.paths.base)
     texts = read_split(cfg.paths.processed, "train")
-    lines += ["", "| training passages | tokenize + pack s | tokens |", "|---|---|---|"]
+    lines += ["", "| training passages | tokenize s | tokens |", "|---|---|---|"]
     for n in (len(texts) // 8, len(texts) // 2, len(texts)):
         began = time.perf_counter()
         seqs = tokenize(texts[:n], tokenizer, cfg.data.max_length)
-        pack(seqs, cfg.train.pack_length)
         lines.append(f"| {n} | {time.perf_counter() - began:.2f} | {sum(map(len, seqs))} |")
     print("\n".join(["", *lines]))
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The GPU half of `make bench` (see bench/gpu_check.py): on a CUDA machine, in the repo root,
+#   bash bench/gpu_check.sh [--steps N] [--out metrics/gpu_check.json]
+# On a machine without lmtune's environment (the lent GPU machine has torch, transformers and peft),
+# carry wheels in .whl/ (bitsandbytes, omegaconf, antlr4-python3-runtime): they are installed first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+exec timeout 480 python3 bench/gpu_check.py "$@"
