@@ -103,8 +103,8 @@ def main() -> None:
     results.write_text(
         f"# Benchmark results\n\n`python bench/run.py --steps {args.steps}` (`make bench`), "
         f"{time.strftime('%Y-%m-%d')}.\n\nMachine: {report['machine']}. bf16 2048² matmul: {peak:.0f} GFLOP/s.\n"
-        f"Model {report['model']}, batch {report['batch_size']}, max {report['max_length']} tokens (packed rows of "
-        f"{params['train']['pack_length']}), "
+        f"Model {report['model']}, batch {report['batch_size']} passages, max {report['max_length']} tokens "
+        f"(lmtune packs them with {params['train']['attention']} attention), "
         f"LoRA r{params['lora']['r']} all-linear (dropout {params['lora']['lora_dropout']}), NF4 + double quantization. "
         f"The baseline trains {args.steps} steps; each lmtune side trains as many steps as the same budget of "
         "useful tokens needs.\n\n"
