@@ -18,7 +18,7 @@ import pandas as pd
 
 from lmtune.artifacts import write_text
 
-COLUMNS = {  # column → (source, key)
+COLUMNS = {  # column → (source, key); "metric_sum" adds up every metric whose name starts with key
     "experiment": ("tag", "dvc_experiment"),
     "model": ("param", "model.name"),
     "r": ("param", "lora.r"),
@@ -33,7 +33,7 @@ COLUMNS = {  # column → (source, key)
     "tokens/s": ("metric", "train.tokens_per_second"),
     "adapter MB": ("metric", "train.adapter_mb"),
     "train s": ("metric", "train.train_seconds"),
-    "wall s": ("metric", "wall_seconds"),  # finetune to sample, summed over the stages
+    "wall s": ("metric_sum", "wall_seconds."),  # each stage's, finetune to sample
 }
 
 
@@ -53,10 +53,12 @@ def collect(client, experiment: str) -> tuple[pd.DataFrame, list[dict]]:
             continue
         row = {"run_id": run.info.run_id, "run": run.info.run_name}
         for column, (kind, key) in COLUMNS.items():
+            if kind == "metric_sum":
+                parts = [v for name, v in run.data.metrics.items() if name.startswith(key)]
+                row[column] = sum(parts) if parts else None
+                continue
             source = {"tag": run.data.tags, "param": run.data.params, "metric": run.data.metrics}[kind]
             row[column] = source.get(key)
-        stage_seconds = [v for k, v in run.data.metrics.items() if k.startswith("wall_seconds.")]
-        row["wall s"] = sum(stage_seconds) if stage_seconds else None
         rows.append(row)
     frame = pd.DataFrame(rows)
     if not frame.empty:

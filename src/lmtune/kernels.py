@@ -6,8 +6,8 @@
   attention on its own.
 - `chunked_cross_entropy`: the language-model head and its loss over a few hundred tokens at a
   time, with the gradient computed on the way (what Liger's fused linear cross-entropy does on
-  GPUs with Triton). The fp32 logits of a whole micro-batch (2,048 x 49,152 floats, 400 MB, plus
-  as much again for their gradient) never exist at once.
+  GPUs with Triton). The fp32 logits of a whole micro-batch (8 passages: about 1,300 x 49,152
+  floats, 260 MB, plus as much again for their gradient) never exist at once.
 """
 
 from __future__ import annotations

@@ -247,6 +247,11 @@ def test_queued_sweep_lands_in_the_one_store_and_compares(repo):
     sh(sys.executable, "-m", "lmtune.comparison", cwd=dest)
     table = (dest / "metrics/sweep.md").read_text()
     assert table.count("| tiny_random |") >= 3
+    cells = [
+        [c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("|")
+    ]
+    wall = cells[0].index("wall s")  # every stage's wall time, summed per run
+    assert all(float(row[wall]) > 0 for row in cells[2:] if "tiny_random" in row)
     for name in ("quality_vs_rank.png", "quality_vs_memory.png", "loss_curves.png"):
         assert (dest / "metrics/plots" / name).read_bytes()[:4] == b"\x89PNG"
 
