@@ -78,8 +78,7 @@ def settings(args):
         {"quant": {"bits": 4, "bnb_4bit_compute_dtype": "bf16" if torch.cuda.is_available() else "auto"},
          "data": {"max_length": args.max_length},
          "train": {"max_steps": args.steps, "batch_size": args.batch_size, "warmup_steps": 1,
-                   "eval_every": 10**6, "checkpoint_every": 10**6, "eval_batches": 1,
-                   "pack_length": max(512, args.max_length)}},
+                   "eval_batches": 1, "pack_length": max(512, args.max_length)}},
     )  # fmt: skip
 
 
@@ -87,8 +86,7 @@ def run_side(args) -> None:
     from omegaconf import OmegaConf
     from report import write_side
 
-    from lmtune.modeling import add_lora, load_for_training, load_tokenizer, resolve_dtype
-    from lmtune.training import train
+    from lmtune.modeling import load_tokenizer, resolve_dtype
 
     cfg = settings(args)
     script_side, checkpointing = SIDES[args.side]
@@ -103,10 +101,10 @@ def run_side(args) -> None:
         model = load_usual(args.model_dir, dtype, cfg.lora)
         useful, seconds = train_usual(model, tokenizer, seqs, cfg.train, args.steps, cfg.seed, dtype)
     else:
+        from lmtune_side import train_lmtune
+
         cfg = OmegaConf.merge(cfg, {"train": {"gradient_checkpointing": checkpointing}})
-        model = add_lora(load_for_training(args.model_dir, cfg.quant, checkpointing), cfg.lora, cfg.seed)
-        with tempfile.TemporaryDirectory() as checkpoints:
-            result = train(model, seqs, val_seqs, cfg, Path(checkpoints), tokenizer.pad_token_id)
+        result = train_lmtune(args.model_dir, cfg, seqs, val_seqs, tokenizer.pad_token_id)
         useful, seconds = result["train_tokens"], result["train_seconds"]
     write_side(args.out, args.side, args.steps, useful, seconds, float("nan"))
 

@@ -14,7 +14,7 @@ from report import write_side
 from lmtune.config import load
 from lmtune.data import read_split, tokenize
 from lmtune.modeling import add_lora, load_for_training, load_tokenizer
-from lmtune.training import batch_maker, train, validation_loss
+from lmtune.training import batch_maker, train
 
 
 def steps_for_budget(train_seqs, cfg, pad_id: int, tokens: int) -> int:
@@ -24,6 +24,18 @@ def steps_for_budget(train_seqs, cfg, pad_id: int, tokens: int) -> int:
         seen += sum(next_batch(steps * cfg.train.grad_accum + m)[1] for m in range(cfg.train.grad_accum))
         steps += 1
     return steps
+
+
+def train_lmtune(model_path, cfg, train_seqs, val_seqs, pad_id: int) -> dict:
+    """train()'s result for a fresh LoRA on the base at `model_path`, with no mid-run validation
+    or checkpoints (the baseline does neither); its time is the optimizer steps' (`train_seconds`),
+    without the validation after the last step, which the baseline's timed trainer.train() lacks."""
+    cfg = OmegaConf.merge(cfg, {"train": {"eval_every": 10**6, "checkpoint_every": 10**6}})
+    model = add_lora(
+        load_for_training(model_path, cfg.quant, cfg.train.gradient_checkpointing), cfg.lora, cfg.seed
+    )
+    with tempfile.TemporaryDirectory() as checkpoints:
+        return train(model, train_seqs, val_seqs, cfg, Path(checkpoints), pad_id)
 
 
 def main() -> None:
@@ -37,25 +49,14 @@ def main() -> None:
     tokenizer = load_tokenizer(cfg.paths.base)
     train_seqs = tokenize(read_split(cfg.paths.processed, "train"), tokenizer, cfg.data.max_length)
     steps = args.steps or steps_for_budget(train_seqs, cfg, tokenizer.pad_token_id, args.tokens)
-    # no mid-run validation or checkpoints: the baseline does neither
-    cfg = OmegaConf.merge(
-        cfg, {"train": {"max_steps": steps, "eval_every": 10**6, "checkpoint_every": 10**6}}
-    )
+    cfg = OmegaConf.merge(cfg, {"train": {"max_steps": steps}})
     val_seqs = tokenize(read_split(cfg.paths.processed, "validation"), tokenizer, cfg.data.max_length)
-    model = add_lora(
-        load_for_training(cfg.paths.base, cfg.quant, cfg.train.gradient_checkpointing), cfg.lora, cfg.seed
-    )
-    with tempfile.TemporaryDirectory() as checkpoints:
-        result = train(model, train_seqs, val_seqs, cfg, Path(checkpoints), tokenizer.pad_token_id)
-    # the optimizer steps' time: train() also runs a validation after the last step, which the
-    # baseline's timed trainer.train() does not
-    seconds = result["train_seconds"]
-    val = validation_loss(
-        model, val_seqs, cfg.train.batch_size, cfg.train.eval_batches, tokenizer.pad_token_id
-    )
+    result = train_lmtune(cfg.paths.base, cfg, train_seqs, val_seqs, tokenizer.pad_token_id)
     side = (f"lmtune (packing={cfg.train.packing}, checkpointing={cfg.train.gradient_checkpointing}, "
             f"{cfg.quant.bits}-bit)")  # fmt: skip
-    write_side(args.out, side, steps, result["train_tokens"], seconds, val)
+    write_side(
+        args.out, side, steps, result["train_tokens"], result["train_seconds"], result["final_val_loss"]
+    )
 
 
 if __name__ == "__main__":
