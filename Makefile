@@ -29,10 +29,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 params: setup  ## compose conf/ into params.yaml (ARGS="model=llama2_7b lora.r=8", FORCE=1 to discard -S values)
-	$(PY) -m lmtune.config $(if $(FORCE),--force) $(ARGS)
+	$(PY) -m lmtune.params $(if $(FORCE),--force) $(ARGS)
 
 run: setup  ## run the whole pipeline (dvc repro) on the current params
-	$(PY) -m lmtune.config --keep $(ARGS)
+	$(PY) -m lmtune.params --keep $(ARGS)
 	dvc repro
 
 eval: setup  ## rerun only the evaluate stage through DVC
@@ -61,7 +61,7 @@ clean:  ## remove pipeline outputs (not the venv, not mlflow.db)
 
 GRID ?= lora.r=4,8,16 quant.bits=4,16
 sweep: setup  ## queue and run a sweep on the sweep profile (GRID="lora.r=4,8,16 quant.bits=4,16"), one at a time
-	$(PY) -m lmtune.config --validate-grid experiment=sweep $(GRID)
+	$(PY) -m lmtune.params --validate-grid experiment=sweep $(GRID)
 	dvc exp run --queue -S experiment=sweep $(foreach g,$(GRID),-S '$(g)')
 	@# not `dvc exp run --run-all`: its queue worker can stop after one experiment and leave it waiting
 	@# forever (treeverse/dvc#8165, #10562); this loop restarts the worker until the queue is empty
@@ -82,7 +82,7 @@ compare: setup  ## every finished run side by side: metrics/sweep.md + metrics/p
 	$(PY) -m lmtune.comparison
 
 bench: setup  ## the usual QLoRA recipe vs lmtune, side by side (STEPS=10): metrics/bench.json, bench/RESULTS.md
-	$(PY) -m lmtune.config --keep
+	$(PY) -m lmtune.params --keep
 	dvc repro prepare
 	$(PY) bench/run.py --steps $(or $(STEPS),10)
 

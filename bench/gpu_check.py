@@ -69,12 +69,17 @@ def passages(count: int, max_length: int, vocab: int, seed: int) -> list[list[in
 
 
 def settings(args):
+    """conf/'s defaults for what train() reads (read with omegaconf alone: the lent GPU machine
+    has no Hydra), with this benchmark's shape on top."""
     from omegaconf import OmegaConf
 
-    from lmtune.config import Config
-
+    conf = HERE.parent / "conf"
+    default = {group: OmegaConf.load(conf / group / f"{option}.yaml")
+               for group, option in (("model", "tiny_random"), ("data", "shakespeare"), ("quant", "nf4"),
+                                     ("lora", "default"), ("train", "default"))}  # fmt: skip
+    default["seed"] = OmegaConf.load(conf / "config.yaml").seed
     return OmegaConf.merge(
-        OmegaConf.structured(Config),
+        default,
         {"quant": {"bits": 4, "bnb_4bit_compute_dtype": "bf16" if torch.cuda.is_available() else "auto"},
          "data": {"max_length": args.max_length},
          "train": {"max_steps": args.steps, "batch_size": args.batch_size, "warmup_steps": 1,

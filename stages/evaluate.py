@@ -17,9 +17,7 @@ from pathlib import Path
 # so that `import evaluate` (in lmtune.metrics) finds the library, not this file.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from lmtune import tracking
 from lmtune.artifacts import write_json, write_text
-from lmtune.config import run_stage
 from lmtune.data import read_split, tokenize
 from lmtune.generation import greedy_continuations
 from lmtune.metrics import (
@@ -40,6 +38,7 @@ from lmtune.modeling import (
     resolve_dtype,
 )
 from lmtune.quantization import load_quantized
+from lmtune.runner import run_stage
 
 
 def model_loaders(cfg, dtype) -> dict:
@@ -98,8 +97,6 @@ def run(cfg) -> dict:
     write_text(
         Path(paths.metrics) / "eval.md", eval_markdown(scores, settings, references[:3], examples, speed)
     )
-    values = {name: {m: v["value"] for m, v in per.items()} | speed[name] for name, per in scores.items()}
-    tracking.log_to_run(cfg, paths.adapter, values, "eval.", (Path(paths.metrics) / "eval.md",))
     return {name: {m: round(v["value"], 4) for m, v in per.items()} for name, per in scores.items()}
 
 

@@ -2,8 +2,8 @@
 
     python stages/finetune.py [key=value ...]    # e.g. lora.r=8 quant.bits=16 train.max_steps=10
 
-Opens the pipeline's MLflow run (its id is saved in models/adapter/tracking.json for the later
-stages). Killed midway, it resumes from the last checkpoint in models/checkpoints.
+Each step's loss reaches the pipeline's MLflow run as it trains. Killed midway, it resumes from
+the last checkpoint in models/checkpoints.
 
     python stages/finetune.py --multirun lora.r=4,8    # Hydra multirun: a quick look at this stage alone
 
@@ -16,20 +16,20 @@ import shutil
 import sys
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 
 from lmtune import tracking
-from lmtune.artifacts import atomic_dir, read_json, save_config, write_json
-from lmtune.config import run_stage
+from lmtune.artifacts import atomic_dir, save_config, write_json
 from lmtune.data import read_split, tokenize
-from lmtune.modeling import add_lora, load_for_training, load_tokenizer, set_threads
+from lmtune.modeling import add_lora, load_for_training, load_tokenizer, save_adapter, set_threads
+from lmtune.runner import run_stage
 from lmtune.training import peak_memory_gib, train
+
+PARAMS = ("seed", "data.max_length", "quant", "lora", "train")  # as in dvc.yaml: what this stage reads
 
 
 def run(cfg) -> dict:
     set_threads(cfg.train.threads)
-    tracking.check_reachable(cfg)  # before any model loads: an unreachable server fails fast
     paths, metrics_dir = cfg.paths, Path(cfg.paths.metrics)
     tokenizer = load_tokenizer(paths.base)
     train_seqs = tokenize(read_split(paths.processed, "train"), tokenizer, cfg.data.max_length)
@@ -38,25 +38,12 @@ def run(cfg) -> dict:
         load_for_training(paths.base, cfg.quant, cfg.train.gradient_checkpointing), cfg.lora, cfg.seed
     )
     trainable, total = model.get_nb_trainable_parameters()
-
-    run_id = tracking.start_run(cfg)
-    with tracking.best_effort("logging the inputs"):
-        if (metrics_dir / "prepare.json").is_file():  # absent in a --multirun job's own folder
-            tracking.log_metrics(read_json(metrics_dir / "prepare.json"), prefix="prepare.")
-        mlflow.log_dict(read_json(Path(paths.base) / "source.json"), "base_source.json")
-    try:
-        result = train(model, train_seqs, val_seqs, cfg, Path(paths.checkpoints), tokenizer.pad_token_id,
-                       on_step=tracking.step_logger())  # fmt: skip
-    except BaseException:
-        with tracking.best_effort("closing the failed run"):
-            mlflow.end_run(status="FAILED")
-        raise
-    # Save the adapter before any more logging: a tracking failure must not lose it.
+    result = train(model, train_seqs, val_seqs, cfg, Path(paths.checkpoints), tokenizer.pad_token_id,
+                   on_step=tracking.step_logger())  # fmt: skip
     with atomic_dir(paths.adapter) as out:
-        model.save_pretrained(out)
+        save_adapter(model, out)
         tokenizer.save_pretrained(out)
-        save_config(cfg, out)
-        write_json(out / tracking.RUN_FILE, {"run_id": run_id, "tracking_uri": mlflow.get_tracking_uri()})
+        save_config(cfg, out, PARAMS)
     metrics_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(result.pop("train_curve")).to_csv(metrics_dir / "train_loss.csv", index=False)
     pd.DataFrame(result.pop("val_curve")).to_csv(metrics_dir / "val_loss.csv", index=False)
@@ -64,13 +51,6 @@ def run(cfg) -> dict:
                "adapter_mb": sum(f.stat().st_size for f in Path(paths.adapter).glob("*.safetensors")) / 2**20,
                "trainable_share": trainable / total, "peak_memory_gib": peak_memory_gib()}  # fmt: skip
     write_json(metrics_dir / "train.json", metrics)
-    with tracking.best_effort("logging the results"):
-        tracking.log_metrics(metrics, prefix="train.")
-        for name in ("train_loss.csv", "val_loss.csv", "train.json", "prepare.json"):
-            if (metrics_dir / name).is_file():
-                mlflow.log_artifact(str(metrics_dir / name), "metrics")
-        mlflow.log_artifact(str(Path(paths.adapter) / "adapter_config.json"), "adapter")
-        mlflow.end_run()
     shutil.rmtree(paths.checkpoints, ignore_errors=True)  # the adapter is safe; resume state is not needed
     return metrics
 

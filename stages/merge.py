@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from lmtune import tracking
 from lmtune.artifacts import atomic_dir, save_config, write_json
-from lmtune.config import run_stage
 from lmtune.data import collate, read_split, tokenize
 from lmtune.modeling import DTYPES, device, load_base_with_adapter, load_tokenizer
+from lmtune.runner import run_stage
+
+PARAMS = ("data.max_length", "merge")  # as in dvc.yaml: what this stage reads
 
 
 def run(cfg) -> dict:
@@ -41,9 +42,8 @@ def run(cfg) -> dict:
     with atomic_dir(paths.merged) as out:
         merged.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
-        save_config(cfg, out)
+        save_config(cfg, out, PARAMS)
     write_json(Path(paths.metrics) / "merge.json", metrics)
-    tracking.log_to_run(cfg, paths.adapter, metrics, prefix="merge.")
     return metrics
 
 

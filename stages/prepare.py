@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 
 from lmtune.artifacts import atomic_dir, write_json
-from lmtune.config import run_stage
 from lmtune.data import SPLITS, DataError, load_corpus, split
 from lmtune.modeling import load_tokenizer
+from lmtune.runner import run_stage
 
 
 def run(cfg) -> dict:

@@ -12,11 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-from lmtune import tracking
 from lmtune.artifacts import atomic_dir, save_config, write_json
-from lmtune.config import run_stage
 from lmtune.modeling import load_tokenizer, resolve_dtype
 from lmtune.quantization import check_method, folder_mb, load_quantized, quantize
+from lmtune.runner import run_stage
+
+PARAMS = ("quantize",)  # as in dvc.yaml: what this stage reads
 
 
 def run(cfg) -> dict:
@@ -25,7 +26,7 @@ def run(cfg) -> dict:
     with atomic_dir(paths.quantized) as out:
         metrics = quantize(paths.merged, out, cfg.quantize.method, dtype, cfg.quantize.group_size)
         load_tokenizer(paths.merged).save_pretrained(out)
-        save_config(cfg, out)
+        save_config(cfg, out, PARAMS)
         began = time.perf_counter()
         load_quantized(out, dtype)  # it must load with plain transformers before we call it done
         metrics["load_seconds"] = time.perf_counter() - began
@@ -33,7 +34,6 @@ def run(cfg) -> dict:
     metrics["quantized_mb"] = folder_mb(paths.quantized)
     metrics["size_ratio"] = metrics["quantized_mb"] / metrics["merged_mb"]
     write_json(Path(paths.metrics) / "quantize.json", metrics)
-    tracking.log_to_run(cfg, paths.adapter, metrics, prefix="quantize.")
     return metrics
 
 

@@ -3,7 +3,7 @@
     python stages/sample.py [key=value ...]      # e.g. sample.max_new_tokens=128
 
 Writes metrics/samples.jsonl (one row per prompt and model), metrics/samples.md (a table to
-read) and metrics/sample.json (tokens/s); the page is logged to the pipeline's MLflow run.
+read) and metrics/sample.json (tokens/s); all three reach the pipeline's MLflow run.
 """
 
 import json
@@ -12,11 +12,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lmtune import tracking
 from lmtune.artifacts import write_json, write_text
-from lmtune.config import run_stage
 from lmtune.generation import generate, samples_markdown, tokens_per_second
 from lmtune.modeling import load_full, load_tokenizer, resolve_dtype, set_threads
+from lmtune.runner import run_stage
 
 
 def run(cfg) -> dict:
@@ -36,8 +35,6 @@ def run(cfg) -> dict:
     write_text(metrics_dir / "samples.md", page)
     metrics = {f"{name}_tokens_per_second": tokens_per_second(rows) for name, rows in outputs.items()}
     write_json(metrics_dir / "sample.json", metrics)
-    tracking.log_to_run(cfg, paths.adapter, metrics, "sample.",
-                        (metrics_dir / "samples.md", metrics_dir / "samples.jsonl"))  # fmt: skip
     return metrics
 
 

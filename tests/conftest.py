@@ -12,7 +12,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from lmtune.config import Config, compose_conf  # noqa: E402
+from lmtune.config import Config  # noqa: E402
+from lmtune.params import compose_conf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,3 +13,9 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 __version__ = "0.1.0"
+
+
+class LmtuneError(Exception):
+    """A problem the user can fix (config, data, model, store): the stage runner prints its message,
+    which names the key, file or line and what to do, instead of a traceback. Each module raises
+    its own subclass, so the runner catches them all without importing every module."""

@@ -14,6 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lmtune.config import select
+
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
@@ -52,9 +54,10 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def save_config(cfg: DictConfig, directory: str | Path) -> None:
-    """Every output directory carries the resolved config that made it."""
-    write_text(Path(directory) / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+def save_config(cfg: DictConfig, directory: str | Path, keys: tuple[str, ...]) -> None:
+    """Every output directory carries the resolved config that made it: the params its stage reads
+    (`keys`, as dvc.yaml lists them), no more, so that equal inputs give byte-equal outputs."""
+    write_text(Path(directory) / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(select(cfg, keys))))
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

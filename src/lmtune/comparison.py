@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lmtune import tracking
 from lmtune.artifacts import write_text
 
 COLUMNS = {  # column → (source, key); "metric_sum" adds up every metric whose name starts with key
@@ -45,7 +46,7 @@ def collect(client, experiment: str) -> tuple[pd.DataFrame, list[dict]]:
         )
     rows, failed = [], []
     for run in client.search_runs([exp.experiment_id], max_results=1000):
-        if run.data.tags.get("lmtune.kind") == "comparison":
+        if run.data.tags.get(tracking.KIND_TAG) == "comparison":
             continue
         if run.info.status != "FINISHED" or "eval.merged.perplexity" not in run.data.metrics:
             failed.append({"run": run.info.run_name, "status": run.info.status,
@@ -148,27 +149,18 @@ def plots(frame: pd.DataFrame, client, out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import mlflow
-
-    from lmtune.tracking import repo_root
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--uri", default=f"sqlite:///{repo_root() / 'mlflow.db'}")
+    parser.add_argument("--uri", default=tracking.default_uri())
     parser.add_argument("--experiment", default="lmtune")
     parser.add_argument("--out", default="metrics")
     args = parser.parse_args(argv)
-    client = mlflow.MlflowClient(tracking_uri=args.uri)
+    client = tracking.client(args.uri)
     frame, failed = collect(client, args.experiment)
     out = Path(args.out)
     write_text(out / "sweep.md", table(frame, failed))
     if not frame.empty:
         pictures = plots(frame, client, out / "plots")
-        mlflow.set_tracking_uri(args.uri)
-        mlflow.set_experiment(args.experiment)
-        with mlflow.start_run(run_name="comparison", tags={"lmtune.kind": "comparison"}):
-            for path in pictures:
-                mlflow.log_artifact(str(path), "plots")
-            mlflow.log_artifact(str(out / "sweep.md"))
+        tracking.log_comparison(args.uri, args.experiment, [*pictures, out / "sweep.md"])
     print((out / "sweep.md").read_text())
     return 0
 

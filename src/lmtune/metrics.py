@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lmtune import LmtuneError
 from lmtune.data import collate
 from lmtune.modeling import device
 
@@ -21,7 +22,7 @@ GENERATION_METRICS = ("token_f1", "rouge1", "rouge2", "rougeL", "bleu")
 ALL_METRICS = ("perplexity", "token_accuracy", *GENERATION_METRICS)
 
 
-class EvaluationError(ValueError):
+class EvaluationError(LmtuneError, ValueError):
     """The evaluation cannot give a meaningful number (say, too few passages for intervals)."""
 
 

@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lmtune.artifacts import save_config, sha256_file, write_json
+from lmtune import LmtuneError
+from lmtune.artifacts import sha256_file, write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-class ModelError(ValueError):
+class ModelError(LmtuneError, ValueError):
     """A model that cannot be found or loaded; the message says what to do."""
 
 
@@ -175,7 +176,6 @@ def build_base(cfg: DictConfig, out_dir: Path, texts: list[str] | None = None) -
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    save_config(cfg, out_dir)
     weights = sorted(out_dir.glob("*.safetensors"))
     source = {
         "name": cfg.model.name,
@@ -254,7 +254,7 @@ def load_for_training(path: str | Path, quant: DictConfig, gradient_checkpointin
     )
     keep_4bit_trainable(model)
     if quant.get("qat"):
-        from lmtune.quantization import prepare_qat
+        from lmtune.qat import prepare_qat
 
         prepare_qat(model, quant.qat_group_size)
     for param in model.parameters():
@@ -282,6 +282,15 @@ def add_lora(model, lora: DictConfig, seed: int):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def save_adapter(model, out_dir: str | Path) -> None:
+    """Write the LoRA adapter. peft keeps target_modules as a set and writes it in hash order,
+    which differs between processes; sorted, two equal trainings write byte-equal adapters."""
+    for config in model.peft_config.values():
+        if isinstance(config.target_modules, set):
+            config.target_modules = sorted(config.target_modules)
+    model.save_pretrained(out_dir)
 
 
 def lora_state(model) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Quantizing the merged model (torchao, GGUF) and the int4 quantization-aware training that goes with it."""
+"""Post-training quantization of the merged model (torchao, bitsandbytes, GGUF) and loading it back."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from lmtune.modeling import ModelError, device
+from lmtune.qat import int4_weight_config
 
 GGUF_FILE = "model.gguf"
 # method → what is written. int4 uses torchao's IntxWeightOnly layout (int4 values, one scale per group,
@@ -32,30 +33,11 @@ def torchao_config(method: str, group_size: int = 32):
     import torchao.quantization as tq
 
     if method == "int4_weight_only":
-        from torchao.quantization.granularity import PerGroup
-
-        return tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size))
+        return int4_weight_config(group_size)
     return {
         "int8_weight_only": tq.Int8WeightOnlyConfig,
         "int8_dynamic": tq.Int8DynamicActivationInt8WeightConfig,
     }[method]()
-
-
-def is_quantized_linear(module: torch.nn.Module, name: str) -> bool:
-    """The layers PTQ quantizes and QAT fake-quantizes: every linear layer but the output head,
-    which shares its weight with the embedding in tied models."""
-    return isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
-
-
-def prepare_qat(model, group_size: int):
-    """Fake-quantize the base's linear weights as int4 (torchao QAT): forward passes see the int4
-    rounding, gradients pass straight through to the LoRA adapters added afterwards."""
-    from torchao.quantization import quantize_
-    from torchao.quantization.qat import QATConfig
-
-    quantize_(model, QATConfig(torchao_config("int4_weight_only", group_size), step="prepare"),
-              filter_fn=is_quantized_linear)  # fmt: skip
-    return model
 
 
 def folder_mb(path: str | Path) -> float:

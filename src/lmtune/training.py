@@ -17,12 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from lmtune import LmtuneError
 from lmtune.data import batch_indices, collate, collate_rows, pack
 from lmtune.kernels import chunked_cross_entropy, packed_segments, register_varlen_attention
 from lmtune.modeling import device, lora_state, resolve_dtype
 
 
-class TrainingError(RuntimeError):
+class TrainingError(LmtuneError, RuntimeError):
     """Training cannot go on (non-finite loss, a LoRA matrix that never learned, bad checkpoint)."""
 
 

@@ -25,7 +25,7 @@ EXPECTED_FILES = {
     "models/base": {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                     "tokenizer_config.json", "config.yaml", "source.json"},
     "models/adapter": {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json",
-                       "tokenizer_config.json", "config.yaml", "tracking.json", "README.md"},
+                       "tokenizer_config.json", "config.yaml", "README.md"},  # no run id: see tracking.py
     "models/merged": {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                       "tokenizer_config.json", "config.yaml"},
     "models/quantized": {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
@@ -55,7 +55,7 @@ def repo(tmp_path_factory):
     sh("git", "init", "-q", cwd=dest)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=dest)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy", cwd=dest)
-    sh(sys.executable, "-m", "lmtune.config", "--force", "experiment=smoke", cwd=dest)
+    sh(sys.executable, "-m", "lmtune.params", "--force", "experiment=smoke", cwd=dest)
     repro = sh("dvc", "repro", cwd=dest)
     return dest, repro
 
@@ -136,18 +136,20 @@ def test_one_mlflow_run_holds_params_metrics_and_artifacts(repo):
     runs = client.search_runs([client.get_experiment_by_name("lmtune").experiment_id])
     assert len(runs) == 1
     run = runs[0]
-    run_id = json.loads((dest / "models/adapter/tracking.json").read_text())["run_id"]
-    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["lmtune.params_hash"] and "dvc_experiment" not in run.data.tags  # plain dvc repro
     assert run.data.params["lora.r"] == "16" and run.data.params["model.name"] == "tiny_random"
     for key in ("train.final_val_loss", "merge.max_logit_diff", "eval.merged.perplexity",
                 "eval.base.perplexity", "sample.merged_tokens_per_second", "prepare.train.passages",
                 "eval.merged_int8_weight_only.generated_tokens_per_second"):  # fmt: skip
         assert key in run.data.metrics, key
-    for stage in ("finetune", "merge", "quantize", "evaluate", "sample"):  # wall time of each stage
+    for stage in ("base", "prepare", "finetune", "merge", "quantize", "evaluate", "sample"):  # wall times
         assert run.data.metrics[f"wall_seconds.{stage}"] > 0, stage
     assert len(client.get_metric_history(run_id, "train_loss")) == 6
-    artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"samples.md", "metrics", "adapter", "base_source.json"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run_id)} == {"metrics", "adapter", "base"}
+    reports = {a.path.removeprefix("metrics/") for a in client.list_artifacts(run_id, "metrics")}
+    assert {"samples.md", "eval.md", "train.json", "eval.json", "train_loss.csv"} <= reports
     assert run.data.tags["git_commit"] == sh("git", "rev-parse", "HEAD", cwd=dest).stdout.strip()
     logged = json.dumps([run.data.params, run.data.tags])
     assert SECRET not in logged and SECRET not in (dest / "params.yaml").read_text()
@@ -158,6 +160,38 @@ def test_second_repro_runs_nothing_and_status_is_clean(repo):
     again = sh("dvc", "repro", cwd=dest)
     assert "Running stage" not in again.stdout
     assert "up to date" in sh("dvc", "status", cwd=dest).stdout
+
+
+def test_an_adapter_trained_twice_has_the_same_dvc_hash(repo):
+    """Same code, params, data and seed: byte-equal outputs, so DVC's cache and run-cache hold."""
+    dest, _ = repo
+
+    def adapter_hash():
+        lock = (dest / "dvc.lock").read_text()
+        return lock.split("path: models/adapter\n", 2)[1].split("md5: ", 1)[1].split("\n", 1)[0]
+
+    before = adapter_hash()
+    rerun = sh("dvc", "repro", "--force", "--single-item", "finetune", cwd=dest)
+    assert "Running stage 'finetune'" in rerun.stdout
+    assert adapter_hash() == before
+    assert "up to date" in sh("dvc", "status", cwd=dest).stdout  # nothing downstream needs a rerun
+
+
+def test_editing_code_reruns_only_the_stages_that_use_it(repo):
+    dest, _ = repo
+    for module, changed in (
+        ("comparison.py", set()),
+        ("metrics.py", {"evaluate"}),
+        ("kernels.py", {"finetune"}),
+    ):
+        path = dest / "src/lmtune" / module
+        original = path.read_text()
+        path.write_text(original + "\n# an edit\n")
+        try:
+            status = sh("dvc", "status", "--json", cwd=dest).stdout
+        finally:
+            path.write_text(original)
+        assert set(json.loads(status)) == changed, (module, status)
 
 
 def test_plots_page_renders_without_a_cdn(repo):
@@ -177,9 +211,55 @@ def test_a_stage_override_by_hand_and_a_bad_key_before_any_work(repo):
     assert wrong.returncode == 2 and "lora.r" in wrong.stderr
 
 
+def test_experiments_that_differ_only_in_quantize_get_their_own_complete_runs(repo):
+    """Only quantize and evaluate run in the second experiment: its run still holds every stage's
+    numbers (those DVC skipped included), none of the first run's quantized model, and the first
+    run is left as it was."""
+    dest, _ = repo
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lmtune").experiment_id
+    (first,) = client.search_runs([experiment])
+    done = sh("dvc", "exp", "run", "-S", "experiment=smoke", "-S", "quantize=int8_dynamic", cwd=dest)
+    assert "Running stage 'finetune'" not in done.stdout and "Running stage 'evaluate'" in done.stdout
+    runs = client.search_runs([experiment])
+    assert len(runs) == 2
+    second = next(r for r in runs if r.info.run_id != first.info.run_id)
+    assert second.info.status == "FINISHED" and second.data.tags["dvc_experiment"]
+    assert second.data.params["quantize.method"] == "int8_dynamic"
+    assert client.get_run(first.info.run_id).data.metrics == first.data.metrics  # untouched
+    for run, method in ((first, "int8_weight_only"), (second, "int8_dynamic")):
+        families = {k.split(".")[0] for k in run.data.metrics}
+        assert families >= {
+            "prepare",
+            "train",
+            "merge",
+            "quantize",
+            "eval",
+            "sample",
+            "train_loss",
+            "val_loss",
+        }
+        models = {k.split(".")[1] for k in run.data.metrics if k.startswith("eval.")}
+        assert models == {"base", "base_4bit", "base_4bit_adapter", "merged", f"merged_{method}"}, models
+    assert (
+        len(client.get_metric_history(second.info.run_id, "train_loss")) == 6
+    )  # from metrics/train_loss.csv
+    files = {
+        name: json.loads((dest / f"metrics/{name}.json").read_text())
+        for name in ("quantize", "eval", "train")
+    }
+    # the second run's numbers are the workspace's files; training was shared
+    assert second.data.metrics["quantize.size_ratio"] == pytest.approx(files["quantize"]["size_ratio"])
+    merged = files["eval"]["models"]["merged_int8_dynamic"]["perplexity"]["value"]
+    assert second.data.metrics["eval.merged_int8_dynamic.perplexity"] == pytest.approx(merged)
+    assert second.data.metrics["train.final_val_loss"] == first.data.metrics["train.final_val_loss"]
+
+
 def test_sigkill_during_finetune_then_repro_resumes_from_the_checkpoint(repo):
     dest, _ = repo
-    sh(sys.executable, "-m", "lmtune.config", "--force", "experiment=smoke", "train.max_steps=150",
+    sh(sys.executable, "-m", "lmtune.params", "--force", "experiment=smoke", "train.max_steps=150",
        "train.checkpoint_every=5", "train.eval_every=50", cwd=dest)  # fmt: skip
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     proc = subprocess.Popen(["dvc", "repro"], cwd=dest, env=env, start_new_session=True,
@@ -220,7 +300,7 @@ def test_queued_sweep_lands_in_the_one_store_and_compares(repo):
     bad = sh(
         sys.executable,
         "-m",
-        "lmtune.config",
+        "lmtune.params",
         "--validate-grid",
         "experiment=smoke",
         "lora.r=4,0",
@@ -239,7 +319,8 @@ def test_queued_sweep_lands_in_the_one_store_and_compares(repo):
         r for r in runs if r.data.tags.get("dvc_experiment") and r.data.params.get("lora.r") in ("4", "12")
     ]
     assert len(queued) >= 2 and all(r.info.status == "FINISHED" for r in queued)
-    expected = runs[-1].data.metrics.keys()  # the first, unqueued run: every metric a pipeline logs
+    # the first, unqueued run: every metric a pipeline logs (base and prepare did not rerun in the sweep)
+    expected = {k for k in runs[-1].data.metrics if k not in ("wall_seconds.base", "wall_seconds.prepare")}
     for run in queued:  # concurrent workers lost no metric and no step of the loss curve
         assert set(expected) <= set(run.data.metrics), set(expected) - set(run.data.metrics)
         assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 6

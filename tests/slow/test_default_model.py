@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lmtune.config import Config, compose_conf
+from lmtune.config import Config
 from lmtune.data import load_corpus, split, tokenize
 from lmtune.modeling import add_lora, build_base, load_for_training, load_tokenizer, lora_state
+from lmtune.params import compose_conf
 from lmtune.training import train
 
 ROOT = Path(__file__).resolve().parents[2]

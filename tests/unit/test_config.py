@@ -3,16 +3,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lmtune.config import (
-    ConfigError,
-    ParamsModified,
-    compose_conf,
-    flatten,
-    load,
-    main,
-    read_header,
-    write_params,
-)
+from lmtune.config import Config, ConfigError, flatten, load
+from lmtune.params import ParamsModified, compose_conf, main, read_header, write_params
 from lmtune.tracking import safe_params
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,10 +94,41 @@ def test_keep_recomposes_with_the_recorded_overrides(tmp_path, monkeypatch):
 
 def test_flatten_and_secrets_never_logged():
     assert flatten({"a": {"b": 1, "c": {"d": "x"}}, "e": None}) == {"a.b": 1, "a.c.d": "x", "e": None}
-    cfg = OmegaConf.create({"tracking": {"hf_token": "hf_abc", "uri": "x"}, "db": {"password": "p"}})
+    cfg = OmegaConf.create({"tracking": {"hf_token": "hf_abc", "uri": "x", "token": "t"},
+                            "db": {"password": "p", "api_key": "k"}})  # fmt: skip
     params = safe_params(cfg)
-    assert params["tracking.hf_token"] == "***" and params["db.password"] == "***"
+    assert params["tracking.hf_token"] == params["tracking.token"] == "***"
+    assert params["db.password"] == params["db.api_key"] == "***"
     assert params["tracking.uri"] == "x"
+    # real parameters whose names merely contain "token" are logged as they are
+    shown = safe_params(compose_conf([], conf_dir=CONF))
+    assert shown["eval.prompt_tokens"] == 32 and shown["sample.max_new_tokens"] == 64
+    assert "***" not in shown.values()
+
+
+def test_conf_is_the_one_source_of_defaults():
+    """The schema declares types and allowed values, never a value: a default there would be a
+    second source of truth that drifts from conf/. Every key then has to come from conf/."""
+    schema = OmegaConf.structured(Config)
+
+    def leaves(node, prefix=""):
+        for key in node:
+            path = f"{prefix}{key}"
+            if OmegaConf.is_missing(node, key):
+                yield path, "???"
+            elif OmegaConf.is_config(node[key]):
+                yield from leaves(node[key], f"{path}.")
+            else:
+                yield path, node[key]
+
+    given = {key: value for key, value in leaves(schema) if value != "???"}
+    assert not given, f"the schema gives values that belong in conf/: {given}"
+    cfg = OmegaConf.to_container(compose_conf([], conf_dir=CONF))
+    del cfg["train"]["lr"]
+    with pytest.raises(ConfigError, match=r"no value for train\.lr"):
+        from lmtune.config import validate
+
+        validate(cfg)
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,11 @@
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lmtune.config import Data
 from lmtune.data import (
     DataError,
     batch_indices,
@@ -17,6 +17,11 @@ from lmtune.data import (
     passages_from_scenes,
     split,
 )
+from lmtune.params import compose_conf
+
+DEFAULT_DATA = compose_conf(
+    [], conf_dir=Path(__file__).resolve().parents[2] / "conf"
+).data  # conf/'s data=shakespeare
 
 PLAY = """# Hamlet
 
@@ -97,7 +102,7 @@ def test_collate_masks_padding_right_and_left():
 
 
 def test_the_shipped_corpus_loads():
-    rows = load_corpus(OmegaConf.structured(Data))
+    rows = load_corpus(DEFAULT_DATA)
     assert len(rows) > 5000
     assert len({r["source"] for r in rows}) == 38
     assert all(r["text"].split("\n")[0].endswith(":") for r in rows[:100])
@@ -106,9 +111,7 @@ def test_the_shipped_corpus_loads():
 def files_cfg(tmp_path, name, content, **kw):
     path = tmp_path / name
     path.write_text(content)
-    return OmegaConf.merge(
-        OmegaConf.structured(Data), {"source": "files", "files": [str(path)], "min_chars": 1, **kw}
-    )
+    return OmegaConf.merge(DEFAULT_DATA, {"source": "files", "files": [str(path)], "min_chars": 1, **kw})
 
 
 def test_local_files_load(tmp_path):
@@ -133,9 +136,7 @@ def test_bad_input_names_the_file_and_line(tmp_path, name, content, kw, match):
 
 
 def test_missing_file_is_named(tmp_path):
-    cfg = OmegaConf.merge(
-        OmegaConf.structured(Data), {"source": "files", "files": [str(tmp_path / "nope.jsonl")]}
-    )
+    cfg = OmegaConf.merge(DEFAULT_DATA, {"source": "files", "files": [str(tmp_path / "nope.jsonl")]})
     with pytest.raises(DataError, match="nope.jsonl not found"):
         load_corpus(cfg)
 

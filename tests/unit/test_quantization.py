@@ -7,9 +7,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lmtune.config import ConfigError, compose_conf
+from lmtune.config import ConfigError
 from lmtune.modeling import ModelError, load_full
-from lmtune.quantization import GGUF_FILE, check_method, load_quantized, prepare_qat, quantize
+from lmtune.params import compose_conf
+from lmtune.qat import prepare_qat
+from lmtune.quantization import GGUF_FILE, check_method, load_quantized, quantize
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

@@ -8,8 +8,10 @@ import torch
 from omegaconf import OmegaConf
 
 from lmtune import tracking
-from lmtune.config import Config, compose_conf, run_stage, write_params
+from lmtune.config import Config
 from lmtune.modeling import ModelError, add_lora, build_base, load_for_training
+from lmtune.params import compose_conf, write_params
+from lmtune.runner import run_stage
 from lmtune.training import TrainingError, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,33 +92,63 @@ def test_corrupted_checkpoint_is_named_on_resume(tmp_path, tiny_base, tiny_seqs)
         train(model(), seqs, seqs[:4], cfg, tmp_path, tokenizer.pad_token_id)
 
 
-def test_unreachable_tracking_server_fails_at_start():
+def test_unreachable_tracking_server_fails_at_start(monkeypatch):
     cfg = cfg_with(tracking={"uri": "http://127.0.0.1:9"})
     with pytest.raises(
         tracking.TrackingError,
         match=r"tracking\.uri=http://127\.0\.0\.1:9 is not reachable.*tracking\.uri=null",
     ):
         tracking.check_reachable(cfg)
+    # from the environment: the advice is to change the environment, not the config
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    with pytest.raises(tracking.TrackingError, match=r"MLFLOW_TRACKING_URI=.*unset MLFLOW_TRACKING_URI"):
+        tracking.check_reachable(cfg_with())
+
+
+def test_a_damaged_store_fails_before_any_work_and_says_what_to_do(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_params(compose_conf(["experiment=smoke"], conf_dir=ROOT / "conf"), tmp_path / "params.yaml")
+    (tmp_path / "mlflow.db").write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 64)
+    ran = []
+    code = run_stage(lambda cfg: ran.append(cfg) or {}, [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and not ran and "Traceback" not in err
+    assert "cannot be used as an MLflow store" in err and "mv mlflow.db mlflow.db.broken" in err
 
 
 def test_tracking_failures_mid_run_only_warn(monkeypatch, capsys, tmp_path):
-    import mlflow
-
+    """Once a stage runs, the store going away costs one warning: the stage's work and files stand."""
+    monkeypatch.chdir(tmp_path)
+    cfg = cfg_with(tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     calls = []
 
     def broken(*args, **kwargs):
         calls.append(1)
         raise ConnectionError("server went away")
 
-    monkeypatch.setattr(mlflow, "log_metrics", broken)
-    log = tracking.step_logger()
-    for step in range(1, 4):
-        log(step, {"train_loss": 1.0})
+    with tracking.stage_run(cfg, "finetune") as run:
+        monkeypatch.setattr(run.client, "log_batch", broken)
+        monkeypatch.setattr(run.client, "log_artifact", broken)
+        monkeypatch.setattr(run.client, "set_terminated", broken)
+        log = tracking.step_logger()
+        for step in range(1, 4):
+            log(step, {"train_loss": 1.0})
     assert len(calls) == 1  # gave up after the first failure: no stalls on every step
-    (tmp_path / tracking.RUN_FILE).write_text('{"run_id": "missing", "tracking_uri": "http://127.0.0.1:9"}')
-    tracking.log_to_run(cfg_with(), tmp_path, {"x": 1.0}, "eval.")  # must not raise
     err = capsys.readouterr().err
-    assert "step logging failed" in err and "outputs and metrics/*.json are complete" in err
+    assert err.count("warning: MLflow") == 1 and "outputs and metrics/*.json are complete" in err
+
+
+def test_a_stage_that_fails_marks_its_run_failed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = cfg_with(tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    with pytest.raises(TrainingError), tracking.stage_run(cfg, "finetune"):
+        raise TrainingError("loss is nan")
+    (run,) = tracking.client(cfg.tracking.uri).search_runs(
+        [tracking.client(cfg.tracking.uri).get_experiment_by_name("lmtune").experiment_id]
+    )
+    assert run.info.status == "FAILED" and run.data.tags[tracking.PARAMS_HASH_TAG] == tracking.params_hash(
+        cfg
+    )
 
 
 def test_remote_code_is_off_by_default_everywhere():
