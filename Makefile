@@ -34,13 +34,16 @@ params: setup  ## compose conf/ into params.yaml (ARGS="model=llama2_7b lora.r=8
 run: setup  ## run the whole pipeline (dvc repro) on the current params
 	$(PY) -m lmtune.params --keep $(ARGS)
 	dvc repro
+	@# stages DVC skipped after the last one that ran: their numbers into this configuration's run too
+	$(PY) -m lmtune.tracking
 
 eval: setup  ## rerun only the evaluate stage through DVC
 	dvc repro --single-item --force evaluate
 	@cat metrics/eval.json
 
-ui: setup  ## MLflow UI on http://$(HOST):$(PORT)
-	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host $(HOST) --port $(PORT) --workers 1
+ui: setup  ## MLflow UI on http://127.0.0.1:5000 (HOST=, PORT= to change)
+	@# one worker and no job runner: MLflow's huey workers would crowd a 2-core machine
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host $(HOST) --port $(PORT) --workers 1
 
 test: setup  ## the test suite (unit + smoke pipeline), offline, CPU
 	$(PY) -m pytest -m "not slow and not gpu" -q
@@ -71,7 +74,7 @@ sweep: setup  ## queue and run a sweep on the sweep profile (GRID="lora.r=4,8,16
 	  if ! echo "$$status" | grep -qE ' Running$$' && echo "$$status" | grep -qE ' Queued$$'; then \
 	    echo "DVC's queue worker stopped with experiments queued: starting it again"; dvc queue start -j $(or $(JOBS),1); fi; \
 	done
-	dvc exp show --no-pager --md --keep -A --only-changed | head -40 || true
+	dvc exp show --no-pager --md -A --only-changed | head -40
 
 plots: setup  ## the loss curves as an HTML page that works offline (vega inlined from npm): metrics/plots.html
 	dvc plots show --html-template $$($(PY) -m lmtune.offline_plots) -o .cache/dvc_plots
