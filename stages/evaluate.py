@@ -3,10 +3,12 @@
     python stages/evaluate.py [key=value ...]    # or: make eval (reruns only this stage)
 
 Models: the base in 16/32-bit; the quantized base alone and with the adapter exactly as trained
-(4/8-bit runs); the merged model. Metrics (README, "Evaluation"): perplexity and token accuracy
-on every token of every passage; token F1, ROUGE-1/2/L and BLEU of greedy continuations of each
-passage's first eval.prompt_tokens tokens against its next eval.reference_tokens. Each with a 95%
-bootstrap interval, and each model's delta vs the base with its paired interval.
+(4/8-bit runs); the merged model; the merged model after post-training quantization. Metrics
+(README, "Evaluation"): perplexity and token accuracy on every learned token of the test split;
+for text, ROUGE-1/2/L and BLEU of greedy continuations of each passage's first eval.prompt_tokens
+tokens against the next eval.reference_tokens; for conversations, exact match and answer F1 (and
+ROUGE, BLEU) of greedy answers to the test questions. Each with a 95% bootstrap interval, and each
+model's delta vs the base with its paired interval.
 """
 
 import sys
@@ -18,10 +20,11 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from lmtune.artifacts import write_json, write_text
-from lmtune.data import read_split, tokenize
+from lmtune.data import read_prompts, read_sequences
 from lmtune.generation import greedy_continuations
 from lmtune.metrics import (
-    ALL_METRICS,
+    LIKELIHOOD_METRICS,
+    EvaluationError,
     bootstrap,
     eval_markdown,
     generation_pairs,
@@ -55,17 +58,28 @@ def model_loaders(cfg, dtype) -> dict:
     return loaders
 
 
+def generation_set(cfg, tokenizer, seqs) -> tuple[list[list[int]], list[list[str]]]:
+    """(prompt token ids, accepted reference texts) of the examples generation metrics use."""
+    e = cfg.eval
+    if cfg.data.format == "chat":
+        questions = read_prompts(cfg.paths.processed, "test")[: e.generation_examples]
+        return [q["prompt_ids"] for q in questions], [q["references"] for q in questions]
+    # text: passages long enough to hold a prompt and at least one reference token
+    pairs = generation_pairs(seqs, e.prompt_tokens, e.reference_tokens)[: e.generation_examples]
+    return [p for p, _ in pairs], [[tokenizer.decode(r, skip_special_tokens=True)] for _, r in pairs]
+
+
 def run(cfg) -> dict:
     e, paths, dtype = cfg.eval, cfg.paths, resolve_dtype(cfg.eval.dtype)
     tokenizer = load_tokenizer(paths.base)
-    texts = read_split(paths.processed, "test")[: e.max_passages]
-    seqs = tokenize(texts, tokenizer, cfg.data.max_length)
-    # generation set: passages long enough to hold a prompt and at least one reference token
-    pairs = generation_pairs(seqs, e.prompt_tokens, e.reference_tokens)
-    prompts = [p for p, _ in pairs]
-    references = [tokenizer.decode(r, skip_special_tokens=True) for _, r in pairs]
-    sizes = {m: len(seqs) for m in ALL_METRICS[:2]} | {m: len(pairs) for m in ALL_METRICS[2:]}
-
+    seqs = read_sequences(paths.processed, "test")[: e.max_examples]
+    prompts, references = generation_set(cfg, tokenizer, seqs)
+    if not prompts:
+        raise EvaluationError(
+            "no test example to generate from: every test passage is shorter than eval.prompt_tokens="
+            f"{e.prompt_tokens}; lower it, or add data"
+        )
+    chat = cfg.data.format == "chat"
     functions, examples, speed = {}, {}, {}
     for name, load in model_loaders(cfg, dtype).items():
         began = time.perf_counter()
@@ -79,24 +93,24 @@ def run(cfg) -> dict:
             time.perf_counter() - began
         )
         predictions = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
-        generation = generation_per_example(predictions, references, e.metrics_source)
+        generation = generation_per_example(predictions, references, chat, e.metrics_source)
         functions[name] = metric_functions(likelihood, generation)
         examples[name] = predictions[:3]
         del model
+    sizes = {m: len(seqs) if m in LIKELIHOOD_METRICS else len(prompts) for m in functions["base"]}
     scores = bootstrap(functions, sizes, "base", e.bootstrap_resamples, cfg.seed)
     settings = {
-        "split": "test", "passages": len(seqs), "generation_examples": len(pairs),
+        "split": "test", "format": cfg.data.format, "passages": len(seqs), "generation_examples": len(prompts),
         "max_length": cfg.data.max_length, "prompt_tokens": e.prompt_tokens,
         "reference_tokens": e.reference_tokens, "decoding": "greedy",
         "bootstrap_resamples": e.bootstrap_resamples, "dtype": str(dtype).replace("torch.", ""),
-        "tokens_scored": int(sum(len(s) - 1 for s in seqs)), "batch_size": e.batch_size,
-        "device": str(device()),
+        "tokens_scored": int(sum(len(s) - 1 if s.mask is None else sum(s.mask[1:]) for s in seqs)),
+        "batch_size": e.batch_size, "device": str(device()),
     }  # fmt: skip
     metrics = {"models": scores, "speed": speed, "settings": settings}
     write_json(Path(paths.metrics) / "eval.json", metrics)
-    write_text(
-        Path(paths.metrics) / "eval.md", eval_markdown(scores, settings, references[:3], examples, speed)
-    )
+    firsts = [refs[0] for refs in references[:3]]
+    write_text(Path(paths.metrics) / "eval.md", eval_markdown(scores, settings, firsts, examples, speed))
     return {name: {m: round(v["value"], 4) for m, v in per.items()} for name, per in scores.items()}
 
 

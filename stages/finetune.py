@@ -20,7 +20,7 @@ import pandas as pd
 
 from lmtune import tracking
 from lmtune.artifacts import atomic_dir, save_config, write_json
-from lmtune.data import read_split, tokenize
+from lmtune.data import read_sequences
 from lmtune.modeling import add_lora, load_for_training, load_tokenizer, save_adapter, set_threads
 from lmtune.runner import run_stage
 from lmtune.training import peak_memory_gib, train
@@ -32,8 +32,10 @@ def run(cfg) -> dict:
     set_threads(cfg.train.threads)
     paths, metrics_dir = cfg.paths, Path(cfg.paths.metrics)
     tokenizer = load_tokenizer(paths.base)
-    train_seqs = tokenize(read_split(paths.processed, "train"), tokenizer, cfg.data.max_length)
-    val_seqs = tokenize(read_split(paths.processed, "validation"), tokenizer, cfg.data.max_length)
+    train_seqs, val_seqs = (
+        read_sequences(paths.processed, "train"),
+        read_sequences(paths.processed, "validation"),
+    )
     model = add_lora(
         load_for_training(paths.base, cfg.quant, cfg.train.gradient_checkpointing), cfg.lora, cfg.seed
     )

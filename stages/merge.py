@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from lmtune.artifacts import atomic_dir, save_config, write_json
-from lmtune.data import collate, read_split, tokenize
+from lmtune.data import collate, read_sequences
 from lmtune.modeling import DTYPES, device, load_base_with_adapter, load_tokenizer
 from lmtune.runner import run_stage
 
@@ -23,8 +23,8 @@ def run(cfg) -> dict:
     paths = cfg.paths
     tokenizer = load_tokenizer(paths.adapter)
     model = load_base_with_adapter(paths.base, paths.adapter, DTYPES[cfg.merge.dtype])
-    texts = read_split(paths.processed, "validation")[: cfg.merge.check_passages]
-    batch = collate(tokenize(texts, tokenizer, cfg.data.max_length), tokenizer.pad_token_id)
+    seqs = read_sequences(paths.processed, "validation")[: cfg.merge.check_passages]
+    batch = collate(seqs, tokenizer.pad_token_id)
     inputs = {
         "input_ids": batch["input_ids"].to(device()),
         "attention_mask": batch["attention_mask"].to(device()),

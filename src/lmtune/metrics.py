@@ -1,7 +1,9 @@
-"""Scores of a causal LM on held-out passages, with bootstrap confidence intervals.
+"""Scores of a causal LM on held-out data, with bootstrap confidence intervals.
 
-Likelihood metrics use every token of every passage; generation metrics continue the first
-`prompt_tokens` tokens of each passage greedily and compare with the next `reference_tokens`.
+Likelihood metrics use every learned token of every test sequence (all of a passage's; only the
+answers of a conversation). Generation metrics: for text, the first `prompt_tokens` tokens of a
+passage continued greedily against the next `reference_tokens`; for conversations, each test
+question answered greedily against the answers the split gives it (exact match, answer F1).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from lmtune import LmtuneError
 from lmtune.data import collate
 from lmtune.modeling import device
 
-GENERATION_METRICS = ("token_f1", "rouge1", "rouge2", "rougeL", "bleu")
-ALL_METRICS = ("perplexity", "token_accuracy", *GENERATION_METRICS)
+LIKELIHOOD_METRICS = ("perplexity", "token_accuracy")
+TEXT_METRICS = ("rouge1", "rouge2", "rougeL", "bleu")  # of a generation against its reference
+ANSWER_METRICS = ("exact_match", "answer_f1")  # conversations: of an answer against the accepted ones
 
 
 class EvaluationError(LmtuneError, ValueError):
@@ -100,36 +103,41 @@ def corpus_bleu_from_stats(stats: list[dict]) -> float:
     return BLEU.compute_bleu(counts, totals, sys_len, ref_len, smooth_method="exp").score
 
 
-def generation_per_example(predictions: list[str], references: list[str], source: str = "local") -> dict:
-    """Per-example token F1 and ROUGE, and BLEU sufficient statistics, via `evaluate` modules.
-    source="hub" uses the hub's rouge/sacrebleu modules instead (needs network) for the means."""
-    f1 = _load_local("token_f1").compute(predictions=predictions, references=references)
-    rouge = _load_local("rouge").compute(predictions=predictions, references=references)
-    bleu = _load_local("bleu").compute(predictions=predictions, references=references)
-    per = {"token_f1": np.array(f1["per_example"]), "bleu_stats": bleu["per_example"]}
-    per.update({k: np.array(v) for k, v in rouge["per_example"].items()})
+def generation_per_example(predictions: list[str], references: list[list[str]], answers: bool = False,
+                           source: str = "local") -> dict:  # fmt: skip
+    """Per-example scores via `evaluate` modules: ROUGE against the first reference and BLEU's
+    sufficient statistics; with `answers`, exact match and answer F1 against every accepted answer.
+    source="hub" adds the hub's rouge/sacrebleu means as a cross-check (needs network)."""
+    first = [refs[0] for refs in references]
+    rouge = _load_local("rouge").compute(predictions=predictions, references=first)
+    bleu = _load_local("bleu").compute(predictions=predictions, references=first)
+    per = {"bleu_stats": bleu["per_example"], **{k: np.array(v) for k, v in rouge["per_example"].items()}}
+    if answers:
+        scored = _load_local("answer").compute(predictions=predictions, references=references)
+        per.update({k: np.array(v) for k, v in scored["per_example"].items()})
     if source == "hub":  # cross-check with the reference implementations when reachable
         import evaluate
 
         per["hub"] = {
-            **evaluate.load("rouge").compute(predictions=predictions, references=references),
-            "bleu": evaluate.load("sacrebleu").compute(
-                predictions=predictions, references=[[r] for r in references]
-            )["score"],
+            **evaluate.load("rouge").compute(predictions=predictions, references=first),
+            "bleu": evaluate.load("sacrebleu").compute(predictions=predictions, references=references)[
+                "score"
+            ],
         }
     return per
 
 
 def metric_functions(likelihood: dict, generation: dict | None) -> dict[str, Callable]:
-    """metric name → f(indices) computing it on a subset of passages (for the bootstrap)."""
+    """metric name → f(indices) computing it on a subset of examples (for the bootstrap)."""
     fns: dict[str, Callable] = {
         "perplexity": lambda idx: _perplexity(likelihood, idx),
         "token_accuracy": lambda idx: float(likelihood["hits"][idx].sum() / likelihood["count"][idx].sum()),
     }
     if generation is not None:
         stats = generation["bleu_stats"]
-        for name in ("token_f1", "rouge1", "rouge2", "rougeL"):
-            fns[name] = lambda idx, a=generation[name]: float(a[idx].mean())
+        for name in (*ANSWER_METRICS, "rouge1", "rouge2", "rougeL"):
+            if name in generation:
+                fns[name] = lambda idx, a=generation[name]: float(a[idx].mean())
         fns["bleu"] = lambda idx: corpus_bleu_from_stats([stats[i] for i in idx])
     return fns
 
@@ -146,7 +154,7 @@ def bootstrap(models: dict[str, dict[str, Callable]], sizes: dict[str, int], bas
         if n < min_examples:
             raise EvaluationError(
                 f"{metric}: only {n} test examples; bootstrap intervals need at least {min_examples}. "
-                "Raise eval.max_passages or data.test_fraction."
+                "Raise eval.max_examples, eval.generation_examples or data.test_fraction."
             )
     rng = np.random.default_rng(seed)
     draws = {n: rng.integers(0, n, size=(resamples, n)) for n in set(sizes.values())}
@@ -170,13 +178,14 @@ def _interval(values: np.ndarray) -> list[float]:
 EXPLAIN = {
     "perplexity": "exp(mean negative log-likelihood) over every predicted token; lower is better",
     "token_accuracy": "share of tokens where the top-1 prediction is the true next token",
-    "token_f1": "word-overlap F1 between the greedy continuation and the reference (SQuAD-style)",
+    "exact_match": "share of answers equal to an accepted answer after SQuAD normalisation",
+    "answer_f1": "SQuAD answer F1: word overlap with the best-matching accepted answer, normalised",
     "rouge1": "ROUGE-1 F-measure: unigram overlap (rouge_score, no stemming)",
     "rouge2": "ROUGE-2 F-measure: bigram overlap",
     "rougeL": "ROUGE-L F-measure: longest common subsequence",
     "bleu": "corpus BLEU (sacreBLEU defaults), 0-100",
 }
-_PERCENT = {"token_accuracy", "token_f1", "rouge1", "rouge2", "rougeL"}
+_PERCENT = {"token_accuracy", "exact_match", "answer_f1", "rouge1", "rouge2", "rougeL"}
 
 
 def _fmt(metric: str, value: float, signed: bool = False) -> str:
@@ -194,11 +203,18 @@ def eval_markdown(scores: dict, settings: dict, references: list[str], examples:
     lines = [
         "# Evaluation",
         "",
-        f"Test split: {settings['passages']} passages ({settings['tokens_scored']} tokens scored) for "
-        f"likelihood metrics; {settings['generation_examples']} greedy continuations of "
-        f"{settings['prompt_tokens']}-token prompts against the next {settings['reference_tokens']} tokens "
-        f"for generation metrics. dtype {settings['dtype']}. Brackets: 95% bootstrap interval "
-        f"({settings['bootstrap_resamples']} resamples of passages); Δ: paired difference vs base.",
+        f"Test split: {settings['passages']} sequences ({settings['tokens_scored']} tokens scored) for "
+        "likelihood metrics; "
+        + (
+            f"{settings['generation_examples']} test questions answered greedily (up to "
+            f"{settings['reference_tokens']} tokens, through the chat template) for answer metrics, "
+            "against every answer the split gives each question"
+            if settings.get("format") == "chat"
+            else f"{settings['generation_examples']} greedy continuations of {settings['prompt_tokens']}-token "
+            f"prompts against the next {settings['reference_tokens']} tokens for generation metrics"
+        )
+        + f". dtype {settings['dtype']}. Brackets: 95% bootstrap interval "
+        f"({settings['bootstrap_resamples']} resamples of examples); Δ: paired difference vs base.",
         "",
         "| metric | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
@@ -223,7 +239,7 @@ def eval_markdown(scores: dict, settings: dict, references: list[str], examples:
                                                        for n in names) + " |"]  # fmt: skip
     lines += ["", "## What each metric is", ""]
     lines += [f"- **{m}**: {EXPLAIN[m]}" for m in scores[names[0]]]
-    lines += ["", "## First continuations", ""]
+    lines += ["", "## First answers" if settings.get("format") == "chat" else "## First continuations", ""]
     for i, reference in enumerate(references):
         lines.append(f"**Reference {i + 1}:** {reference.strip()!r}")
         lines += [f"- {name}: {examples[name][i].strip()!r}" for name in names]

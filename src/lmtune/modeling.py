@@ -170,6 +170,8 @@ def build_base(cfg: DictConfig, out_dir: Path, texts: list[str] | None = None) -
         model, tokenizer, origin = _from_pretrained(cfg.model)
     if cfg.model.dtype != "auto":
         model = model.to(DTYPES[cfg.model.dtype])
+    if tokenizer.chat_template is None and cfg.model.chat_template:  # for chat data; a model's own wins
+        tokenizer.chat_template = cfg.model.chat_template
     if tokenizer.pad_token is None:  # Llama-2 has none; padding is masked, so EOS is safe
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
@@ -34,14 +35,20 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def fingerprint(cfg: DictConfig) -> str:
-    """What a checkpoint must match to be resumed: everything that shapes training."""
+def fingerprint(cfg: DictConfig, train_seqs: list[list[int]]) -> str:
+    """What a checkpoint must match to be resumed: everything that shapes training, the training
+    data itself included (an edited data set must not resume an old run)."""
     keys = ("seed", "model", "data", "quant", "lora", "train")
     relevant = OmegaConf.to_container(cfg, resolve=True)
     relevant = {k: relevant[k] for k in keys}
     for volatile in ("threads", "checkpoint_every", "keep_checkpoints"):
         relevant["train"].pop(volatile, None)
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
+    for seq in train_seqs:
+        digest.update(np.asarray(seq, dtype=np.int64).tobytes())
+        mask = getattr(seq, "mask", None)
+        digest.update(b"|" + (np.asarray(mask, dtype=np.int8).tobytes() if mask is not None else b"") + b";")
+    return digest.hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -193,7 +200,7 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, tc.warmup_steps, tc.max_steps)
     initial = lora_state(model)  # LoRA init is seeded, so this holds after a resume too
-    fp = fingerprint(cfg)
+    fp = fingerprint(cfg, train_seqs)
     state = {"step": 0, "fingerprint": fp, "train_curve": [], "val_curve": [], "tokens": 0, "seconds": 0.0}
     resumed_from = None
     if checkpoint := latest_checkpoint(checkpoint_dir, fp):

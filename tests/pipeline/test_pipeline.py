@@ -21,15 +21,14 @@ SECRET = "hf_never_log_this_0123456789"  # set as HF_TOKEN for every command the
 BIN = Path(sys.executable).parent
 ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots of the UI test (git-ignored)
 
+TOKENIZER = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
 EXPECTED_FILES = {
-    "models/base": {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-                    "tokenizer_config.json", "config.yaml", "source.json"},
-    "models/adapter": {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json",
-                       "tokenizer_config.json", "config.yaml", "README.md"},  # no run id: see tracking.py
-    "models/merged": {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-                      "tokenizer_config.json", "config.yaml"},
-    "models/quantized": {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-                         "tokenizer_config.json", "config.yaml"},
+    "models/base": {"model.safetensors", "config.json", "generation_config.json", "config.yaml", "source.json",
+                    *TOKENIZER},
+    "models/adapter": {"adapter_model.safetensors", "adapter_config.json", "config.yaml", "README.md",
+                       *TOKENIZER},  # no run id: see tracking.py
+    "models/merged": {"model.safetensors", "config.json", "generation_config.json", "config.yaml", *TOKENIZER},
+    "models/quantized": {"model.safetensors", "config.json", "generation_config.json", "config.yaml", *TOKENIZER},
     "data/processed": {"train.parquet", "validation.parquet", "test.parquet"},
 }  # fmt: skip
 
@@ -92,15 +91,7 @@ def test_every_metric_is_finite_and_training_changed_the_model(repo):
     assert list(models) == ["base", "base_4bit", "base_4bit_adapter", "merged", "merged_int8_weight_only"]
     assert models["base"]["perplexity"]["value"] != models["merged"]["perplexity"]["value"]
     for name, metrics in models.items():
-        assert set(metrics) == {
-            "perplexity",
-            "token_accuracy",
-            "token_f1",
-            "rouge1",
-            "rouge2",
-            "rougeL",
-            "bleu",
-        }
+        assert set(metrics) == {"perplexity", "token_accuracy", "rouge1", "rouge2", "rougeL", "bleu"}
         for entry in metrics.values():
             lo, hi = entry["ci95"]
             assert lo <= entry["value"] <= hi or math.isclose(lo, hi)
@@ -123,7 +114,7 @@ def test_merged_logits_equal_base_plus_adapter(repo):
 def test_samples_page_shows_both_models_side_by_side(repo):
     dest, _ = repo
     page = (dest / "metrics/samples.md").read_text()
-    assert "| Prompt | Base model | Fine-tuned |" in page and "HAMLET:" in page
+    assert "| Prompt | Reference | Base model | Fine-tuned |" in page and "HAMLET:" in page
     rows = [json.loads(line) for line in (dest / "metrics/samples.jsonl").read_text().splitlines()]
     assert sorted({r["model"] for r in rows}) == ["base", "merged"] and len(rows) == 4
 
@@ -443,3 +434,40 @@ def test_hydra_multirun_on_finetune_writes_each_job_apart(repo):
     assert (dest / "models/adapter/adapter_model.safetensors").read_bytes() == adapter  # pipeline untouched
     bad = sh(sys.executable, "stages/merge.py", "--multirun", "merge.dtype=fp32,bf16", cwd=dest, check=False)
     assert bad.returncode == 2 and "make sweep" in bad.stderr
+
+
+CHATS = [  # a user's own chat data: some multi-turn, some with a system prompt
+    {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}"}]}
+    for a in range(12) for b in range(12)
+] + [
+    {"messages": [{"role": "system", "content": "Answer in words."}, {"role": "user", "content": f"Double {a}?"},
+                  {"role": "assistant", "content": f"It is {2 * a}."}, {"role": "user", "content": "And half?"},
+                  {"role": "assistant", "content": f"Half of {a} is {a / 2}."}]}
+    for a in range(40)
+]  # fmt: skip
+
+
+def test_your_own_chat_data_trains_on_answers_is_judged_on_answers_and_versioned(repo):
+    """Runs last: the user's JSONL of messages in data/own/, through the whole pipeline; then an edit
+    to it makes prepare (and what follows, not base) out of date."""
+    dest, _ = repo
+    data = dest / "data/own/chats.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in CHATS))
+    sh(sys.executable, "-m", "lmtune.params", "--force", "experiment=smoke", "data=files", "data.format=chat",
+       "data.files=[data/own/chats.jsonl]", "data.test_fraction=0.1", cwd=dest)  # fmt: skip
+    sh("dvc", "repro", cwd=dest)
+    prepared = json.loads((dest / "metrics/prepare.json").read_text())
+    assert prepared["format"] == "chat" and prepared["rows"] == len(CHATS)
+    train = pd.read_parquet(dest / "data/processed/train.parquet")
+    assert all(0 < sum(m) < len(m) for m in train["loss_mask"])  # answers learned, prompts not
+    models = json.loads((dest / "metrics/eval.json").read_text())["models"]
+    for name in ("base", "merged"):
+        assert {"exact_match", "answer_f1"} <= set(models[name]), name
+        lo, hi = models[name]["answer_f1"]["ci95"]
+        assert lo <= models[name]["answer_f1"]["value"] <= hi
+    page = (dest / "metrics/samples.md").read_text()
+    assert "What is" in page or "Double" in page  # the test split's questions, not Shakespeare's prompts
+    assert "HAMLET" not in page
+    data.write_text(data.read_text().replace("It is", "That is"))
+    changed = set(json.loads(sh("dvc", "status", "--json", cwd=dest).stdout))
+    assert "prepare" in changed and "base" not in changed

@@ -19,7 +19,10 @@ def group_options():
 
 @pytest.mark.parametrize("override", list(group_options()))
 def test_every_conf_option_composes_and_validates(override):
-    needs = {"data=files": ["data.files=[corpus.jsonl]"]}  # options the user must complete
+    needs = {
+        "data=files": ["data.files=[corpus.jsonl]"],
+        "data=hub": ["data.hub_id=someone/data"],
+    }  # the user completes
     cfg = compose_conf([override, *needs.get(override, [])], conf_dir=CONF)
     group, option = override.split("=")
     if group in ("model", "data"):

@@ -6,22 +6,23 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from lmtune.corpus import load_rows, parse_play, passages_from_scenes
 from lmtune.data import (
     DataError,
+    Sequence,
     batch_indices,
+    chat_sequence,
     collate,
     collate_packed,
-    load_corpus,
     pack,
-    parse_play,
-    passages_from_scenes,
     split,
+    text_windows,
 )
 from lmtune.params import compose_conf
 
 DEFAULT_DATA = compose_conf(
     [], conf_dir=Path(__file__).resolve().parents[2] / "conf"
-).data  # conf/'s data=shakespeare
+).data  # data=shakespeare
 
 PLAY = """# Hamlet
 
@@ -101,44 +102,153 @@ def test_collate_masks_padding_right_and_left():
     assert left["input_ids"].dtype == torch.long
 
 
-def test_the_shipped_corpus_loads():
-    rows = load_corpus(DEFAULT_DATA)
-    assert len(rows) > 5000
+def test_the_shipped_corpora_load():
+    rows, dropped = load_rows(DEFAULT_DATA)
+    assert len(rows) > 5000 and dropped["too_short"] > 0
     assert len({r["source"] for r in rows}) == 38
     assert all(r["text"].split("\n")[0].endswith(":") for r in rows[:100])
+    chat = compose_conf(["data=chatterbot_qa"], conf_dir=Path(__file__).resolve().parents[2] / "conf").data
+    rows, dropped = load_rows(chat)
+    assert len(rows) > 800 and dropped["duplicate"] > 0  # the corpus repeats many conversations
+    assert all(r["messages"][0]["role"] == "user" and r["messages"][-1]["role"] == "assistant" for r in rows)
 
 
 def files_cfg(tmp_path, name, content, **kw):
     path = tmp_path / name
-    path.write_text(content)
-    return OmegaConf.merge(DEFAULT_DATA, {"source": "files", "files": [str(path)], "min_chars": 1, **kw})
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return OmegaConf.merge(
+        compose_conf(
+            ["data=files", "data.files=[x]"], conf_dir=Path(__file__).resolve().parents[2] / "conf"
+        ).data,
+        {"files": [str(path)], "dir": str(tmp_path), "min_chars": 1, **kw},
+    )
 
 
-def test_local_files_load(tmp_path):
-    rows = load_corpus(files_cfg(tmp_path, "a.jsonl", '{"text": "one"}\n\n{"text": "two"}\n'))
-    assert [r["text"] for r in rows] == ["one", "two"]
-    rows = load_corpus(files_cfg(tmp_path, "a.txt", "first block\nline\n\nsecond\n"))
-    assert [r["text"] for r in rows] == ["first block\nline", "second"]
+def texts(cfg):
+    return [r["text"] for r in load_rows(cfg)[0]]
+
+
+def test_every_file_format_loads_through_datasets(tmp_path):
+    import pandas as pd
+
+    assert texts(files_cfg(tmp_path, "a.jsonl", '{"text": "one"}\n\n{"text": "two"}\n')) == ["one", "two"]
+    assert texts(files_cfg(tmp_path, "b.txt", "first block\nline\n\nsecond\n")) == [
+        "first block\nline",
+        "second",
+    ]
+    assert texts(files_cfg(tmp_path, "c.csv", 'id,body\n1,"a, b"\n2,c\n', text_column="body")) == [
+        "a, b",
+        "c",
+    ]
+    pd.DataFrame({"text": ["p", "q"]}).to_parquet(tmp_path / "d.parquet")
+    assert texts(files_cfg(tmp_path, "e.json", '[{"text": "r"}]', files=[str(tmp_path / "d.parquet")])) == [
+        "p",
+        "q",
+    ]
+    assert texts(files_cfg(tmp_path, "f.json", '[{"text": "r"}, {"text": "s"}]')) == ["r", "s"]
+    globbed = files_cfg(tmp_path, "g.jsonl", '{"text": "t"}\n', files=[str(tmp_path / "[ag].jsonl")])
+    assert texts(globbed) == ["one", "two", "t"]  # sorted by file name
+
+
+def test_cleaning_counts_what_it_drops(tmp_path):
+    rows = (
+        '{"text": "same"}\n{"text": "same"}\n{"text": ""}\n{"text": null}\n{"text": "x"}\n{"text": "kept"}\n'
+    )
+    kept, dropped = load_rows(files_cfg(tmp_path, "a.jsonl", rows, min_chars=2))
+    assert [r["text"] for r in kept] == ["same", "kept"]
+    assert dropped == {"duplicate": 1, "empty": 2, "too_short": 1}
 
 
 @pytest.mark.parametrize(
     "name, content, kw, match",
     [
-        ("bad.jsonl", '{"text": "ok"}\n{"text": broken\n', {}, r"bad\.jsonl:2: not valid JSON"),
+        ("bad.jsonl", '{"text": "ok"}\n{"text": broken\n', {}, r"bad\.jsonl: cannot be read as json"),
         ("col.jsonl", json.dumps({"body": "x"}) + "\n", {}, r"col\.jsonl:1: no 'text' field"),
-        ("empty.txt", "\n\n", {}, "corpus is empty"),
-        ("a.csv", "text\nx\n", {}, "unsupported file type"),
+        ("dict.jsonl", '{"text": "ok"}\n{"text": {"a": 1}}\n', {}, r"dict\.jsonl:2: 'text' is a dict"),
+        ("chat.jsonl", '{"messages": "hi"}\n', {"format": "chat"}, r"chat\.jsonl:1: 'messages' must be a list"),
+        ("turns.jsonl", '{"messages": [{"role": "user", "content": "q"}]}\n', {"format": "chat"},
+         r"turns\.jsonl:1: .*must end with an assistant turn"),
+        ("empty.txt", "\n\n", {}, "no usable row"),
+        ("a.xml", "<a/>", {}, "unsupported file type"),
+        ("latin1.txt", "caf\xe9 au lait\n".encode("latin-1"), {}, r"latin1\.txt: not UTF-8 text"),
     ],
-)
-def test_bad_input_names_the_file_and_line(tmp_path, name, content, kw, match):
+)  # fmt: skip
+def test_bad_input_names_the_file_and_row(tmp_path, name, content, kw, match):
     with pytest.raises(DataError, match=match):
-        load_corpus(files_cfg(tmp_path, name, content, **kw))
+        load_rows(files_cfg(tmp_path, name, content, **kw))
 
 
-def test_missing_file_is_named(tmp_path):
-    cfg = OmegaConf.merge(DEFAULT_DATA, {"source": "files", "files": [str(tmp_path / "nope.jsonl")]})
-    with pytest.raises(DataError, match="nope.jsonl not found"):
-        load_corpus(cfg)
+def test_bad_rows_can_be_skipped_and_are_counted(tmp_path):
+    rows = '{"text": "ok"}\n{"text": {"a": 1}}\n{"body": "x"}\n{"text": "fine"}\n'
+    kept, dropped = load_rows(files_cfg(tmp_path, "a.jsonl", rows, on_bad_row="skip"))
+    # datasets reads a file as columns: a row without the field holds null there, an empty row
+    assert [r["text"] for r in kept] == ["ok", "fine"] and dropped == {"bad_row": 1, "empty": 1}
+
+
+def test_missing_and_unwatched_files_are_named(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.jsonl matches no file"):
+        load_rows(files_cfg(tmp_path, "a.jsonl", '{"text": "x"}\n', files=[str(tmp_path / "nope.jsonl")]))
+    outside = files_cfg(tmp_path, "a.jsonl", '{"text": "x"}\n', dir=str(tmp_path / "watched"))
+    with pytest.raises(DataError, match=r"outside data\.dir=.*watched.*Move \(or link\) it"):
+        load_rows(outside)
+
+
+def test_chat_rows_from_messages_or_prompt_and_response(tmp_path):
+    lines = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                           {"role": "assistant", "content": "Hello."}]},
+             {"prompt": "2+2?", "response": "4"}]  # fmt: skip
+    cfg = files_cfg(tmp_path, "c.jsonl", "".join(json.dumps(x) + "\n" for x in lines), format="chat")
+    rows = [r["messages"] for r in load_rows(cfg)[0]]
+    assert rows[0][0] == {"role": "system", "content": "Be brief."}
+    assert rows[1] == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+
+
+def test_the_hub_offline_fails_at_once_saying_so(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = compose_conf(
+        ["data=hub", "data.hub_id=someone/some-data"], conf_dir=Path(__file__).resolve().parents[2] / "conf"
+    )
+    began = time.perf_counter()
+    with pytest.raises(DataError, match=r"hub_id=someone/some-data: HF_HUB_OFFLINE=1.*data=files"):
+        load_rows(cfg.data)
+    assert time.perf_counter() - began < 5
+
+
+def test_long_text_becomes_windows_and_nothing_is_lost(tiny_seqs):
+    _, tokenizer = tiny_seqs
+    text = " ".join(f"word{i}" for i in range(300))
+    ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    windows = text_windows(text, tokenizer, max_length=64, stride=64)
+    assert len(windows) > 1 and all(len(w) <= 64 for w in windows)
+    assert [t for w in windows for t, m in zip(w, w.mask, strict=True) if m] == ids  # cut, nothing lost
+    overlapping = text_windows(text, tokenizer, max_length=64, stride=32)
+    learned = [t for w in overlapping for t, m in zip(w, w.mask, strict=True) if m]
+    assert learned == ids  # overlap is context only: every token is learned exactly once
+    assert text_windows("short", tokenizer, 64, 64)[0].mask is None
+
+
+def test_chat_template_masks_everything_but_the_answers(tiny_seqs):
+    """Multi-turn: every assistant turn carries loss, no prompt token does."""
+    _, tokenizer = tiny_seqs
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    messages = [{"role": "user", "content": "to be or"}, {"role": "assistant", "content": "not to be"},
+                {"role": "user", "content": "that is"}, {"role": "assistant", "content": "the question"}]  # fmt: skip
+    seq = chat_sequence(messages, tokenizer)
+    learned = tokenizer.decode([t for t, m in zip(seq, seq.mask, strict=True) if m])
+    assert "not to be" in learned and "the question" in learned
+    assert "to be or" not in learned and "that is" not in learned and "<|user|>" not in learned
+    labels = collate([seq], pad_id=0)["labels"][0]
+    assert (labels == -100).sum() == seq.mask.count(0)  # masked tokens carry no loss
+    packed = collate_packed([seq, Sequence([5, 6, 7])], pad_id=0, capacity=256)["labels"]
+    assert int((packed != -100).sum()) == sum(seq.mask[1:]) + 2  # packing keeps each row's own mask
 
 
 def test_pack_keeps_every_sequence_whole_within_capacity():

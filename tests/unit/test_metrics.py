@@ -27,8 +27,12 @@ REFERENCES = [
 ]
 
 
+def refs(references):
+    return [[r] for r in references]
+
+
 def test_bleu_and_rouge_equal_sacrebleu_and_rouge_score():
-    per = generation_per_example(PREDICTIONS, REFERENCES)
+    per = generation_per_example(PREDICTIONS, refs(REFERENCES))
     fns = metric_functions({"nll": np.ones(5), "hits": np.ones(5), "count": np.ones(5)}, per)
     everything = np.arange(len(PREDICTIONS))
     assert fns["bleu"](everything) == pytest.approx(corpus_bleu(PREDICTIONS, [REFERENCES]).score, abs=1e-9)
@@ -40,24 +44,28 @@ def test_bleu_and_rouge_equal_sacrebleu_and_rouge_score():
         assert fns[kind](everything) == pytest.approx(expected, abs=1e-12)
 
 
-def test_token_f1_cases():
-    per = generation_per_example(
-        ["the cat sat", "", "", "A, b!", "x"], ["cat the mat", "", "ref", "a b", "y"]
-    )
-    assert per["token_f1"].tolist() == pytest.approx([2 / 3, 1.0, 0.0, 1.0, 0.0])
+def test_exact_match_and_answer_f1_follow_squad():
+    """Normalised (case, punctuation, articles), best of the accepted answers."""
+    predictions = ["The Cat sat.", "", "", "A, b!", "x", "Paris", "a dog"]
+    accepted = [["cat sat mat"], [""], ["ref"], ["b"], ["y"], ["London", "paris"], ["the dog", "dogs"]]
+    per = generation_per_example(predictions, accepted, answers=True)
+    assert per["answer_f1"].tolist() == pytest.approx([0.8, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+    assert per["exact_match"].tolist() == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+    text_only = generation_per_example(predictions, accepted)
+    assert "answer_f1" not in text_only and "exact_match" not in text_only  # not for text continuations
 
 
 def test_references_shorter_than_m_and_passages_too_short_for_a_prompt():
     seqs = [list(range(10)), list(range(5)), list(range(4)), list(range(3))]
     pairs = generation_pairs(seqs, prompt_tokens=4, reference_tokens=3)
     assert pairs == [([0, 1, 2, 3], [4, 5, 6]), ([0, 1, 2, 3], [4])]  # second: shorter than M; others dropped
-    per = generation_per_example(["four", "x y z"], ["four", "x"])  # a short reference still scores
-    assert per["token_f1"].tolist() == pytest.approx([1.0, 0.5])
+    per = generation_per_example(["four", "x y z"], [["four"], ["x"]])  # a short reference still scores
+    assert per["rouge1"].tolist() == pytest.approx([1.0, 0.5])
 
 
 def test_empty_generations_score_zero_without_errors():
-    per = generation_per_example(["", ""], ["a reference", "another"])
-    assert per["token_f1"].tolist() == [0.0, 0.0] and per["rouge1"].tolist() == [0.0, 0.0]
+    per = generation_per_example(["", ""], [["a reference"], ["another"]], answers=True)
+    assert per["answer_f1"].tolist() == [0.0, 0.0] and per["rouge1"].tolist() == [0.0, 0.0]
     fns = metric_functions({"nll": np.ones(2), "hits": np.ones(2), "count": np.ones(2)}, per)
     assert fns["bleu"](np.arange(2)) == 0.0
 
@@ -91,7 +99,7 @@ def test_bootstrap_intervals_and_paired_deltas():
 
 def test_too_few_passages_for_the_bootstrap_is_a_clear_error():
     fns = {"base": metric_functions({"nll": np.ones(3), "hits": np.ones(3), "count": np.ones(3)}, None)}
-    with pytest.raises(EvaluationError, match=r"only 3 test examples.*eval\.max_passages"):
+    with pytest.raises(EvaluationError, match=r"only 3 test examples.*eval\.max_examples"):
         bootstrap(fns, {"perplexity": 3}, "base", resamples=10, seed=0)
 
 
@@ -110,8 +118,8 @@ class OnlyEos(torch.nn.Module):
 def test_a_model_that_emits_only_the_end_token():
     out = greedy_continuations(OnlyEos(2), [[5, 6], [7]], 8, pad_id=2, eos_id=2, batch_size=2)
     assert out == [[], []]
-    per = generation_per_example(["", ""], ["x y", "z"])
-    assert per["token_f1"].sum() == 0
+    per = generation_per_example(["", ""], [["x y"], ["z"]], answers=True)
+    assert per["answer_f1"].sum() == 0 and per["exact_match"].sum() == 0
 
 
 def test_greedy_continuations_are_the_same_batched_or_one_by_one(tiny_base, tiny_seqs):

@@ -1,6 +1,7 @@
 """Bad input fails early and clearly; tracking trouble never costs the user their outputs."""
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -65,13 +66,25 @@ def test_unwritable_output_folder_fails_before_work(tmp_path, monkeypatch, capsy
     assert "paths.adapter=/proc/lmtune/adapter" in capsys.readouterr().err
 
 
-def test_every_passage_longer_than_the_context_is_refused(tmp_path, tiny_base, monkeypatch):
+def test_conversations_longer_than_the_context_are_refused_text_is_windowed(tmp_path, tiny_base, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = cfg_with(data={"max_length": 4, "max_passages": 200},
-                   paths={"base": str(tiny_base), "processed": "processed", "metrics": "metrics"})  # fmt: skip
-    with pytest.raises(Exception, match=r"every training passage is longer than data\.max_length=4"):
-        stage("prepare").run(cfg)
+    base = shutil.copytree(tiny_base, tmp_path / "base")  # given a chat template below
+    paths = {"base": str(base), "processed": "processed", "metrics": "metrics"}
+    chat = OmegaConf.merge(
+        cfg_with(paths=paths), {"data": compose_conf(["data=chatterbot_qa"], conf_dir=ROOT / "conf").data}
+    )
+    chat.data.max_length = 4
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = cfg_with().model.chat_template
+    tokenizer.save_pretrained(base)
+    with pytest.raises(Exception, match=r"every row is longer than data\.max_length=4 tokens"):
+        stage("prepare").run(chat)
     assert not Path("processed").exists()  # nothing half-written
+    text = cfg_with(data={"max_length": 16, "max_samples": 50}, paths=paths)
+    metrics = stage("prepare").run(text)  # long passages become windows: nothing refused, nothing cut
+    assert metrics["train"]["sequences"] > metrics["train"]["rows"] and metrics["train"]["tokens_max"] <= 16
 
 
 def test_corrupted_checkpoint_is_named_on_resume(tmp_path, tiny_base, tiny_seqs):
