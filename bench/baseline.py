@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from lmtune.config import load
-from lmtune.data import read_split, tokenize
+from lmtune.data import read_sequences
 from lmtune.modeling import load_tokenizer, resolve_dtype
 from lmtune.training import validation_loss
 
@@ -105,8 +105,8 @@ def main() -> None:
     cfg = load(overrides)
     dtype = resolve_dtype(cfg.quant.bnb_4bit_compute_dtype)
     tokenizer = load_tokenizer(cfg.paths.base)
-    train_seqs = tokenize(read_split(cfg.paths.processed, "train"), tokenizer, cfg.data.max_length)
-    val_seqs = tokenize(read_split(cfg.paths.processed, "validation"), tokenizer, cfg.data.max_length)
+    train_seqs = read_sequences(cfg.paths.processed, "train")
+    val_seqs = read_sequences(cfg.paths.processed, "validation")
     model = load_usual(cfg.paths.base, dtype, cfg.lora)
     useful, seconds = train_usual(model, tokenizer, train_seqs, cfg.train, args.steps, cfg.seed, dtype)
     val = validation_loss(

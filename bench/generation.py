@@ -12,7 +12,7 @@ import time
 import torch
 
 from lmtune.config import load
-from lmtune.data import read_split, tokenize
+from lmtune.data import read_sequences
 from lmtune.generation import greedy_continuations
 from lmtune.modeling import load_full, load_tokenizer, resolve_dtype
 
@@ -28,7 +28,7 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     cfg = load(overrides)
     tokenizer = load_tokenizer(cfg.paths.base)
-    seqs = tokenize(read_split(cfg.paths.processed, "test"), tokenizer, cfg.data.max_length)
+    seqs = read_sequences(cfg.paths.processed, "test")
     prompts = [s[: args.prompt_tokens] for s in seqs if len(s) > args.prompt_tokens][: args.prompts]
     model = load_full(cfg.paths.base, resolve_dtype(args.dtype))  # speed does not depend on fine-tuning
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from report import write_side
 
 from lmtune.config import load
-from lmtune.data import read_split, tokenize
+from lmtune.data import read_sequences
 from lmtune.modeling import add_lora, load_for_training, load_tokenizer
 from lmtune.training import batch_maker, train
 
@@ -47,10 +47,10 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     cfg = load(overrides)
     tokenizer = load_tokenizer(cfg.paths.base)
-    train_seqs = tokenize(read_split(cfg.paths.processed, "train"), tokenizer, cfg.data.max_length)
+    train_seqs = read_sequences(cfg.paths.processed, "train")
     steps = args.steps or steps_for_budget(train_seqs, cfg, tokenizer.pad_token_id, args.tokens)
     cfg = OmegaConf.merge(cfg, {"train": {"max_steps": steps}})
-    val_seqs = tokenize(read_split(cfg.paths.processed, "validation"), tokenizer, cfg.data.max_length)
+    val_seqs = read_sequences(cfg.paths.processed, "validation")
     result = train_lmtune(cfg.paths.base, cfg, train_seqs, val_seqs, tokenizer.pad_token_id)
     side = (f"lmtune (packing={cfg.train.packing}, checkpointing={cfg.train.gradient_checkpointing}, "
             f"{cfg.quant.bits}-bit)")  # fmt: skip

@@ -33,13 +33,13 @@ def micro_batch_rate(overrides: list[str], autocast: bool, steps: int, join: int
     from omegaconf import OmegaConf
 
     from lmtune.config import load
-    from lmtune.data import read_split, tokenize
+    from lmtune.data import read_sequences
     from lmtune.modeling import add_lora, load_for_training, load_tokenizer
     from lmtune.training import batch_maker, micro_batch_loss, prepare_model
 
     cfg = load(overrides)
     tokenizer = load_tokenizer(cfg.paths.base)
-    seqs = tokenize(read_split(cfg.paths.processed, "train"), tokenizer, cfg.data.max_length)
+    seqs = read_sequences(cfg.paths.processed, "train")
     if join > 1:
         seqs = [sum(seqs[i : i + join], [])[: cfg.data.max_length] for i in range(0, len(seqs), join)]
     model = add_lora(

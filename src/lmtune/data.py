@@ -133,7 +133,8 @@ def read_split(processed_dir: str | Path, name: str) -> list[str]:
 
 
 def tokenize(texts: list[str], tokenizer, max_length: int) -> list[list[int]]:
-    """Token ids per passage, ending with EOS so the model learns where a passage stops."""
+    """Token ids per passage, cut at max_length and ending with EOS (tests and benchmarks; prepare
+    makes windows instead, see text_windows)."""
     ids = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length - 1)["input_ids"]
     return [seq + [tokenizer.eos_token_id] for seq in ids]
 

@@ -132,7 +132,7 @@ def test_one_mlflow_run_holds_params_metrics_and_artifacts(repo):
     assert run.data.tags["lmtune.params_hash"] and "dvc_experiment" not in run.data.tags  # plain dvc repro
     assert run.data.params["lora.r"] == "16" and run.data.params["model.name"] == "tiny_random"
     for key in ("train.final_val_loss", "merge.max_logit_diff", "eval.merged.perplexity",
-                "eval.base.perplexity", "sample.merged_tokens_per_second", "prepare.train.passages",
+                "eval.base.perplexity", "sample.merged_tokens_per_second", "prepare.train.sequences",
                 "eval.merged_int8_weight_only.generated_tokens_per_second"):  # fmt: skip
         assert key in run.data.metrics, key
     for stage in ("base", "prepare", "finetune", "merge", "quantize", "evaluate", "sample"):  # wall times

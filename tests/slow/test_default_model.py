@@ -6,7 +6,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from lmtune.config import Config
-from lmtune.data import load_corpus, split, tokenize
+from lmtune.corpus import load_rows
+from lmtune.data import split, tokenize
 from lmtune.modeling import add_lora, build_base, load_for_training, load_tokenizer, lora_state
 from lmtune.params import compose_conf
 from lmtune.training import train
@@ -39,7 +40,7 @@ def test_nf4_training_on_the_real_model_keeps_every_layer_learning_through_valid
         cfg, {"train": {"max_steps": 3, "eval_every": 1, "eval_batches": 1, "batch_size": 2}}
     )
     tokenizer = load_tokenizer(base)
-    rows = split(load_corpus(cfg.data), cfg.seed, 0.05, 0.05, 400)
+    rows = split(load_rows(cfg.data)[0], cfg.seed, 0.05, 0.05, 400)
     seqs = tokenize([r["text"] for r in rows["train"]], tokenizer, 128)
     model = add_lora(load_for_training(base, cfg.quant, False), cfg.lora, cfg.seed)
     before = lora_state(model)
