@@ -1,6 +1,8 @@
 """lmtune: reproducible QLoRA fine-tuning of Llama-family models (DVC + Hydra + MLflow)."""
 
+import logging
 import os
+import warnings
 
 # Offline by default: nothing in the default pipeline may reach a model hub at run time.
 # A user with hub access opts in with HF_HUB_OFFLINE=0.
@@ -11,6 +13,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A tracking server that goes away must not stall training for minutes of HTTP retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+# Known third-party noise that would bury a stage's own lines, silenced by name (nothing else is):
+# torchao's CUDA-only kernels that a CPU build cannot load, torch's notice about enums torchao
+# registers, bitsandbytes' optional hub kernel (never fetched: offline), transformers' rename notice.
+for _name in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+warnings.filterwarnings(
+    "ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning
+)
 
 __version__ = "0.1.0"
 

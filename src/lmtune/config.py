@@ -230,6 +230,38 @@ POSITIVE = (
     "eval.bootstrap_resamples",
     "eval.generation_examples", "sample.num_prompts",
 )  # fmt: skip
+# Numbers a stage would refuse later (torch, transformers): (low, high, low included, high included,
+# may be null). NaN fails every comparison, so it is refused too.
+INF = float("inf")
+RANGES = {
+    "seed": (0, INF, True, False, False),
+    "train.lr": (0, INF, False, False, False),
+    "train.weight_decay": (0, INF, True, False, False),
+    "train.warmup_steps": (0, INF, True, False, False),
+    "train.max_grad_norm": (0, INF, False, False, False),
+    "train.threads": (1, INF, True, False, True),
+    "lora.lora_dropout": (0, 1, True, False, False),
+    "data.min_chars": (0, INF, True, False, False),
+    "data.max_samples": (1, INF, True, False, True),
+    "data.validation_fraction": (0, 1, False, False, False),
+    "data.test_fraction": (0, 1, False, False, False),
+    "eval.max_examples": (1, INF, True, False, True),
+    "sample.temperature": (0, INF, False, False, False),
+    "sample.top_p": (0, 1, False, True, False),
+    "sample.repetition_penalty": (0, INF, False, False, False),
+}
+
+
+def _out_of_range(value, low, high, low_in, high_in, nullable) -> str | None:
+    if value is None:
+        return None if nullable else "must be set"
+    above = value >= low if low_in else value > low
+    below = value <= high if high_in else value < high
+    if above and below:
+        return None
+    return f"must be in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}" + (
+        " or null" if nullable else ""
+    )
 
 
 def _check_semantics(cfg: DictConfig, source: str) -> None:
@@ -243,8 +275,9 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
         value = OmegaConf.select(cfg, key)
         if value is None or value <= 0:
             problems.append(f"{key}={value!r}: must be a positive integer")
-    if not 0 <= cfg.lora.lora_dropout < 1:
-        problems.append(f"lora.lora_dropout={cfg.lora.lora_dropout}: must be in [0, 1)")
+    for key, bounds in RANGES.items():
+        if why := _out_of_range(OmegaConf.select(cfg, key), *bounds):
+            problems.append(f"{key}={OmegaConf.select(cfg, key)!r}: {why}")
     if cfg.quant.qat and cfg.quant.bits != 16:
         problems.append(f"quant.qat={cfg.quant.qat} with quant.bits={cfg.quant.bits}: QAT fake-quantizes a "
                         "16-bit base; use quant=qat_int4 (bits 16), or quant.qat=null for bitsandbytes")  # fmt: skip

@@ -49,7 +49,10 @@ def split(rows: list[dict], seed: int, validation_fraction: float, test_fraction
     n_val = max(1, round(len(order) * validation_fraction))
     n_test = max(1, round(len(order) * test_fraction))
     if len(order) - n_val - n_test < 1:
-        raise DataError(f"only {len(order)} examples: too few for train/validation/test; add data")
+        raise DataError(
+            f"only {len(order)} examples: too few for train/validation/test; add data (a .txt "
+            "file holds one passage per block of lines, blocks separated by a blank line)"
+        )
     pick = lambda keys: [row for key in keys for row in groups[key]]  # noqa: E731
     return {"validation": pick(order[:n_val]), "test": pick(order[n_val : n_val + n_test]),
             "train": pick(order[n_val + n_test :])}  # fmt: skip

@@ -271,6 +271,9 @@ def load_for_training(path: str | Path, quant: DictConfig, gradient_checkpointin
 def add_lora(model, lora: DictConfig, seed: int):
     from peft import LoraConfig, get_peft_model
 
+    widths = [min(m.in_features, m.out_features) for m in model.modules() if hasattr(m, "in_features")]
+    if widths and lora.r > max(widths):  # checked before peft allocates r x width matrices
+        raise ModelError(f"lora.r={lora.r}: larger than every layer of this model (widest {max(widths)}); lower it")
     torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same init
     target = lora.target_modules
     if not isinstance(target, str):

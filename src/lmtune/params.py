@@ -74,7 +74,11 @@ def write_params(cfg: DictConfig, path: Path, overrides: list[str] | None = None
         _, ours = read_header(path)
         current = path.read_text()
         current_body = current.partition("\n")[2] if ours else current
-        if not ours and OmegaConf.create(current_body) != OmegaConf.create(body):
+        try:
+            same = OmegaConf.create(current_body) == OmegaConf.create(body)
+        except Exception:  # noqa: BLE001 - not YAML at all: certainly not what we wrote
+            same = False
+        if not ours and not same:
             diff = "".join(
                 difflib.unified_diff(
                     current_body.splitlines(True),
@@ -115,6 +119,30 @@ def validate_grid(overrides: list[str]) -> int:
     return 0
 
 
+def check_kept(path: Path) -> None:
+    """A params.yaml that is kept (not recomposed) is still checked now, not when a stage starts."""
+    try:
+        body = OmegaConf.load(path)
+    except Exception as err:  # noqa: BLE001 - yaml raises several types
+        raise ConfigError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix it, or recompose it: "
+                          "make params FORCE=1") from None  # fmt: skip
+    validate(body, source=str(path))
+
+
+def pipeline_running(root: Path = Path(".")) -> bool:
+    """Whether a `dvc repro` / `dvc exp run` holds the repository's lock right now."""
+    import zc.lockfile
+
+    lock = root / ".dvc" / "tmp" / "lock"
+    if not lock.parent.is_dir():
+        return False
+    try:
+        zc.lockfile.LockFile(str(lock)).close()
+    except zc.lockfile.LockError:
+        return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Compose conf/ into params.yaml.
 
@@ -126,13 +154,23 @@ def main(argv: list[str] | None = None) -> int:
         return validate_grid([a for a in args if a != "--validate-grid"])
     force, keep = "--force" in args, "--keep" in args
     args = [a for a in args if a not in ("--force", "--keep")]
-    if keep and not args:
-        args = read_header(Path(PARAMS_FILE))[0] or []
+    if pipeline_running():
+        print(f"error: a pipeline is running (dvc holds .dvc/tmp/lock): rewriting {PARAMS_FILE} now would "
+              "record params in dvc.lock that its stages did not use. Wait for it, or stop it.",
+              file=sys.stderr)  # fmt: skip
+        return 2
     try:
+        if keep and not args:
+            args = read_header(Path(PARAMS_FILE))[0] or []
         cfg = compose_conf(args)
         write_params(cfg, Path(PARAMS_FILE), args, force=force)
     except ParamsModified as err:
         if keep:
+            try:
+                check_kept(Path(PARAMS_FILE))
+            except ConfigError as bad:
+                print(f"error: {bad}", file=sys.stderr)
+                return 2
             print(
                 f"note: keeping {PARAMS_FILE}: it holds values not in conf/ "
                 "(from dvc exp apply/-S or an edit). `make params FORCE=1` resets it."
