@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help setup run params repro eval ui test test-slow lint format clean bench gpu-check sweep compare plots
+.PHONY: help setup run params repro eval ui server test test-slow lint format clean bench gpu-check sweep compare plots
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,11 @@ eval: setup  ## rerun only the evaluate stage through DVC
 ui: setup  ## MLflow UI on http://127.0.0.1:5000 (HOST=, PORT= to change)
 	@# one worker and no job runner: MLflow's huey workers would crowd a 2-core machine
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host $(HOST) --port $(PORT) --workers 1
+
+server: setup  ## an MLflow tracking server for a team on http://127.0.0.1:5000 (HOST=, PORT=, STORE=postgresql://...)
+	@# runs log there with MLFLOW_TRACKING_URI=http://HOST:PORT (or tracking.uri=...); artifacts are served through it
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --backend-store-uri $(or $(STORE),sqlite:///$(abspath mlflow-server.db)) \
+	  --artifacts-destination $(abspath mlartifacts-server) --host $(HOST) --port $(PORT) --workers 1
 
 test: setup  ## the test suite (unit + smoke pipeline), offline, CPU
 	$(PY) -m pytest -m "not slow and not gpu" -q

@@ -1,0 +1,42 @@
+"""Running the pipeline's commands in a fresh copy of the repository, as a user would."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+SECRET = "hf_never_log_this_0123456789"  # set as HF_TOKEN for every command the pipeline runs
+
+
+def sh(*cmd, cwd, check=True, env=None):
+    """Run a command as the user would, offline, with a secret in the environment that must never be
+    logged; the user's own MLFLOW_TRACKING_URI is left out unless `env` sets one."""
+    full = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "HF_TOKEN": SECRET}
+    full.pop("MLFLOW_TRACKING_URI", None)
+    full.update(env or {})
+    result = subprocess.run([str(c) for c in cmd], cwd=cwd, env=full, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
+    return result
+
+
+def git(*args, cwd):
+    return sh("git", "-c", "user.name=t", "-c", "user.email=t@t", *args, cwd=cwd)
+
+
+def copy_repo(dest: Path) -> Path:
+    """The repository's tracked and new files (not its outputs) as a new git repository."""
+    files = sh("git", "ls-files", "--cached", "--others", "--exclude-standard", cwd=ROOT).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file() and not name.startswith(("metrics/", "dvc.lock")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    sh("git", "init", "-q", cwd=dest)
+    git("add", "-A", cwd=dest)
+    git("commit", "-qm", "copy", cwd=dest)
+    return dest
