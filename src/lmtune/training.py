@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from lmtune import LmtuneError
+from lmtune import LmtuneError, distributed
 from lmtune.data import batch_indices, collate, collate_rows, pack
 from lmtune.kernels import chunked_cross_entropy, packed_segments, register_varlen_attention
 from lmtune.modeling import device, lora_state, resolve_dtype
@@ -173,6 +173,12 @@ def micro_batch_loss(model, batch: dict, tc: DictConfig) -> torch.Tensor:
     the attention; with train.chunked_loss a frozen plain head computes its loss in chunks.
     No KV cache: with one, transformers ignores the packed positions and rows attend across."""
     extra = packed_segments(batch["position_ids"]) if "position_ids" in batch else {}
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel | FullyShardedDataParallel):
+        # through the wrapper's own forward, which gradient synchronisation hooks into
+        return model(**batch, use_cache=False, **extra).loss
     base = model.get_base_model()
     head = base.get_output_embeddings()
     plain_head = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
@@ -198,6 +204,7 @@ def train(
     tc = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    accelerator = distributed.accelerator(cfg)  # None in a single process
     scheduler = get_cosine_schedule_with_warmup(optimizer, tc.warmup_steps, tc.max_steps)
     initial = lora_state(model)  # LoRA init is seeded, so this holds after a resume too
     fp = fingerprint(cfg, train_seqs)
@@ -210,6 +217,11 @@ def train(
 
     next_batch = batch_maker(train_seqs, cfg, pad_id)
     prepare_model(model, tc)
+    plain = model  # the PeftModel, for its weights; `model` may become the DDP/FSDP wrapper
+    if accelerator is not None:  # the scheduler is stepped here, once per optimizer step, not prepared
+        model, optimizer = accelerator.prepare(model, optimizer)
+        print(f"process {accelerator.process_index + 1} of {accelerator.num_processes}: global batch "
+              f"{tc.batch_size} x {tc.grad_accum} x {accelerator.num_processes} passages", flush=True)  # fmt: skip
     # LoRA weights stay fp32 for the optimizer while the base computes in bf16. Under autocast the
     # adapter matmuls run in bf16 too, and peft skips casting every layer's whole input to fp32 and
     # back (measured 1.3x per step on this CPU). fp16 would need a gradient scaler: not autocast.
@@ -217,13 +229,20 @@ def train(
     autocast = torch.autocast(device().type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     model.train()
-    bar = tqdm(total=tc.max_steps, initial=state["step"], desc="finetune", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=tc.max_steps,
+        initial=state["step"],
+        desc="finetune",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not distributed.is_main(),
+    )
     while state["step"] < tc.max_steps:
         step = state["step"]
         started = time.perf_counter()
         loss_sum, tokens = 0.0, 0
         for micro in range(tc.grad_accum):
-            batch, useful = next_batch(step * tc.grad_accum + micro)
+            batch, useful = next_batch(distributed.micro_batch_index(step, micro, tc.grad_accum))
             batch = {k: v.to(device()) for k, v in batch.items()}
             with autocast:
                 loss = micro_batch_loss(model, batch, tc)
@@ -231,7 +250,10 @@ def train(
             loss_sum += loss.item()
             tokens += useful  # padding never counts
         train_loss = loss_sum / tc.grad_accum
-        _check_gradients(model, step + 1)
+        if accelerator is not None:  # the global step's loss and tokens, the same on every process
+            totals = accelerator.reduce(torch.tensor([train_loss, float(tokens)]), reduction="sum")
+            train_loss, tokens = float(totals[0]) / accelerator.num_processes, int(totals[1])
+        _check_gradients(plain, step + 1)
         if not math.isfinite(train_loss):
             raise TrainingError(
                 f"loss is {train_loss} at step {step + 1}; training stopped. The last good checkpoint "
@@ -248,20 +270,23 @@ def train(
         state["train_curve"].append({"step": step, "loss": train_loss})
         record = {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
         if step % tc.eval_every == 0 or step == tc.max_steps:
-            val = validation_loss(model, val_seqs, tc.batch_size, tc.eval_batches, pad_id)
+            val = validation_loss(plain, val_seqs, tc.batch_size, tc.eval_batches, pad_id)
             state["val_curve"].append({"step": step, "loss": val})
             record["val_loss"] = val
-        if on_step:
+        if on_step and distributed.is_main():
             on_step(step, record)
         bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{state['tokens'] / state['seconds']:.0f}")
         bar.update(1)
         if step % tc.checkpoint_every == 0 and step < tc.max_steps:
-            _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, state, tc.keep_checkpoints)
+            if distributed.is_main():  # every process holds the same weights and optimizer state
+                _save_checkpoint(checkpoint_dir, plain, optimizer, scheduler, state, tc.keep_checkpoints)
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
     bar.close()
 
     # Guard against silently frozen layers (the bitsandbytes CPU repack bug, a bad target list):
     # every LoRA matrix must have moved from its initial value.
-    final = lora_state(model)
+    final = lora_state(plain)
     unchanged = [n for n, v in final.items() if torch.equal(v, initial[n])]
     if unchanged:
         raise TrainingError(f"{len(unchanged)} LoRA matrices never changed, e.g. {unchanged[:3]}")

@@ -12,7 +12,8 @@ CONF = ROOT / "conf"
 
 
 def group_options():
-    for group in sorted(p for p in CONF.iterdir() if p.is_dir()):
+    # conf/accelerate/ holds accelerate's own launch configs (train.distributed), not a Hydra group
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name != "accelerate"):
         for option in sorted(group.glob("*.yaml")):
             yield f"{group.name}={option.stem}"
 

@@ -1,0 +1,72 @@
+"""Distributed training through accelerate on this CPU (gloo): 2 processes train as 1 does with the
+same global batch, and only the main process writes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from lmtune.distributed import micro_batch_index
+from lmtune.params import compose_conf, write_params
+
+ROOT = Path(__file__).resolve().parents[2]
+FP32 = ["quant.bits=16", "quant.bnb_4bit_compute_dtype=fp32", "train.max_steps=4", "train.eval_every=2"]
+
+
+def test_processes_share_out_the_micro_batches_of_one_step(monkeypatch):
+    seen = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        seen.append([micro_batch_index(step=3, micro=m, grad_accum=2) for m in range(2)])
+    assert seen == [
+        [12, 14],
+        [13, 15],
+    ]  # together: 4 consecutive micro-batches, as one process with 4x accumulation
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert [micro_batch_index(3, m, 4) for m in range(4)] == [12, 13, 14, 15]
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_base, monkeypatch):
+    """params.yaml of the smoke profile on the tiny base, and its prepared splits."""
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_conf(
+        ["experiment=smoke", f"paths.base={tiny_base}", "data.max_samples=200"], conf_dir=ROOT / "conf"
+    )
+    write_params(cfg, tmp_path / "params.yaml")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    subprocess.run([sys.executable, ROOT / "stages/prepare.py"], check=True, env=env, capture_output=True)
+    return tmp_path, env
+
+
+def finetune(workspace, name: str, *overrides: str) -> Path:
+    root, env = workspace
+    out = root / name
+    args = [f"paths.adapter={out}/adapter", f"paths.metrics={out}/metrics", f"paths.checkpoints={out}/ckpt"]
+    result = subprocess.run([sys.executable, ROOT / "stages/finetune.py", *FP32, *overrides, *args],
+                            env=env, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_two_processes_train_as_one_does_with_the_same_global_batch(workspace):
+    one = finetune(workspace, "one", "train.grad_accum=2")
+    two = finetune(workspace, "two", "train.distributed=ddp", "train.num_processes=2", "train.grad_accum=1")
+    curves = [pd.read_csv(run / "metrics/train_loss.csv")["loss"] for run in (one, two)]
+    assert len(curves[0]) == 4 and curves[0].tolist() == pytest.approx(curves[1].tolist(), rel=1e-5, abs=1e-6)
+    a, b = (load_file(run / "adapter/adapter_model.safetensors") for run in (one, two))
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5  # fp32: reduction order only
+    assert {p.name for p in (one / "adapter").iterdir()} == {p.name for p in (two / "adapter").iterdir()}
+    assert (
+        json.loads((two / "metrics/train.json").read_text())["train_tokens"]
+        == json.loads((one / "metrics/train.json").read_text())["train_tokens"]
+    )  # every passage counted once, by the process that read it
+    assert not (two / "ckpt").exists()
