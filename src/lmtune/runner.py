@@ -55,7 +55,12 @@ def run_stage(run: Stage, argv: list[str] | None = None, multirun_outputs: tuple
             tracked = contextlib.nullcontext()  # the launching process owns the MLflow run
         else:
             cfg = load(argv)
-            tracked = tracking.stage_run(cfg, stage_name(run))
+            # under `accelerate launch` by hand (multi-node), the main process logs for all
+            tracked = (
+                tracking.stage_run(cfg, stage_name(run))
+                if distributed.is_main()
+                else contextlib.nullcontext()
+            )
         check_writable(cfg)
         with tracked:
             metrics = run(cfg)
