@@ -5,15 +5,13 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pandas as pd
 import pytest
-from repo_copy import BIN, ROOT, SECRET, copy_repo, sh
+from repo_copy import BIN, ROOT, SECRET, copy_repo, free_port, sh, wait_until_healthy
 from safetensors.torch import load_file
 
 ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots of the UI test (git-ignored)
@@ -348,9 +346,7 @@ def test_mlflow_ui_shows_the_sweep_runs_in_a_real_browser(repo):
     experiment = client.get_experiment_by_name("lmtune")
     sweep = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("dvc_experiment")]
     assert len(sweep) >= 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen([str(BIN / "mlflow"), "ui", "--backend-store-uri", store, "--host", "127.0.0.1",
                                "--port", str(port), "--workers", "1"], env=env,
@@ -358,14 +354,7 @@ def test_mlflow_ui_shows_the_sweep_runs_in_a_real_browser(repo):
     url = f"http://127.0.0.1:{port}"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the MLflow UI did not come up"
-                time.sleep(0.5)
+        wait_until_healthy(url, server)
         options = webdriver.ChromeOptions()
         options.binary_location = chromium
         for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):

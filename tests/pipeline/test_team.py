@@ -1,23 +1,18 @@
 """Working as a team: runs logged to a real MLflow tracking server, and models shared through a DVC
 remote so that a colleague's fresh clone pulls them and reruns nothing."""
 
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
-from repo_copy import BIN, copy_repo, git, sh
+from repo_copy import BIN, copy_repo, free_port, git, sh, wait_until_healthy
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`make server`'s command on a free port of 127.0.0.1, with its own store and artifact folder."""
     home = tmp_path_factory.mktemp("server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         [BIN / "mlflow", "server", "--backend-store-uri", f"sqlite:///{home / 'server.db'}",
          "--artifacts-destination", str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
@@ -27,14 +22,7 @@ def server(tmp_path_factory):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, "the tracking server did not start"
-            time.sleep(0.5)
+    wait_until_healthy(url, process)
     yield url
     process.terminate()
     process.wait(timeout=20)
