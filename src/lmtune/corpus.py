@@ -158,7 +158,10 @@ def data_files(cfg: DictConfig) -> list[Path]:
     for pattern in cfg.files:
         matches = sorted(Path(p) for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file())
         if not matches:
-            raise DataError(f"data.files: {pattern} matches no file; give paths relative to the repo root")
+            raise DataError(
+                f"data.files: {pattern} matches no file; give paths relative to the repo root. In a queued "
+                "experiment (make sweep) only files git or DVC track exist: commit it, or `dvc add` it"
+            )
         for path in matches:
             if watched not in path.resolve().parents:
                 raise DataError(

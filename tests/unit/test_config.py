@@ -149,3 +149,11 @@ def test_dvc_and_make_params_compose_the_same_params(overrides):
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         plain = OmegaConf.to_container(compose(config_name="config", overrides=overrides))
     assert plain == OmegaConf.to_container(compose_conf(overrides, conf_dir=CONF))
+
+
+def test_the_committed_params_yaml_is_what_conf_composes():
+    """`dvc repro` reads params.yaml as committed: it must be conf/'s composition, not an older one."""
+    overrides, ours = read_header(ROOT / "params.yaml")
+    assert ours, "params.yaml was edited by hand after `make params`"
+    committed = OmegaConf.to_container(OmegaConf.load(ROOT / "params.yaml"))
+    assert committed == OmegaConf.to_container(compose_conf(overrides, conf_dir=CONF)), "run `make params`"
