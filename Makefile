@@ -45,7 +45,7 @@ ui: setup  ## MLflow UI on http://127.0.0.1:5000 (HOST=, PORT= to change)
 	@# one worker and no job runner: MLflow's huey workers would crowd a 2-core machine
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host $(HOST) --port $(PORT) --workers 1
 
-server: setup  ## an MLflow tracking server for a team on http://127.0.0.1:5000 (HOST=, PORT=, STORE=postgresql://...)
+server: setup  ## an MLflow tracking server for a team on http://127.0.0.1:5000 (HOST=, PORT=, STORE=postgresql+psycopg2://...)
 	@# runs log there with MLFLOW_TRACKING_URI=http://HOST:PORT (or tracking.uri=...); artifacts are served through it
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --backend-store-uri $(or $(STORE),sqlite:///$(abspath mlflow-server.db)) \
 	  --artifacts-destination $(abspath mlartifacts-server) --host $(HOST) --port $(PORT) --workers 1
