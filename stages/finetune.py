@@ -22,7 +22,7 @@ import pandas as pd
 from lmtune import distributed, tracking
 from lmtune.artifacts import atomic_dir, read_json, save_config, write_json
 from lmtune.data import read_sequences
-from lmtune.modeling import add_lora, load_for_training, load_tokenizer, save_adapter, set_threads
+from lmtune.modeling import add_lora, load_for_training, load_tokenizer, save_tokenizer, save_adapter, set_threads
 from lmtune.runner import run_stage
 from lmtune.training import peak_memory_gib, train
 
@@ -53,7 +53,7 @@ def run(cfg) -> dict:
         return result  # the main process writes the adapter and metrics
     with atomic_dir(paths.adapter) as out:
         save_adapter(model, out)
-        tokenizer.save_pretrained(out)
+        save_tokenizer(tokenizer, out)
         save_config(cfg, out, PARAMS)
     metrics_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(result.pop("train_curve")).to_csv(metrics_dir / "train_loss.csv", index=False)

@@ -13,7 +13,7 @@ import torch
 
 from lmtune.artifacts import atomic_dir, save_config, write_json
 from lmtune.data import collate, read_sequences
-from lmtune.modeling import DTYPES, device, load_base_with_adapter, load_tokenizer
+from lmtune.modeling import DTYPES, device, load_base_with_adapter, load_tokenizer, save_tokenizer
 from lmtune.runner import run_stage
 
 PARAMS = ("data.max_length", "merge")  # as in dvc.yaml: what this stage reads
@@ -41,7 +41,7 @@ def run(cfg) -> dict:
     }
     with atomic_dir(paths.merged) as out:
         merged.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+        save_tokenizer(tokenizer, out)
         save_config(cfg, out, PARAMS)
     write_json(Path(paths.metrics) / "merge.json", metrics)
     return metrics

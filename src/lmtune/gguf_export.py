@@ -1,39 +1,66 @@
-"""GGUF export of the merged model for llama.cpp users.
+"""GGUF export of the merged model for llama.cpp and Ollama, with llama.cpp's own tools.
 
-The `gguf` package supplies the writer, llama.cpp's tensor names and the tokenizer readers; what is
-left here is the Llama layout: hyperparameters, and the q/k row order llama.cpp's rotary embedding
-expects. transformers reads the file back (it is how the base stage loads the shipped SmolLM2),
-which is how the tests check an export.
+The converter is llama.cpp's `convert_hf_to_gguf.py` and the K-quants come from llama.cpp's quantizer
+(`llama_model_quantize` through llama-cpp-python), both from the one llama.cpp release that
+llama-cpp-python vendors: `make setup` builds the runtime from PyPI's source package and unpacks that
+package's converter into .venv/share/llama.cpp. The converter knows what a hand-written writer got
+wrong: SentencePiece vocabularies (byte fallback, Llama-2), the BPE pre-tokenizer key, the chat template
+and the special token ids. Next to the GGUF goes an Ollama Modelfile (template and stop tokens).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from lmtune.modeling import ModelError
 
-TYPES = ("f32", "f16", "bf16", "q8_0")  # gguf.quants can write these from Python
+CONVERTER = Path(sys.prefix) / "share" / "llama.cpp" / "convert_hf_to_gguf.py"
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # what convert_hf_to_gguf.py writes itself
+K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}  # llama.cpp's quantizer, from an f16 file
+TYPES = CONVERTER_TYPES + tuple(K_QUANTS)
 
 
-def _rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
-    """HF stores each head's rotary pairs as two halves; llama.cpp interleaves them."""
-    return (
-        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
+def convert(model_dir: Path, out_file: Path, outtype: str) -> None:
+    """Run llama.cpp's converter on a transformers checkpoint; its own error lines if it refuses."""
+    if not CONVERTER.is_file():
+        raise ModelError(f"{CONVERTER} not found: llama.cpp's converter is unpacked by `make setup`")
+    command = [sys.executable, str(CONVERTER), str(model_dir), "--outfile", str(out_file), "--outtype", outtype]
+    done = subprocess.run(command, capture_output=True, text=True)  # it uses the gguf-py beside it
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()][-6:]
+        raise ModelError(f"llama.cpp's converter refused {model_dir}:\n  " + "\n  ".join(lines))
+
+
+def k_quantize(f16_file: Path, out_file: Path, kind: str) -> None:
+    """f16 GGUF → a K-quant mix (q4_k_m: 4-bit K blocks, 6-bit for the most sensitive tensors)."""
+    import logging
+
+    import llama_cpp
+
+    # llama.cpp logs every tensor, and warns for each one whose rows do not split into K blocks of
+    # 256 (it falls back to another type; `tensor_types` reports what it chose). llama-cpp-python
+    # maps ggml's warnings to ERROR, so only CRITICAL quiets them.
+    log = logging.getLogger("llama-cpp-python")
+    level, _ = log.level, log.setLevel(logging.CRITICAL)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, K_QUANTS[kind])
+    params.nthread = os.cpu_count() or 1
+    try:
+        failed = llama_cpp.llama_model_quantize(str(f16_file).encode(), str(out_file).encode(), ctypes.byref(params))
+    finally:
+        log.setLevel(level)
+    if failed:
+        raise ModelError(f"llama.cpp's quantizer failed on {f16_file} ({kind}, code {failed})")
 
 
 def export_gguf(model_dir: str | Path, out_file: Path, tensor_type: str) -> dict:
-    """models/merged (a Llama in safetensors) → one .gguf file with weights in `tensor_type`."""
-    import gguf
-    from safetensors.torch import load_file
-
+    """models/merged (a Llama in safetensors) → one .gguf file in `tensor_type`, and a Modelfile."""
     if tensor_type not in TYPES:
         raise ModelError(f"quantize.gguf_type={tensor_type}: choose one of {', '.join(TYPES)}")
     model_dir = Path(model_dir)
@@ -43,60 +70,80 @@ def export_gguf(model_dir: str | Path, out_file: Path, tensor_type: str) -> dict
             f"{model_dir}/config.json: GGUF export supports Llama models, not {config.get('model_type')}"
         )
     began = time.perf_counter()
-    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads", heads)
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    qtype = gguf.GGMLQuantizationType[tensor_type.upper()]
-
-    writer = gguf.GGUFWriter(out_file, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    writer.add_name(model_dir.name)
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(layers)
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(rope_theta))
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(
-        getattr(gguf.LlamaFileType, f"MOSTLY_{tensor_type.upper()}", gguf.LlamaFileType.ALL_F32)
-    )
-
-    vocab = gguf.vocab.BpeVocab(model_dir)  # reads tokenizer.json
-    tokens, _, token_types = zip(*vocab.all_tokens(), strict=True)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(token_types)
-    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
-
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
-    weights = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        weights.update(load_file(file))
-    for name, tensor in weights.items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise ModelError(f"{model_dir}: tensor {name} has no GGUF name for a Llama model")
-        data = tensor.to(torch.float32).numpy()
-        if name.endswith("q_proj.weight"):
-            data = _rotary_rows(data, heads)
-        elif name.endswith("k_proj.weight"):
-            data = _rotary_rows(data, kv_heads)
-        if data.ndim == 1 or tensor_type == "f32":  # norms stay f32, as llama.cpp's converter keeps them
-            writer.add_tensor(gguf_name, data)
-        elif tensor_type == "f16":
-            writer.add_tensor(gguf_name, data.astype(np.float16))
-        else:
-            # handed over as bytes: the writer derives the element shape from the type
-            writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=True)
-    writer.close()
+    if tensor_type in K_QUANTS:
+        f16_file = out_file.with_suffix(".f16.tmp")
+        try:
+            convert(model_dir, f16_file, "f16")
+            k_quantize(f16_file, out_file, tensor_type)
+        finally:
+            f16_file.unlink(missing_ok=True)
+    else:
+        convert(model_dir, out_file, tensor_type)
+    (out_file.parent / "Modelfile").write_text(modelfile(model_dir, out_file.name))
     return {"format": f"GGUF ({tensor_type}, llama.cpp)", "gguf_file": out_file.name,
-            "gguf_seconds": time.perf_counter() - began}  # fmt: skip
+            "gguf_seconds": time.perf_counter() - began, "tensor_types": tensor_types(out_file)}  # fmt: skip
+
+
+def tensor_types(gguf_file: Path) -> dict[str, int]:
+    """How many tensors the file stores in each type ({"Q4_K": 150, "Q6_K": 30, "F32": 61})."""
+    from collections import Counter
+
+    import gguf
+
+    return dict(Counter(t.tensor_type.name for t in gguf.GGUFReader(gguf_file).tensors).most_common())
+
+
+# --------------------------------------------------------------------------------------------
+# Ollama
+
+
+def _turn_wrappers(tokenizer) -> dict[str, tuple[str, str]] | None:
+    """(text before, text after) a message of each role in the model's chat template, and the text
+    that opens the reply, found by rendering a growing conversation of sentinels; None where the
+    template is not a plain sequence of wrapped turns (Llama-2's [INST] folds the system prompt into
+    the first user turn)."""
+    messages = [{"role": r, "content": f"\x00{r}\x00"} for r in ("system", "user", "assistant")]
+    try:
+        wrappers, rendered = {}, ""
+        for n, message in enumerate(messages, 1):
+            text = tokenizer.apply_chat_template(messages[:n], tokenize=False)
+            if not text.startswith(rendered) or text.count(message["content"]) != 1:
+                return None
+            before, _, after = text[len(rendered) :].partition(message["content"])
+            wrappers[message["role"]], rendered = (before, after), text
+        asked = tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+        upto_user = tokenizer.apply_chat_template(messages[:2], tokenize=False)
+        if not asked.startswith(upto_user):
+            return None
+        wrappers["generation"] = (asked[len(upto_user) :], "")
+        return wrappers
+    except Exception:  # templates may raise on a conversation they do not accept
+        return None
+
+
+def modelfile(model_dir: Path, gguf_name: str) -> str:
+    """An Ollama Modelfile: the GGUF, its chat template in Go-template form, and its stop tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    stops = {tokenizer.eos_token}
+    lines = [f"FROM ./{gguf_name}", ""]
+    wrappers = _turn_wrappers(tokenizer) if tokenizer.chat_template else None
+    if wrappers:
+        stops |= {after.strip() for _, after in wrappers.values() if after.strip()}
+        turns = "".join(
+            f'{{{{- if eq .Role "{role}" }}}}{_go(before)}{{{{ .Content }}}}{_go(after)}{{{{ end }}}}'
+            for role, (before, after) in wrappers.items()
+            if role != "generation"
+        )
+        template = f"{{{{- range .Messages }}}}{turns}{{{{- end }}}}{_go(wrappers['generation'][0])}"
+        lines += [f'TEMPLATE """{template}"""', ""]
+    else:
+        lines += ["# the chat template is read from the GGUF (tokenizer.chat_template)", ""]
+    lines += [f'PARAMETER stop "{json.dumps(s)[1:-1]}"' for s in sorted(s for s in stops if s)]
+    return "\n".join(lines) + "\n"
+
+
+def _go(text: str) -> str:
+    """Literal text inside a Go template (Ollama's TEMPLATE): braces would open an action."""
+    return text.replace("{{", '{{ "{{" }}')

@@ -231,9 +231,10 @@ def eval_markdown(scores: dict, settings: dict, references: list[str], examples:
             cells.append(cell)
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     if speed:
-        lines += ["", f"Speed on this machine ({settings.get('device', 'this device')}), batch of "
-                  f"{settings.get('batch_size', '?')} prompts, KV cache:", "",
+        lines += ["", f"Speed on this machine ({settings.get('device', 'this device')}), KV cache; transformers "
+                  f"batches {settings.get('batch_size', '?')} prompts, llama.cpp runs one at a time:", "",
                   "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+                  "| runtime | " + " | ".join(speed[n].get("runtime", "transformers") for n in names) + " |",
                   "| load s | " + " | ".join(f"{speed[n]['load_seconds']:.1f}" for n in names) + " |",
                   "| generated tokens/s | " + " | ".join(f"{speed[n]['generated_tokens_per_second']:.0f}"
                                                        for n in names) + " |"]  # fmt: skip

@@ -126,23 +126,52 @@ def _from_pretrained(cfg: DictConfig):
     return model, tokenizer, origin
 
 
-def build_tiny(cfg: DictConfig, texts: list[str], seed: int):
-    """A tiny random Llama and a byte-level BPE tokenizer trained in-process on `texts`."""
+def _tiny_bpe(texts: list[str], vocab_size: int):
+    """Byte-level BPE, GPT-2 style (SmolLM2's kind of tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     eos = "<|endoftext|>"
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=cfg.tiny.vocab_size,
+        vocab_size=vocab_size,
         special_tokens=[eos],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos, pad_token=eos)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos, pad_token=eos)
+
+
+def _tiny_sentencepiece(texts: list[str], vocab_size: int, folder: Path):
+    """SentencePiece BPE with byte fallback and <unk>/<s>/</s> at ids 0-2, as Llama-2's tokenizer;
+    its model is written to `folder`/tokenizer.model, which transformers converts."""
+    import io
+
+    import sentencepiece
+    from transformers import LlamaTokenizer
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, split_digits=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, max_sentence_length=1 << 20, num_threads=1, minloglevel=2,
+    )  # fmt: skip
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    return LlamaTokenizer.from_pretrained(folder, add_bos_token=True)
+
+
+def build_tiny(cfg: DictConfig, texts: list[str], seed: int, folder: Path):
+    """A tiny random Llama and a tokenizer (`cfg.tiny.tokenizer`) trained in-process on `texts`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if cfg.tiny.tokenizer == "sentencepiece":
+        tokenizer = _tiny_sentencepiece(texts, cfg.tiny.vocab_size, folder)
+    else:
+        tokenizer = _tiny_bpe(texts, cfg.tiny.vocab_size)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -153,8 +182,8 @@ def build_tiny(cfg: DictConfig, texts: list[str], seed: int):
         num_key_value_heads=cfg.tiny.num_key_value_heads,
         max_position_embeddings=cfg.tiny.max_position_embeddings,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token else tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=True,
     )
     origin = {"origin": "generated:tiny_random", "revision": None, "sha256": None,
@@ -168,7 +197,7 @@ def build_base(cfg: DictConfig, out_dir: Path, texts: list[str] | None = None) -
     if cfg.model.source == "gguf":
         model, tokenizer, origin = _from_gguf(cfg.model)
     elif cfg.model.source == "tiny_random":
-        model, tokenizer, origin = build_tiny(cfg.model, texts or [], cfg.seed)
+        model, tokenizer, origin = build_tiny(cfg.model, texts or [], cfg.seed, out_dir)
     else:
         model, tokenizer, origin = _from_pretrained(cfg.model)
     if cfg.model.dtype != "auto":
@@ -180,7 +209,7 @@ def build_base(cfg: DictConfig, out_dir: Path, texts: list[str] | None = None) -
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
     weights = sorted(out_dir.glob("*.safetensors"))
     source = {
         "name": cfg.model.name,
@@ -201,6 +230,19 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
+
+
+def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
+    """save_pretrained, keeping a SentencePiece model (tokenizer.model) the tokenizer came with:
+    transformers 5 writes only tokenizer.json, and llama.cpp's converter needs the SentencePiece
+    scores from tokenizer.model to tokenize as the model was trained (without them it guesses)."""
+    import shutil
+
+    tokenizer.save_pretrained(out_dir)
+    spm = getattr(tokenizer, "vocab_file", None)
+    target = Path(out_dir) / "tokenizer.model"
+    if spm and Path(spm).is_file() and Path(spm).resolve() != target.resolve():
+        shutil.copyfile(spm, target)
 
 
 def load_full(path: str | Path, dtype: torch.dtype):

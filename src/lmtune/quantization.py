@@ -19,6 +19,7 @@ METHODS = {
     "int8_dynamic": "torchao Int8DynamicActivationInt8WeightConfig",
     "int4_weight_only": "torchao IntxWeightOnlyConfig(int4, per group)",
     "bnb_nf4": "bitsandbytes NF4 + double quantization",
+    "gguf_q4_k_m": "GGUF Q4_K_M (llama.cpp)",
     "gguf_q8_0": "GGUF Q8_0 (llama.cpp)",
     "gguf_f16": "GGUF F16 (llama.cpp)",
 }
@@ -75,15 +76,16 @@ def quantize(
             "quantize_seconds": time.perf_counter() - began}  # fmt: skip
 
 
-def load_quantized(path: str | Path, dtype: torch.dtype):
-    """A model saved by `quantize`, with plain transformers: the torchao config travels along in
-    config.json; a GGUF file is read back by transformers' GGUF loader."""
+def load_quantized(path: str | Path, dtype: torch.dtype, n_ctx: int = 512):
+    """A model saved by `quantize`: with plain transformers (the torchao config travels along in
+    config.json), or a GGUF file in llama.cpp, where its users run it (a GGUFModel)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if (path / GGUF_FILE).is_file():
-        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_FILE, dtype=dtype)
-        return model.to(device()).eval()
+        from lmtune.llamacpp import GGUFModel
+
+        return GGUFModel(path / GGUF_FILE, n_ctx)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, device_map={"": str(device())}, use_safetensors=True
     )

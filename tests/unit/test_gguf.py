@@ -1,0 +1,148 @@
+"""GGUF export checked in a real llama.cpp runtime (llama-cpp-python), on a Llama-2-style model: a tiny
+random Llama with a SentencePiece tokenizer (byte fallback, BOS) trained in-process. The real default
+model (SmolLM2, byte-level BPE) goes through the pipeline to a Q4_K_M file in tests/pipeline."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import ROOT, TEXTS
+from lmtune.config import Config, ConfigError
+from lmtune.gguf_export import _turn_wrappers, export_gguf, tensor_types
+from lmtune.llamacpp import GGUFModel
+from lmtune.metrics import likelihood_per_passage
+from lmtune.modeling import load_full, load_tokenizer
+from lmtune.params import compose_conf
+from lmtune.quantization import GGUF_FILE
+
+# How far each file may be from transformers' fp32 model on the same token ids: logits (share of the
+# largest logit) and test perplexity (relative). f16 rounds; q8_0 and Q4_K_M lose precision.
+TOLERANCE = {"f16": (0.01, 0.002), "q8_0": (0.05, 0.01), "q4_k_m": (0.3, 0.1)}
+
+
+@pytest.fixture(scope="module")
+def llama2_style(tmp_path_factory):
+    """models/base of a tiny Llama-2-style model: SentencePiece BPE, byte fallback, <s> first."""
+    from lmtune.modeling import build_base
+
+    cfg = compose_conf(["experiment=smoke", "model.tiny.tokenizer=sentencepiece"], conf_dir=ROOT / "conf")
+    out = tmp_path_factory.mktemp("llama2_style")
+    build_base(OmegaConf.merge(OmegaConf.structured(Config), cfg), out, TEXTS * 3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(llama2_style, tmp_path_factory):
+    files = {}
+    for kind in TOLERANCE:
+        files[kind] = tmp_path_factory.mktemp(kind) / GGUF_FILE
+        export_gguf(llama2_style, files[kind], kind)
+    return files
+
+
+def test_the_tokenizer_is_llama2_style_and_keeps_its_sentencepiece_model(llama2_style):
+    tokenizer = load_tokenizer(llama2_style)
+    ids = tokenizer("Tomorrow, and tomorrow ☃")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id == 1 and tokenizer.eos_token == "</s>"
+    assert "<0xE2>" in tokenizer.convert_ids_to_tokens(ids)  # the snowman is spelled in bytes
+    assert (llama2_style / "tokenizer.model").is_file()  # the scores llama.cpp's SentencePiece needs
+
+
+def test_llama_cpp_tokenizes_as_sentencepiece_and_transformers_do(llama2_style, exported):
+    """Without tokenizer.model, llama.cpp's converter gives every piece the same score and the GGUF
+    tokenizes differently (seen: "or" became "o" + "r"). Leading spaces are where transformers'
+    SentencePiece conversion itself parts from sentencepiece; llama.cpp follows sentencepiece."""
+    import sentencepiece
+
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(llama2_style / "tokenizer.model"))
+    tokenizer = load_tokenizer(llama2_style)
+    model = GGUFModel(exported["f16"], 256)
+    try:
+        for text in [*TEXTS[:6], "digits 12345, ☃ bytes,\n\n  spaces", "  leading spaces"]:
+            ours = model.llm.tokenize(text.encode(), add_bos=True, special=False)
+            assert ours == [1, *reference.encode(text)], text
+            if not text.startswith(" "):
+                assert ours == tokenizer(text)["input_ids"], text
+        assert model.llm.token_bos() == tokenizer.bos_token_id
+        assert model.llm.token_eos() == tokenizer.eos_token_id
+        assert model.llm.metadata["tokenizer.chat_template"] == tokenizer.chat_template
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("kind", list(TOLERANCE))
+def test_llama_cpp_runs_each_export_close_to_transformers(llama2_style, exported, kind):
+    logit_tolerance, perplexity_tolerance = TOLERANCE[kind]
+    tokenizer = load_tokenizer(llama2_style)
+    seqs = [tokenizer(t)["input_ids"] for t in TEXTS[:6]]
+    reference = load_full(llama2_style, torch.float32)
+    model = GGUFModel(exported[kind], 256)
+    try:
+        ids = seqs[0]
+        with torch.no_grad():
+            expected = reference(torch.tensor([ids])).logits[0]
+        got = model.logits(ids)
+        assert (got - expected).abs().max() < logit_tolerance * expected.abs().max()
+        ours = model.likelihood_per_passage(seqs)
+        theirs = likelihood_per_passage(reference, seqs, 2, tokenizer.pad_token_id)
+        assert (ours["count"] == theirs["count"]).all()
+        ppl = lambda s: torch.tensor(s["nll"].sum() / s["count"].sum()).exp()  # noqa: E731
+        assert abs(ppl(ours) / ppl(theirs) - 1) < perplexity_tolerance
+        if kind == "f16":  # greedy decoding: the same first tokens as transformers
+            prompt = seqs[1][:12]
+            greedy = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+            assert model.greedy_continuations([prompt], 8, eos_id=-1) == [greedy[0, 12:].tolist()]
+    finally:
+        model.close()
+
+
+def test_q4_k_m_is_llama_cpps_own_k_quant_mix(exported):
+    """Q4_K needs rows of 256: the tiny model's 128-wide rows make llama.cpp fall back (q5_0 and,
+    for the sensitive tensors, q8_0); norms stay f32. Its file is the smallest."""
+    types = tensor_types(exported["q4_k_m"])
+    assert {"Q5_0", "F32"} <= set(types) and "F16" not in types
+    sizes = {kind: path.stat().st_size for kind, path in exported.items()}
+    assert sizes["q4_k_m"] < sizes["q8_0"] < sizes["f16"]
+    assert not list(exported["q4_k_m"].parent.glob("*.tmp"))  # the f16 in between is gone
+
+
+def test_the_modelfile_renders_conversations_as_the_chat_template_does(llama2_style, exported):
+    tokenizer = load_tokenizer(llama2_style)
+    wrappers = _turn_wrappers(tokenizer)
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who?"},
+                    {"role": "assistant", "content": "Puck."}, {"role": "user", "content": "Where?"}]  # fmt: skip
+    as_ollama = "".join(wrappers[m["role"]][0] + m["content"] + wrappers[m["role"]][1] for m in conversation)
+    assert as_ollama + wrappers["generation"][0] == tokenizer.apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=True
+    )
+    text = (exported["q8_0"].parent / "Modelfile").read_text()
+    assert text.startswith(f"FROM ./{GGUF_FILE}\n") and 'PARAMETER stop "</s>"' in text
+    assert '{{- if eq .Role "user" }}<|user|>\n{{ .Content }}</s>\n{{ end }}' in text
+
+
+def test_a_template_that_is_not_a_sequence_of_turns_is_left_to_the_gguf(llama2_style, tmp_path):
+    """Llama-2's own template puts the system prompt inside the first [INST]: no Go template is
+    guessed for it; Ollama then reads the one inside the GGUF."""
+    from lmtune.gguf_export import modelfile
+
+    tokenizer = load_tokenizer(llama2_style)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{% set s = m['content'] %}"
+        "{% elif m['role'] == 'user' %}[INST] {{ s }} {{ m['content'] }} [/INST]"
+        "{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}"
+    )
+    tokenizer.save_pretrained(tmp_path)
+    for name in ("config.json", "tokenizer.model"):
+        (tmp_path / name).write_bytes((llama2_style / name).read_bytes())
+    assert _turn_wrappers(tokenizer) is None
+    text = modelfile(tmp_path, GGUF_FILE)
+    assert "TEMPLATE" not in text and "read from the GGUF" in text and 'PARAMETER stop "</s>"' in text
+
+
+def test_gguf_needs_a_tokenizer_llama_cpp_knows_said_at_composition():
+    with pytest.raises(ConfigError, match=r"quantize\.method=gguf_q4_k_m with model\.tiny\.tokenizer=bpe"):
+        compose_conf(["experiment=smoke", "quantize=gguf_q4_k_m"], conf_dir=ROOT / "conf")
+    cfg = compose_conf(
+        ["experiment=smoke", "quantize=gguf_q4_k_m", "model.tiny.tokenizer=sentencepiece"], conf_dir=ROOT / "conf"
+    )
+    assert cfg.quantize.method == "gguf_q4_k_m"
