@@ -92,7 +92,9 @@ def run(cfg) -> dict:
         if isinstance(model, GGUFModel):  # scored in llama.cpp, where a GGUF's users run it
             likelihood = model.likelihood_per_passage(seqs, desc=name)
             began = time.perf_counter()
-            continuations = model.greedy_continuations(prompts, e.reference_tokens, tokenizer.eos_token_id, name)
+            continuations = model.greedy_continuations(
+                prompts, e.reference_tokens, tokenizer.eos_token_id, name
+            )
             model.close()
         else:
             likelihood = likelihood_per_passage(model, seqs, e.batch_size, tokenizer.pad_token_id, desc=name)

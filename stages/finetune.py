@@ -22,7 +22,14 @@ import pandas as pd
 from lmtune import distributed, tracking
 from lmtune.artifacts import atomic_dir, read_json, save_config, write_json
 from lmtune.data import read_sequences
-from lmtune.modeling import add_lora, load_for_training, load_tokenizer, save_tokenizer, save_adapter, set_threads
+from lmtune.modeling import (
+    add_lora,
+    load_for_training,
+    load_tokenizer,
+    save_adapter,
+    save_tokenizer,
+    set_threads,
+)
 from lmtune.runner import run_stage
 from lmtune.training import peak_memory_gib, train
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from lmtune.artifacts import atomic_dir, save_config, write_json
-from lmtune.modeling import load_tokenizer, save_tokenizer, resolve_dtype
+from lmtune.modeling import load_tokenizer, resolve_dtype, save_tokenizer
 from lmtune.quantization import check_method, folder_mb, load_quantized, quantize
 from lmtune.runner import run_stage
 

@@ -30,7 +30,15 @@ def convert(model_dir: Path, out_file: Path, outtype: str) -> None:
     """Run llama.cpp's converter on a transformers checkpoint; its own error lines if it refuses."""
     if not CONVERTER.is_file():
         raise ModelError(f"{CONVERTER} not found: llama.cpp's converter is unpacked by `make setup`")
-    command = [sys.executable, str(CONVERTER), str(model_dir), "--outfile", str(out_file), "--outtype", outtype]
+    command = [
+        sys.executable,
+        str(CONVERTER),
+        str(model_dir),
+        "--outfile",
+        str(out_file),
+        "--outtype",
+        outtype,
+    ]
     done = subprocess.run(command, capture_output=True, text=True)  # it uses the gguf-py beside it
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()][-6:]
@@ -52,7 +60,9 @@ def k_quantize(f16_file: Path, out_file: Path, kind: str) -> None:
     params.ftype = getattr(llama_cpp, K_QUANTS[kind])
     params.nthread = os.cpu_count() or 1
     try:
-        failed = llama_cpp.llama_model_quantize(str(f16_file).encode(), str(out_file).encode(), ctypes.byref(params))
+        failed = llama_cpp.llama_model_quantize(
+            str(f16_file).encode(), str(out_file).encode(), ctypes.byref(params)
+        )
     finally:
         log.setLevel(level)
     if failed:

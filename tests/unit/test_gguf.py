@@ -4,9 +4,9 @@ model (SmolLM2, byte-level BPE) goes through the pipeline to a Q4_K_M file in te
 
 import pytest
 import torch
+from conftest import ROOT, TEXTS
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TEXTS
 from lmtune.config import Config, ConfigError
 from lmtune.gguf_export import _turn_wrappers, export_gguf, tensor_types
 from lmtune.llamacpp import GGUFModel
@@ -143,6 +143,7 @@ def test_gguf_needs_a_tokenizer_llama_cpp_knows_said_at_composition():
     with pytest.raises(ConfigError, match=r"quantize\.method=gguf_q4_k_m with model\.tiny\.tokenizer=bpe"):
         compose_conf(["experiment=smoke", "quantize=gguf_q4_k_m"], conf_dir=ROOT / "conf")
     cfg = compose_conf(
-        ["experiment=smoke", "quantize=gguf_q4_k_m", "model.tiny.tokenizer=sentencepiece"], conf_dir=ROOT / "conf"
+        ["experiment=smoke", "quantize=gguf_q4_k_m", "model.tiny.tokenizer=sentencepiece"],
+        conf_dir=ROOT / "conf",
     )
     assert cfg.quantize.method == "gguf_q4_k_m"

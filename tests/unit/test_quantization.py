@@ -11,7 +11,7 @@ from lmtune.config import ConfigError
 from lmtune.modeling import ModelError, load_full
 from lmtune.params import compose_conf
 from lmtune.qat import prepare_qat
-from lmtune.quantization import GGUF_FILE, check_method, load_quantized, quantize
+from lmtune.quantization import check_method, load_quantized, quantize
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
