@@ -13,7 +13,7 @@ LLAMA_CPP := 0.3.36
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help setup run params repro eval ui server test test-slow lint format clean bench gpu-check sweep compare plots
+.PHONY: help setup run params repro eval ui server test test-slow lint format clean bench gpu-check sweep compare plots register promote chat
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,15 +40,22 @@ $(VENV)/.installed: pyproject.toml Makefile  # the wheel list below lives here t
 params: setup  ## compose conf/ into params.yaml (ARGS="model=llama2_7b lora.r=8", FORCE=1 to discard -S values)
 	$(PY) -m lmtune.params $(if $(FORCE),--force) $(ARGS)
 
-run: setup  ## run the whole pipeline (dvc repro) on the current params
-	$(PY) -m lmtune.params --keep $(ARGS)
-	dvc repro
-	@# stages DVC skipped after the last one that ran: their numbers into this configuration's run too
-	$(PY) -m lmtune.tracking
+run: setup  ## run the whole pipeline (dvc repro) on the current params, then log every stage's numbers
+	@# keeps params.yaml up to date, puts back the metrics DVC removed if a stage fails, syncs MLflow
+	$(PY) -m lmtune.pipeline $(ARGS)
 
 eval: setup  ## rerun only the evaluate stage through DVC
 	dvc repro --single-item --force evaluate
 	@cat metrics/eval.json
+
+chat: setup  ## chat with the fine-tuned model in the terminal (ARGS=--compare: the base answers too)
+	$(PY) -m lmtune.chat $(ARGS)
+
+register: setup  ## log models/merged into this configuration's MLflow run and register a version (NAME=)
+	$(PY) -m lmtune.registry register $(if $(NAME),--name $(NAME))
+
+promote: setup  ## alias `champion` on the best registered version (METRIC=eval.merged.perplexity, NAME=, MODE=min|max)
+	$(PY) -m lmtune.registry promote $(if $(NAME),--name $(NAME)) $(if $(METRIC),--metric $(METRIC)) $(if $(MODE),--mode $(MODE))
 
 ui: setup  ## MLflow UI on http://127.0.0.1:5000 (HOST=, PORT= to change)
 	@# one worker and no job runner: MLflow's huey workers would crowd a 2-core machine

@@ -165,6 +165,24 @@ def test_editing_code_reruns_only_the_stages_that_use_it(repo):
         assert set(json.loads(status)) == changed, (module, status)
 
 
+def test_a_stage_failing_under_make_run_leaves_the_last_good_metrics(repo):
+    """DVC removes a stage's outputs, git-tracked metrics/ too, before it runs the stage; what
+    `make run` runs (lmtune.pipeline) writes back what the failing stage lost: dvc.lock still
+    describes those files, so metrics/ and dvc.lock agree again."""
+    dest, _ = repo
+    before = {name: (dest / name).read_bytes() for name in ("metrics/eval.json", "metrics/eval.md")}
+    failed = sh(sys.executable, "-m", "lmtune.pipeline", "experiment=smoke", "eval.generation_examples=5",
+                cwd=dest, check=False)  # fmt: skip
+    assert failed.returncode != 0 and "bootstrap intervals need at least 10" in failed.stderr
+    assert "put back" in failed.stderr and "metrics/eval.json" in failed.stderr
+    assert {name: (dest / name).read_bytes() for name in before} == before
+    alone = sh("dvc", "repro", cwd=dest, check=False)  # what plain DVC does
+    assert alone.returncode != 0 and not (dest / "metrics/eval.json").exists()
+    sh(sys.executable, "-m", "lmtune.params", "--force", "experiment=smoke", cwd=dest)
+    sh("dvc", "repro", cwd=dest)
+    assert "up to date" in sh("dvc", "status", cwd=dest).stdout
+
+
 def test_plots_page_renders_without_a_cdn(repo):
     dest, _ = repo
     template = sh(sys.executable, "-m", "lmtune.offline_plots", cwd=dest).stdout.strip()

@@ -1,0 +1,123 @@
+"""Shipping what was trained, on the real default model (SmolLM2-135M, byte-level BPE): the pipeline
+with quantize=gguf_q4_k_m (training cut to 3 steps), the GGUF run by llama.cpp, the merged model
+registered in MLflow and loaded back by another process, and `make chat`'s program on stdin."""
+
+import json
+import re
+import sys
+
+import pytest
+from repo_copy import copy_repo, sh
+
+from lmtune.gguf_export import export_gguf
+from lmtune.llamacpp import GGUFModel
+
+NAME = "smollm2_135m-shakespeare"  # the registered model's default name: MODEL-DATA
+SHORT = ["quantize=gguf_q4_k_m", "train.max_steps=3", "train.warmup_steps=1", "train.eval_every=3",
+         "data.max_samples=300", "eval.max_examples=16", "eval.generation_examples=10", "sample.num_prompts=2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    dest = copy_repo(tmp_path_factory.mktemp("ship"))
+    sh(sys.executable, "-m", "lmtune.params", "--force", *SHORT, cwd=dest)
+    sh("dvc", "repro", cwd=dest)
+    return dest
+
+
+def test_the_default_pipeline_writes_a_q4_k_m_gguf_and_evaluate_runs_it_in_llama_cpp(shipped):
+    quantized = json.loads((shipped / "metrics/quantize.json").read_text())
+    assert quantized["method"] == "gguf_q4_k_m" and {"Q4_K", "Q6_K"} <= set(quantized["tensor_types"])
+    assert quantized["size_ratio"] < 0.25  # fp32 merged → ~4.5 bits a weight
+    scores = json.loads((shipped / "metrics/eval.json").read_text())
+    gguf, merged = scores["models"]["merged_gguf_q4_k_m"], scores["models"]["merged"]
+    assert scores["speed"]["merged_gguf_q4_k_m"]["runtime"] == "llama.cpp"
+    assert scores["speed"]["merged_gguf_q4_k_m"]["generated_tokens_per_second"] > 0
+    # measured 72.1 vs 69.0 (+4.4%): Q4_K_M costs a few percent; a layout or tokenizer error costs 10x
+    assert abs(gguf["perplexity"]["value"] / merged["perplexity"]["value"] - 1) < 0.10
+    assert "llama.cpp" in (shipped / "metrics/eval.md").read_text()
+
+
+def test_llama_cpp_tokenizes_the_test_split_as_transformers_and_knows_the_chat_format(shipped):
+    """SmolLM2's pre-tokenizer is one llama.cpp's converter recognises ("smollm"): without the key
+    llama.cpp falls back to a default and warns that generation quality will be degraded."""
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(shipped / "models/merged")
+    model = GGUFModel(shipped / "models/quantized/model.gguf", 512)
+    try:
+        assert model.llm.metadata["tokenizer.ggml.pre"] == "smollm"
+        assert model.llm.metadata["tokenizer.chat_template"] == tokenizer.chat_template
+        assert model.llm.token_eos() == tokenizer.eos_token_id
+        for text in pd.read_parquet(shipped / "data/processed/test.parquet")["text"]:  # each ends in EOS
+            ids = model.llm.tokenize(text.encode(), add_bos=False, special=True)
+            assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+        reply = model.llm.create_chat_completion(
+            [{"role": "user", "content": "Say one word."}], max_tokens=16, temperature=0.0
+        )
+        assert reply["choices"][0]["message"]["content"].strip()
+    finally:
+        model.close()
+    modelfile = (shipped / "models/quantized/Modelfile").read_text()
+    assert '{{- if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n{{ end }}' in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_an_f16_export_of_the_real_model_continues_prompts_as_transformers_does(shipped, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export_gguf(shipped / "models/merged", tmp_path / "model.gguf", "f16")
+    tokenizer = AutoTokenizer.from_pretrained(shipped / "models/merged")
+    reference = AutoModelForCausalLM.from_pretrained(shipped / "models/merged", dtype=torch.float32)
+    model = GGUFModel(tmp_path / "model.gguf", 128)
+    try:
+        for prompt in ["ROMEO:\nBut soft, what light", "To be, or not to be, that is the question:"]:
+            ids = tokenizer(prompt)["input_ids"]
+            expected = reference.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+            assert model.greedy_continuations([ids], 12, eos_id=-1) == [expected[0, len(ids) :].tolist()]
+    finally:
+        model.close()
+
+
+def test_register_promote_and_another_process_loads_the_champion(shipped):
+    out = sh(sys.executable, "-m", "lmtune.registry", "register", cwd=shipped).stdout
+    assert f"registered {NAME} version 1" in out
+    out = sh(sys.executable, "-m", "lmtune.registry", "promote", cwd=shipped).stdout
+    assert f"models:/{NAME}@champion is version 1" in out
+    load = (
+        "import mlflow, sys; mlflow.set_tracking_uri('sqlite:///mlflow.db');"
+        f"m = mlflow.pyfunc.load_model('models:/{NAME}@champion');"
+        "print(m.metadata.run_id); print(repr(m.predict(['To be, or not to be'], params={'max_new_tokens': 8})))"
+    )
+    run_id, prediction = sh(sys.executable, "-c", load, cwd=shipped).stdout.strip().splitlines()[-2:]
+    assert prediction.startswith("['To be, or not to be") and len(prediction) > len("['To be, or not to be']")
+    check = (
+        "import mlflow; c = mlflow.MlflowClient('sqlite:///mlflow.db');"
+        f"r = c.get_run('{run_id}'); print(r.data.tags['lmtune.params_hash'], r.data.params['quantize.method'],"
+        " 'eval.merged.perplexity' in r.data.metrics)"
+    )
+    assert sh(sys.executable, "-c", check, cwd=shipped).stdout.split()[1:] == ["gguf_q4_k_m", "True"]
+
+
+def test_register_refuses_a_merged_model_that_params_yaml_did_not_make(shipped):
+    sh(sys.executable, "-m", "lmtune.params", "--force", *SHORT, "merge.check_passages=2", cwd=shipped)
+    refused = sh(sys.executable, "-m", "lmtune.registry", "register", cwd=shipped, check=False)
+    assert refused.returncode == 2 and "is not what params.yaml makes" in refused.stderr
+    sh(sys.executable, "-m", "lmtune.params", "--force", *SHORT, cwd=shipped)
+
+
+def test_chat_answers_a_prompt_given_on_standard_input(shipped):
+    import subprocess
+
+    chat = subprocess.run(
+        [sys.executable, "-m", "lmtune.chat", "--compare", "--max-new-tokens", "8"],
+        input="Who are you?\n", capture_output=True, text=True, cwd=shipped, timeout=300,
+    )  # fmt: skip
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    first, _, rest = chat.stdout.partition("\n")
+    assert first == "you> Who are you?"
+    _, *pairs = re.split(r"^(base|fine-tuned)> ", rest, flags=re.MULTILINE)  # answers may span lines
+    answers = dict(zip(pairs[::2], pairs[1::2], strict=True))
+    assert list(answers) == ["base", "fine-tuned"] and all(a.strip() for a in answers.values())
