@@ -18,12 +18,16 @@ PORT ?= 5000
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed  ## create .venv: torch 2.13.0 (CPU) first, then the pinned rest
+setup: $(VENV)/.installed  ## create .venv: torch 2.13.0 (CUDA build where a GPU is, else CPU) first, then the pinned rest
 $(VENV)/.installed: pyproject.toml Makefile  # the wheel list below lives here too
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, from the CPU build; everything else is constrained to it (no CUDA download)
-	$(PY) -m pip install -q torch==2.13.0
+	@# torch first, its build chosen on purpose: where nvidia-smi sees a GPU, PyPI's default wheel (CUDA);
+	@# elsewhere the CPU wheel from PyTorch's CPU index (PyPI's Linux wheel would bring GBs of CUDA libraries)
+	if nvidia-smi -L >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; \
+	else $(PY) -m pip install -q "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu; fi
+	@$(PY) -c "import torch; print('installed torch', torch.__version__, '(CUDA', torch.version.cuda, 'build)' if torch.version.cuda else '(CPU build)')"
+	@# everything else is constrained to that torch (==2.13.0 matches 2.13.0+cpu): no second download
 	echo "torch==2.13.0" > $(VENV)/constraints.txt
 	@# llama-cpp-python comes as source only: pip builds llama.cpp (a few minutes on 2 cores; pip caches
 	@# the wheel), without the multimodal library lmtune does not use
