@@ -30,15 +30,7 @@ def convert(model_dir: Path, out_file: Path, outtype: str) -> None:
     """Run llama.cpp's converter on a transformers checkpoint; its own error lines if it refuses."""
     if not CONVERTER.is_file():
         raise ModelError(f"{CONVERTER} not found: llama.cpp's converter is unpacked by `make setup`")
-    command = [
-        sys.executable,
-        str(CONVERTER),
-        str(model_dir),
-        "--outfile",
-        str(out_file),
-        "--outtype",
-        outtype,
-    ]
+    command = [sys.executable, CONVERTER, model_dir, "--outfile", out_file, "--outtype", outtype]
     done = subprocess.run(command, capture_output=True, text=True)  # it uses the gguf-py beside it
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()][-6:]
@@ -55,7 +47,8 @@ def k_quantize(f16_file: Path, out_file: Path, kind: str) -> None:
     # 256 (it falls back to another type; `tensor_types` reports what it chose). llama-cpp-python
     # maps ggml's warnings to ERROR, so only CRITICAL quiets them.
     log = logging.getLogger("llama-cpp-python")
-    level, _ = log.level, log.setLevel(logging.CRITICAL)
+    level = log.level
+    log.setLevel(logging.CRITICAL)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, K_QUANTS[kind])
     params.nthread = os.cpu_count() or 1
@@ -72,7 +65,7 @@ def k_quantize(f16_file: Path, out_file: Path, kind: str) -> None:
 def export_gguf(model_dir: str | Path, out_file: Path, tensor_type: str) -> dict:
     """models/merged (a Llama in safetensors) → one .gguf file in `tensor_type`, and a Modelfile."""
     if tensor_type not in TYPES:
-        raise ModelError(f"quantize.gguf_type={tensor_type}: choose one of {', '.join(TYPES)}")
+        raise ModelError(f"GGUF type {tensor_type}: choose one of {', '.join(TYPES)}")
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     if config.get("model_type") != "llama":
