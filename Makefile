@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml Makefile  # the wheel list below lives here t
 	@# elsewhere the CPU wheel from PyTorch's CPU index (PyPI's Linux wheel would bring GBs of CUDA libraries)
 	if nvidia-smi -L >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; \
 	else $(PY) -m pip install -q "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu; fi
-	@$(PY) -c "import torch; print('installed torch', torch.__version__, '(CUDA', torch.version.cuda, 'build)' if torch.version.cuda else '(CPU build)')"
+	@$(PY) -c "import torch; c = torch.version.cuda; print('installed torch', torch.__version__, f'(CUDA {c} build)' if c else '(CPU build)')"
 	@# everything else is constrained to that torch (==2.13.0 matches 2.13.0+cpu): no second download
 	echo "torch==2.13.0" > $(VENV)/constraints.txt
 	@# llama-cpp-python comes as source only: pip builds llama.cpp (a few minutes on 2 cores; pip caches

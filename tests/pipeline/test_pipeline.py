@@ -165,18 +165,19 @@ def test_editing_code_reruns_only_the_stages_that_use_it(repo):
         assert set(json.loads(status)) == changed, (module, status)
 
 
-def test_a_stage_failing_under_make_run_leaves_the_last_good_metrics(repo):
+def test_a_stage_failing_under_make_run_leaves_the_last_good_metrics(repo, tmp_path):
     """DVC removes a stage's outputs, git-tracked metrics/ too, before it runs the stage; what
     `make run` runs (lmtune.pipeline) writes back what the failing stage lost: dvc.lock still
     describes those files, so metrics/ and dvc.lock agree again."""
     dest, _ = repo
     before = {name: (dest / name).read_bytes() for name in ("metrics/eval.json", "metrics/eval.md")}
+    elsewhere = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # the module counts runs
     failed = sh(sys.executable, "-m", "lmtune.pipeline", "experiment=smoke", "eval.generation_examples=5",
-                cwd=dest, check=False)  # fmt: skip
+                cwd=dest, check=False, env=elsewhere)  # fmt: skip
     assert failed.returncode != 0 and "bootstrap intervals need at least 10" in failed.stderr
     assert "put back" in failed.stderr and "metrics/eval.json" in failed.stderr
     assert {name: (dest / name).read_bytes() for name in before} == before
-    alone = sh("dvc", "repro", cwd=dest, check=False)  # what plain DVC does
+    alone = sh("dvc", "repro", cwd=dest, check=False, env=elsewhere)  # what plain DVC does
     assert alone.returncode != 0 and not (dest / "metrics/eval.json").exists()
     sh(sys.executable, "-m", "lmtune.params", "--force", "experiment=smoke", cwd=dest)
     sh("dvc", "repro", cwd=dest)
