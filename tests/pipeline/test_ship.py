@@ -81,6 +81,31 @@ def test_an_f16_export_of_the_real_model_continues_prompts_as_transformers_does(
         model.close()
 
 
+def test_a_q8_0_export_of_the_real_model_scores_the_test_split_as_transformers_does(shipped, tmp_path):
+    """Perplexity on the same token ids: llama.cpp with the q8_0 file vs transformers in fp32."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.data import read_sequences
+    from lmtune.metrics import likelihood_per_passage
+
+    export_gguf(shipped / "models/merged", tmp_path / "model.gguf", "q8_0")
+    seqs = read_sequences(shipped / "data/processed", "test")[:8]
+    reference = AutoModelForCausalLM.from_pretrained(shipped / "models/merged", dtype=torch.float32)
+    theirs = likelihood_per_passage(reference, seqs, 4, pad_id=0)
+    model = GGUFModel(tmp_path / "model.gguf", max(map(len, seqs)))
+    try:
+        ours = model.likelihood_per_passage(seqs)
+    finally:
+        model.close()
+    assert (ours["count"] == theirs["count"]).all() and ours["count"].sum() > 500
+    perplexity = {
+        k: np.exp(s["nll"].sum() / s["count"].sum()) for k, s in (("ours", ours), ("theirs", theirs))
+    }
+    assert abs(perplexity["ours"] / perplexity["theirs"] - 1) < 0.01, perplexity
+
+
 def test_register_promote_and_another_process_loads_the_champion(shipped):
     out = sh(sys.executable, "-m", "lmtune.registry", "register", cwd=shipped).stdout
     assert f"registered {NAME} version 1" in out
