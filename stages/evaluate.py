@@ -88,8 +88,8 @@ def run(cfg) -> dict:
         began = time.perf_counter()
         model = load()
         speed[name] = {"load_seconds": time.perf_counter() - began}
-        speed[name]["runtime"] = "llama.cpp" if isinstance(model, GGUFModel) else "transformers"
         if isinstance(model, GGUFModel):  # scored in llama.cpp, where a GGUF's users run it
+            speed[name]["runtime"] = "llama.cpp"
             likelihood = model.likelihood_per_passage(seqs, desc=name)
             began = time.perf_counter()
             continuations = model.greedy_continuations(
@@ -97,6 +97,7 @@ def run(cfg) -> dict:
             )
             model.close()
         else:
+            speed[name]["runtime"] = "transformers"
             likelihood = likelihood_per_passage(model, seqs, e.batch_size, tokenizer.pad_token_id, desc=name)
             began = time.perf_counter()
             continuations = greedy_continuations(model, prompts, e.reference_tokens, tokenizer.pad_token_id,

@@ -38,6 +38,7 @@ class Chat:
         """Stream the answer to `text` to `out` as it is generated; returns it."""
         from transformers import TextIteratorStreamer
 
+        from lmtune.generation import decoding
         from lmtune.modeling import device
 
         self.history.append({"role": "user", "content": text})
@@ -45,14 +46,9 @@ class Chat:
             self.history, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )["input_ids"].to(device())
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        s = self.cfg.sample
         torch.manual_seed(self.cfg.seed)
-        options = dict(
-            input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, max_new_tokens=s.max_new_tokens,
-            do_sample=s.do_sample, temperature=s.temperature if s.do_sample else None,
-            top_p=s.top_p if s.do_sample else None, repetition_penalty=s.repetition_penalty,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )  # fmt: skip
+        options = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                       **decoding(self.cfg.sample, self.tokenizer.pad_token_id))  # fmt: skip
         worker = threading.Thread(target=self.model.generate, kwargs=options)
         worker.start()
         out.write(f"{self.label}> ")

@@ -10,6 +10,15 @@ from omegaconf import DictConfig
 from lmtune.modeling import device
 
 
+def decoding(cfg: DictConfig, pad_token_id: int) -> dict:
+    """generate()'s decoding arguments from a `sample:` section (sampling settings only when sampling)."""
+    return dict(
+        max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+        temperature=cfg.temperature if cfg.do_sample else None, top_p=cfg.top_p if cfg.do_sample else None,
+        repetition_penalty=cfg.repetition_penalty, pad_token_id=pad_token_id,
+    )  # fmt: skip
+
+
 @torch.no_grad()
 def generate(
     model, tokenizer, prompts: list[str], cfg: DictConfig, seed: int, rendered: bool = False
@@ -27,16 +36,7 @@ def generate(
             device()
         )
         began = time.perf_counter()
-        output = model.generate(
-            **inputs,
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=cfg.do_sample,
-            temperature=cfg.temperature if cfg.do_sample else None,
-            top_p=cfg.top_p if cfg.do_sample else None,
-            repetition_penalty=cfg.repetition_penalty,
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
-        )
+        output = model.generate(**inputs, **decoding(cfg, tokenizer.pad_token_id), use_cache=True)
         seconds = time.perf_counter() - began
         new = output[:, inputs["input_ids"].shape[1] :]
         for prompt, ids in zip(chunk, new, strict=True):

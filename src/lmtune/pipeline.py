@@ -54,13 +54,7 @@ def main(argv: list[str]) -> int:
                   f"{', '.join(map(str, sorted(restored)))} (the last good run's, as dvc.lock says)",
                   file=sys.stderr)  # fmt: skip
         return code
-    try:  # stages DVC skipped after the last one that ran: their numbers into this run too
-        run = tracking.sync(cfg)
-    except LmtuneError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"MLflow run {run.run_id} holds every stage's metrics")
-    return 0
+    return tracking.main([])  # stages DVC skipped after the last one that ran: their numbers too
 
 
 if __name__ == "__main__":

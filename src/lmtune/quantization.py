@@ -79,13 +79,13 @@ def quantize(
 def load_quantized(path: str | Path, dtype: torch.dtype, n_ctx: int = 512):
     """A model saved by `quantize`: with plain transformers (the torchao config travels along in
     config.json), or a GGUF file in llama.cpp, where its users run it (a GGUFModel)."""
-    from transformers import AutoModelForCausalLM
-
     path = Path(path)
     if (path / GGUF_FILE).is_file():
         from lmtune.llamacpp import GGUFModel
 
         return GGUFModel(path / GGUF_FILE, n_ctx)
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, device_map={"": str(device())}, use_safetensors=True
     )

@@ -60,27 +60,21 @@ def register(cfg: DictConfig, name: str | None = None) -> str:
 
     check_merged_is_current(cfg)
     name = name or model_name(cfg)
-    run = tracking.open_run(cfg, "register")
     example = _input_example(cfg)
     generation = {"max_new_tokens": cfg.sample.max_new_tokens, "do_sample": False, "repetition_penalty": 1.0}
-    try:
-        pipeline = transformers.pipeline("text-generation", model=str(cfg.paths.merged), dtype="auto")
-        mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
-        with mlflow.start_run(run_id=run.run_id):
-            info = mlflow.transformers.log_model(
-                transformers_model=pipeline,
-                name="model",
-                task="text-generation",
-                input_example=[example],
-                signature=infer_signature([example], ["generated text"], params=generation),
-                model_config=generation,  # defaults; a caller's params override them
-                pip_requirements=[f"{p}=={importlib.metadata.version(p)}" for p in REQUIREMENTS],
-                registered_model_name=name,
-            )
-    except BaseException:
-        run.finish("FAILED")
-        raise
-    run.finish("FINISHED")
+    pipeline = transformers.pipeline("text-generation", model=str(cfg.paths.merged), dtype="auto")
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+    with tracking.stage_run(cfg, "register") as run, mlflow.start_run(run_id=run.run_id):
+        info = mlflow.transformers.log_model(
+            transformers_model=pipeline,
+            name="model",
+            task="text-generation",
+            input_example=[example],
+            signature=infer_signature([example], ["generated text"], params=generation),
+            model_config=generation,  # defaults; a caller's params override them
+            pip_requirements=[f"{p}=={importlib.metadata.version(p)}" for p in REQUIREMENTS],
+            registered_model_name=name,
+        )
     return str(info.registered_model_version)
 
 

@@ -358,11 +358,17 @@ def sync(cfg: DictConfig) -> StageRun:
     return run
 
 
-if __name__ == "__main__":  # python -m lmtune.tracking [key=value ...]
+def main(argv: list[str]) -> int:
+    """python -m lmtune.tracking [key=value ...]: `sync` for the current params.yaml."""
     from lmtune.config import load
 
     try:
-        print(f"MLflow run {sync(load(sys.argv[1:])).run_id} holds every stage's metrics")
+        print(f"MLflow run {sync(load(argv)).run_id} holds every stage's metrics")
     except LmtuneError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
