@@ -119,7 +119,10 @@ class Train:
     eval_batches: int = MISSING
     checkpoint_every: int = MISSING
     keep_checkpoints: int = MISSING
-    gradient_checkpointing: bool = MISSING
+    gradient_checkpointing: Any = MISSING  # false | true | auto
+    recompute_every_n_layers: int = MISSING
+    offload_activations: bool = MISSING
+    memory_budget_gib: float | None = MISSING
     packing: bool = MISSING
     pack_length: int = MISSING
     attention: str = MISSING
@@ -231,6 +234,7 @@ CHOICES = {
 POSITIVE = (
     "lora.r", "lora.lora_alpha", "train.max_steps", "train.batch_size", "train.grad_accum",
     "train.pack_length", "quant.qat_group_size", "quantize.group_size", "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.recompute_every_n_layers",
     "data.passage_chars", "data.max_length", "eval.batch_size", "sample.max_new_tokens",
     "sample.batch_size", "merge.check_passages", "eval.prompt_tokens", "eval.reference_tokens",
     "eval.bootstrap_resamples",
@@ -298,6 +302,13 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
     if cfg.train.packing and cfg.train.pack_length < cfg.data.max_length:
         problems.append(f"train.pack_length={cfg.train.pack_length}: must be at least data.max_length="
                         f"{cfg.data.max_length} so every passage fits a packed row")  # fmt: skip
+    if cfg.train.gradient_checkpointing not in (True, False, "auto"):
+        problems.append(f"train.gradient_checkpointing={cfg.train.gradient_checkpointing!r}: use false (keep every "
+                        "activation), true (recompute them in backward) or auto (on a GPU: the least recompute "
+                        "whose measured peak fits train.memory_budget_gib)")  # fmt: skip
+    if cfg.train.memory_budget_gib is not None and cfg.train.memory_budget_gib <= 0:
+        problems.append(f"train.memory_budget_gib={cfg.train.memory_budget_gib}: a positive number of GiB, "
+                        "or null for 90% of the GPU's memory")  # fmt: skip
     if cfg.train.attention not in ("varlen", "sdpa"):
         problems.append(f"train.attention={cfg.train.attention}: use varlen (each packed passage attends "
                         "to itself) or sdpa (transformers' block-diagonal mask over the whole row)")  # fmt: skip

@@ -2,8 +2,8 @@
 
 - `varlen_attention`: attention over packed rows, one causal block per passage. transformers'
   sdpa path builds a dense block-diagonal mask over the whole packed row, so most of the work
-  is masked out; flash-attn's varlen kernels are CUDA-only. Here each passage runs causal
-  attention on its own.
+  is masked out. On a CUDA card it calls torch's flash varlen kernel (`varlen_attn`) once for
+  all passages; on the CPU, where that kernel does not exist, each passage runs on its own.
 - `chunked_cross_entropy`: the language-model head and its loss over a few hundred tokens at a
   time, with the gradient computed on the way (what Liger's fused linear cross-entropy does on
   GPUs with Triton). The fp32 logits of a whole micro-batch (8 passages: about 1,300 x 49,152
@@ -11,6 +11,9 @@
 """
 
 from __future__ import annotations
+
+import inspect
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +23,9 @@ VARLEN = "lmtune_varlen"  # the attention implementation's name in transformers'
 
 def packed_segments(position_ids: torch.Tensor) -> dict:
     """Passage boundaries of packed rows (positions restart at 0 for each passage), in the
-    flash-attention varlen convention transformers passes down to attention functions."""
+    flash-attention varlen convention transformers passes down to attention functions. Called on
+    the host copy of a micro-batch: the longest passage is a Python int the kernel needs, and
+    reading it from a card's tensor would stall the card once per micro-batch."""
     flat = position_ids.flatten()
     starts = (flat == 0).nonzero().flatten()
     ends = torch.cat([starts[1:], starts.new_tensor([flat.numel()])])
@@ -29,10 +34,51 @@ def packed_segments(position_ids: torch.Tensor) -> dict:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
+@cache
+def _flash_varlen_options() -> dict | None:
+    """How this torch's `varlen_attn` is asked for causal, grouped-query attention (torch 2.10 took
+    `is_causal`, later releases a causal `window_size`), or None where torch has no such kernel."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    return {"fn": varlen_attn, "causal": causal, "gqa": "enable_gqa" in params}
+
+
+def use_flash_varlen(query: torch.Tensor) -> bool:
+    """Flash kernels exist for 16-bit CUDA tensors with head size up to 256; anything else takes
+    the per-passage path."""
+    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256
+            and _flash_varlen_options() is not None)  # fmt: skip
+
+
+def _flash_varlen_attention(query, key, value, cu_seq_lens, max_length: int, scaling: float):
+    """All passages of [b, h, l, d] rows in one kernel call, on the card: no loop, no host sync."""
+    options = _flash_varlen_options()
+    batch, heads, length, dim = query.shape
+
+    def tokens(x):  # [b, h, l, d] → [b*l, h, d], the kernel's packed layout
+        return x.transpose(1, 2).reshape(-1, x.shape[1], dim)
+
+    q, k, v = tokens(query), tokens(key), tokens(value)
+    extra = dict(options["causal"])
+    if k.shape[1] != heads:  # grouped query heads
+        if options["gqa"]:
+            extra["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (k, v))
+    cu = cu_seq_lens.to(query.device, non_blocking=True)
+    out = options["fn"](q, k, v, cu, cu, max_length, max_length, scale=scaling, **extra)
+    return out.view(batch, length, heads, dim)
+
+
 def _causal_attention(q, k, v, scaling: float) -> torch.Tensor:
     """Causal attention of one passage: q [h, l, d], k and v [kv, l, d] (grouped heads) → [h, l, d]."""
-    # CUDA: flash kernels. On CPU, SDPA's bf16 backward was slower than the matmuls below (per
-    # passage, 30 layers: 2.1-3.0 s against 1.4-1.6 s per micro-batch on the 2-core bench machine)
+    # fp32 on a card: SDPA's own kernels. On CPU, SDPA's bf16 backward was slower than the matmuls
+    # below (per passage, 30 layers: 2.1-3.0 s against 1.4-1.6 s per micro-batch on the 2-core
+    # bench machine)
     if q.is_cuda:
         return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scaling,
                                               enable_gqa=True)[0]  # fmt: skip
@@ -47,10 +93,10 @@ def _causal_attention(q, k, v, scaling: float) -> torch.Tensor:
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                     cu_seq_lens_q=None, **kwargs):  # fmt: skip
+                     cu_seq_lens_q=None, max_length_q=None, **kwargs):  # fmt: skip
     """transformers attention function ([b, h, l, d] in, [b, l, h, d] out). With passage
-    boundaries (`cu_seq_lens_q`, from `packed_segments`) each passage attends only to itself;
-    without them, this is transformers' sdpa."""
+    boundaries (`cu_seq_lens_q`, `max_length_q`, from `packed_segments`) each passage attends
+    only to itself; without them, this is transformers' sdpa."""
     if cu_seq_lens_q is None or query.shape[2] != key.shape[2] or (dropout and module.training):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -58,6 +104,8 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
                                       dropout=dropout, **kwargs)  # fmt: skip
     batch, heads, length, dim = query.shape
     scaling = dim**-0.5 if scaling is None else scaling
+    if use_flash_varlen(query):
+        return _flash_varlen_attention(query, key, value, cu_seq_lens_q, max_length_q, scaling), None
     bounds = cu_seq_lens_q.tolist()
     pieces = []
     # One passage at a time, on views of its rows: a micro-batch holds a few passages, so the

@@ -290,10 +290,21 @@ def keep_4bit_trainable(model) -> int:
     return count
 
 
-def load_for_training(
-    path: str | Path, quant: DictConfig, gradient_checkpointing: bool, shardable: bool = False
-):
-    """The frozen base as configured (4-bit, 8-bit or plain), ready for LoRA (and for FSDP to shard)."""
+def set_recompute(model, every_n_layers: int | None, offload: bool = False) -> None:
+    """transformers' activation checkpointing on every n-th decoder layer (None: off); the others
+    keep their activations. `offload` holds the checkpointed inputs in pinned host memory."""
+    if every_n_layers is None:
+        model.activation_checkpointing_disable()
+        return
+    model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers, offload)
+    model.enable_input_require_grads()
+
+
+def load_for_training(path: str | Path, quant: DictConfig, gradient_checkpointing: bool | str,
+                      shardable: bool = False, every_n_layers: int = 1, offload: bool = False):  # fmt: skip
+    """The frozen base as configured (4-bit, 8-bit or plain), ready for LoRA (and for FSDP to
+    shard). gradient_checkpointing=auto starts with every layer recomputed: training measures
+    what fits before the first step (lmtune.training.choose_recompute)."""
     from transformers import AutoModelForCausalLM
 
     compute_dtype = resolve_dtype(quant.bnb_4bit_compute_dtype)
@@ -312,8 +323,7 @@ def load_for_training(
     for param in model.parameters():
         param.requires_grad_(False)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        set_recompute(model, 1 if gradient_checkpointing == "auto" else every_n_layers, offload)
     model.config.use_cache = False
     return model
 

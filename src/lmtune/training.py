@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 from lmtune import LmtuneError, distributed
 from lmtune.data import batch_indices, collate, collate_rows, pack
 from lmtune.kernels import chunked_cross_entropy, packed_segments, register_varlen_attention
-from lmtune.modeling import device, lora_state, resolve_dtype
+from lmtune.modeling import device, lora_state, resolve_dtype, set_recompute
+
+WARMUP_STEPS = 5  # steps left out of the steady rate: first kernels, allocator growth, caches
 
 
 class TrainingError(LmtuneError, RuntimeError):
@@ -66,13 +68,14 @@ def validation_loss(model, seqs: list[list[int]], batch_size: int, batches: int,
     return total / max(count, 1)
 
 
-def _save_checkpoint(directory: Path, model, optimizer, scheduler, state: dict, keep: int) -> None:
+def _save_checkpoint(directory: Path, model, optimizer, scheduler, scaler, state: dict, keep: int) -> None:
     final = directory / f"step-{state['step']:06d}"
     tmp = directory / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in lora_state(model).items()}, tmp / "lora.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict()}, tmp / "optim.pt")  # fmt: skip
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -96,7 +99,7 @@ def latest_checkpoint(directory: Path, fp: str) -> Path | None:
     return None
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def _load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> dict:
     try:
         weights = load_file(path / "lora.safetensors")
         optim = torch.load(path / "optim.pt", weights_only=True)
@@ -118,6 +121,8 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
             params[name].copy_(value)
     optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
+    if optim.get("scaler"):  # fp16 only: the loss scale it had reached
+        scaler.load_state_dict(optim["scaler"])
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available() and "cuda" in rng:
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -127,11 +132,16 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
 def _check_gradients(model, step: int) -> None:
     """Every adapter must get a gradient: a zero one means a layer silently stopped learning
     (the bitsandbytes CPU repack bug does this to early layers of real models). lora_B is
-    checked because its gradient is nonzero from the first step (lora_A's is zero while B is)."""
-    dead = [
-        n for n, p in model.named_parameters()
-        if p.requires_grad and "lora_B" in n and (p.grad is None or not p.grad.any())
-    ]  # fmt: skip
+    checked because its gradient is nonzero from the first step (lora_A's is zero while B is).
+    One host sync for all matrices: a `.any()` per matrix would stall a GPU a few hundred times."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
+    if not named:
+        return
+    alive = torch.stack([
+        p.grad.ne(0).any() if p.grad is not None else torch.zeros((), dtype=torch.bool, device=p.device)
+        for _, p in named
+    ]).tolist()  # fmt: skip
+    dead = [n for (n, _), ok in zip(named, alive, strict=True) if not ok]
     if dead:
         raise TrainingError(
             f"step {step}: {len(dead)} LoRA matrices got no gradient (e.g. {dead[:2]}); they would "
@@ -139,27 +149,33 @@ def _check_gradients(model, step: int) -> None:
         )
 
 
+def collate_micro_batch(picked: list[list[int]], tc: DictConfig, pad_id: int) -> dict:
+    """One micro-batch's tensors from its passages. Packed or padded, it holds the same passages;
+    packing only removes the padding. With varlen attention, whose cost does not depend on row
+    length, they go in one row; the sdpa path packs them into rows of train.pack_length to bound
+    its dense mask."""
+    if not tc.packing:
+        return collate(picked, pad_id)
+    return collate_rows([picked] if tc.attention == "varlen" else pack(picked, tc.pack_length), pad_id)
+
+
 def batch_maker(train_seqs: list[list[int]], cfg: DictConfig, pad_id: int):
     """index → (micro-batch tensors, useful tokens): a pure function of (seed, index), so a resumed
-    run sees the same data. Packed or padded, a micro-batch holds the same train.batch_size
-    passages; packing only removes the padding. With varlen attention, whose cost does not depend
-    on row length, they go in one row; the sdpa path packs them into rows of train.pack_length to
-    bound its dense mask."""
+    run sees the same data; train.batch_size passages per micro-batch."""
     tc = cfg.train
 
-    def passages(index: int) -> list[list[int]]:
-        return [train_seqs[i] for i in batch_indices(len(train_seqs), tc.batch_size, cfg.seed, index)]
+    def make(index: int) -> tuple[dict, int]:
+        picked = [train_seqs[i] for i in batch_indices(len(train_seqs), tc.batch_size, cfg.seed, index)]
+        return collate_micro_batch(picked, tc, pad_id), sum(len(s) for s in picked)
 
-    def packed(index: int) -> tuple[dict, int]:
-        picked = passages(index)
-        rows = [picked] if tc.attention == "varlen" else pack(picked, tc.pack_length)
-        return collate_rows(rows, pad_id), sum(len(s) for s in picked)
+    return make
 
-    def padded(index: int) -> tuple[dict, int]:
-        picked = passages(index)
-        return collate(picked, pad_id), sum(len(s) for s in picked)
 
-    return packed if tc.packing else padded
+def to_device(batch: dict) -> dict:
+    """Host tensors to the training device; on a GPU from pinned memory, without blocking the host."""
+    if device().type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(device(), non_blocking=True) for k, v in batch.items()}
 
 
 def prepare_model(model, tc: DictConfig) -> None:
@@ -168,11 +184,14 @@ def prepare_model(model, tc: DictConfig) -> None:
         model.get_base_model().set_attn_implementation(register_varlen_attention())
 
 
-def micro_batch_loss(model, batch: dict, tc: DictConfig) -> torch.Tensor:
-    """Mean next-token loss of one micro-batch. Packed rows pass their passage boundaries down to
-    the attention; with train.chunked_loss a frozen plain head computes its loss in chunks.
-    No KV cache: with one, transformers ignores the packed positions and rows attend across."""
-    extra = packed_segments(batch["position_ids"]) if "position_ids" in batch else {}
+def micro_batch_loss(model, batch: dict, tc: DictConfig, segments: dict | None = None) -> torch.Tensor:
+    """Mean next-token loss of one micro-batch. Packed rows pass their passage boundaries
+    (`segments`, from packed_segments on the host batch) down to the attention; with
+    train.chunked_loss a frozen plain head computes its loss in chunks. No KV cache: with one,
+    transformers ignores the packed positions and rows attend across."""
+    extra = segments or {}
+    if segments is None and "position_ids" in batch:
+        extra = packed_segments(batch["position_ids"].cpu())
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.nn.parallel import DistributedDataParallel
 
@@ -189,6 +208,74 @@ def micro_batch_loss(model, batch: dict, tc: DictConfig) -> torch.Tensor:
     return model(**batch, use_cache=False, **extra).loss
 
 
+def recompute_name(every_n: int | None, offload: bool) -> str:
+    if every_n is None:
+        return "none"
+    return ("every layer" if every_n == 1 else f"every {every_n} layers") + (" offloaded" if offload else "")
+
+
+def choose_recompute(model, probe: list[list[int]], tc: DictConfig, pad_id: int, autocast,
+                     budget_gib: float | None = None, peak_gib: Callable[[], float] | None = None) -> dict:  # fmt: skip
+    """train.gradient_checkpointing=auto: the least recompute whose peak fits the budget, measured.
+
+    One forward and backward of `probe` (the micro-batch with the longest passages) per candidate,
+    from no recompute to every layer recomputed with its inputs offloaded, stopping at the first
+    whose peak, plus AdamW's two fp32 moments per LoRA weight (not allocated yet), fits. Weights
+    and random state are as before: the probe's gradients are dropped and its RNG draws undone.
+    `peak_gib` reads the peak since the last reset; it defaults to the GPU allocator's."""
+    base = model.get_base_model()
+    if peak_gib is None:
+        if device().type != "cuda":
+            set_recompute(base, None)
+            return {"recompute": "none", "why": "no GPU allocator to measure on: no recompute"}
+        peak_gib = lambda: torch.cuda.max_memory_allocated() / 2**30  # noqa: E731
+    if budget_gib is None:
+        budget_gib = 0.9 * torch.cuda.get_device_properties(device()).total_memory / 2**30
+    layers = base.config.num_hidden_layers
+    candidates = [(None, False)] + [(n, False) for n in (8, 4, 2) if n < layers] + [(1, False), (1, True)]
+    moments = 2 * 4 * sum(p.numel() for p in model.parameters() if p.requires_grad) / 2**30
+    batch = to_device(collate_micro_batch(probe, tc, pad_id))
+    segments = packed_segments(batch["position_ids"].cpu()) if "position_ids" in batch else None
+    measured = {}
+    with torch.random.fork_rng(devices=[device()] if device().type == "cuda" else []):
+        for every_n, offload in candidates:
+            set_recompute(base, every_n, offload)
+            if device().type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            with autocast:
+                loss = micro_batch_loss(model, batch, tc, segments)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            name = recompute_name(every_n, offload)
+            measured[name] = round(peak_gib() + moments, 2)
+            if measured[name] <= budget_gib:
+                break
+    fits = measured[name] <= budget_gib
+    print(f"recompute (gradient_checkpointing=auto, budget {budget_gib:.1f} GiB): {name}; measured peaks "
+          + ", ".join(f"{k} {v} GiB" for k, v in measured.items())
+          + ("" if fits else " - none fits: the least memory instead"), flush=True)  # fmt: skip
+    return {
+        "recompute": name,
+        "budget_gib": round(budget_gib, 2),
+        "measured_peak_gib": measured,
+        "fits": fits,
+    }
+
+
+def steady_rate(step_times: list[dict], warmup: int) -> dict:
+    """Useful tokens/s of the first `warmup` steps (kernel selection, allocator growth, caches)
+    and of the rest, the rate a long run sees."""
+
+    def rate(steps):
+        return (
+            sum(s["tokens"] for s in steps) / max(sum(s["seconds"] for s in steps), 1e-9) if steps else None
+        )
+
+    return {"warmup_steps": min(warmup, len(step_times)), "warmup_tokens_per_second": rate(step_times[:warmup]),
+            "steady_tokens_per_second": rate(step_times[warmup:])}  # fmt: skip
+
+
 def train(
     model,
     train_seqs: list[list[int]],
@@ -203,30 +290,45 @@ def train(
 
     tc = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     accelerator = distributed.accelerator(cfg)  # None in a single process
+    # fused AdamW: one kernel for all LoRA tensors on a card (not under DDP/FSDP's wrappers)
+    fused = device().type == "cuda" and accelerator is None
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused or None)
     scheduler = get_cosine_schedule_with_warmup(optimizer, tc.warmup_steps, tc.max_steps)
+    # LoRA weights stay fp32 for the optimizer while the base computes in 16 bits. Under autocast
+    # the adapter matmuls run in 16 bits too, and peft skips casting every layer's whole input to
+    # fp32 and back (measured 1.3x per step on this CPU). fp16 (cards without bf16: T4, V100)
+    # overflows and underflows where bf16 does not: its gradients go through a loss scaler.
+    compute = resolve_dtype(cfg.quant.bnb_4bit_compute_dtype)
+    half = compute in (torch.bfloat16, torch.float16)
+    autocast = torch.autocast(device().type, dtype=compute) if half else nullcontext()
+    scaler = torch.amp.GradScaler(device().type, enabled=compute == torch.float16)
     initial = lora_state(model)  # LoRA init is seeded, so this holds after a resume too
     fp = fingerprint(cfg, train_seqs)
-    state = {"step": 0, "fingerprint": fp, "train_curve": [], "val_curve": [], "tokens": 0, "seconds": 0.0}
+    state = {"step": 0, "fingerprint": fp, "train_curve": [], "val_curve": [], "tokens": 0, "seconds": 0.0,
+             "step_times": []}  # fmt: skip
     resumed_from = None
     if checkpoint := latest_checkpoint(checkpoint_dir, fp):
-        state = _load_checkpoint(checkpoint, model, optimizer, scheduler)
+        state = _load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
+        state.setdefault("step_times", [])
         resumed_from = state["step"]
         print(f"resuming from {checkpoint} (step {resumed_from} of {tc.max_steps})")
 
     next_batch = batch_maker(train_seqs, cfg, pad_id)
     prepare_model(model, tc)
+    # gradient_checkpointing=auto under DDP/FSDP keeps every layer recomputed (measured in one process only)
+    every_n = tc.recompute_every_n_layers if tc.gradient_checkpointing is True else None
+    if tc.gradient_checkpointing == "auto":
+        every_n = 1
+    recompute = {"recompute": recompute_name(every_n, tc.offload_activations)}
+    if tc.gradient_checkpointing == "auto" and accelerator is None:
+        longest = sorted(train_seqs, key=len, reverse=True)[: tc.batch_size]
+        recompute = choose_recompute(model, longest, tc, pad_id, autocast, tc.memory_budget_gib)
     plain = model  # the PeftModel, for its weights; `model` may become the DDP/FSDP wrapper
     if accelerator is not None:  # the scheduler is stepped here, once per optimizer step, not prepared
         model, optimizer = accelerator.prepare(model, optimizer)
         print(f"process {accelerator.process_index + 1} of {accelerator.num_processes}: global batch "
               f"{tc.batch_size} x {tc.grad_accum} x {accelerator.num_processes} passages", flush=True)  # fmt: skip
-    # LoRA weights stay fp32 for the optimizer while the base computes in bf16. Under autocast the
-    # adapter matmuls run in bf16 too, and peft skips casting every layer's whole input to fp32 and
-    # back (measured 1.3x per step on this CPU). fp16 would need a gradient scaler: not autocast.
-    bf16 = resolve_dtype(cfg.quant.bnb_4bit_compute_dtype) == torch.bfloat16
-    autocast = torch.autocast(device().type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     model.train()
     bar = tqdm(
@@ -240,19 +342,24 @@ def train(
     while state["step"] < tc.max_steps:
         step = state["step"]
         started = time.perf_counter()
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens = torch.zeros((), device=device()), 0
         for micro in range(tc.grad_accum):
             batch, useful = next_batch(distributed.micro_batch_index(step, micro, tc.grad_accum))
-            batch = {k: v.to(device()) for k, v in batch.items()}
+            # passage boundaries from the host copy: the kernel needs the longest as a Python int
+            segments = packed_segments(batch["position_ids"]) if "position_ids" in batch else None
+            batch = to_device(batch)
             with autocast:
-                loss = micro_batch_loss(model, batch, tc)
-            (loss / tc.grad_accum).backward()
-            loss_sum += loss.item()
+                loss = micro_batch_loss(model, batch, tc, segments)
+            scaler.scale(loss / tc.grad_accum).backward()
+            loss_sum += loss.detach().float()  # read once per step: no host sync per micro-batch
             tokens += useful  # padding never counts
-        train_loss = loss_sum / tc.grad_accum
         if accelerator is not None:  # the global step's loss and tokens, the same on every process
-            totals = accelerator.reduce(torch.tensor([train_loss, float(tokens)]), reduction="sum")
-            train_loss, tokens = float(totals[0]) / accelerator.num_processes, int(totals[1])
+            totals = accelerator.reduce(torch.stack([loss_sum, loss_sum.new_tensor(tokens)]), reduction="sum")
+            train_loss = float(totals[0]) / tc.grad_accum / accelerator.num_processes
+            tokens = int(totals[1])
+        else:
+            train_loss = float(loss_sum) / tc.grad_accum
+        scaler.unscale_(optimizer)  # true gradients for the checks and clipping (a no-op without fp16)
         _check_gradients(plain, step + 1)
         if not math.isfinite(train_loss):
             raise TrainingError(
@@ -260,13 +367,16 @@ def train(
                 f"stays in {checkpoint_dir}. Try a lower train.lr or quant.bnb_4bit_compute_dtype=fp32."
             )
         torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)  # fp16: skipped when a gradient overflowed, and the scale lowered
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         state["step"] = step = step + 1
+        seconds = time.perf_counter() - started
         state["tokens"] += tokens
-        state["seconds"] += time.perf_counter() - started
+        state["seconds"] += seconds
+        state["step_times"].append({"step": step, "seconds": seconds, "tokens": tokens})
         state["train_curve"].append({"step": step, "loss": train_loss})
         record = {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
         if step % tc.eval_every == 0 or step == tc.max_steps:
@@ -279,7 +389,9 @@ def train(
         bar.update(1)
         if step % tc.checkpoint_every == 0 and step < tc.max_steps:
             if distributed.is_main():  # every process holds the same weights and optimizer state
-                _save_checkpoint(checkpoint_dir, plain, optimizer, scheduler, state, tc.keep_checkpoints)
+                _save_checkpoint(
+                    checkpoint_dir, plain, optimizer, scheduler, scaler, state, tc.keep_checkpoints
+                )
             if accelerator is not None:
                 accelerator.wait_for_everyone()
     bar.close()
@@ -298,8 +410,11 @@ def train(
         "train_tokens": state["tokens"],
         "train_seconds": state["seconds"],
         "tokens_per_second": state["tokens"] / max(state["seconds"], 1e-9),
+        **steady_rate(state["step_times"], WARMUP_STEPS),
+        **recompute,
         "lora_matrices": len(final),
         "lora_matrices_unchanged": len(unchanged),
         "train_curve": state["train_curve"],
         "val_curve": state["val_curve"],
+        "step_times": state["step_times"],
     }
