@@ -297,7 +297,6 @@ def set_recompute(model, every_n_layers: int | None, offload: bool = False) -> N
         model.activation_checkpointing_disable()
         return
     model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers, offload)
-    model.enable_input_require_grads()
 
 
 def load_for_training(path: str | Path, quant: DictConfig, gradient_checkpointing: bool | str,

@@ -232,6 +232,7 @@ def choose_recompute(model, probe: list[list[int]], tc: DictConfig, pad_id: int,
     if budget_gib is None:
         budget_gib = 0.9 * torch.cuda.get_device_properties(device()).total_memory / 2**30
     layers = base.config.num_hidden_layers
+    # every n-th layer for n < layers (larger n recomputes layer 0 only, as n = layers does)
     candidates = [(None, False)] + [(n, False) for n in (8, 4, 2) if n < layers] + [(1, False), (1, True)]
     moments = 2 * 4 * sum(p.numel() for p in model.parameters() if p.requires_grad) / 2**30
     batch = to_device(collate_micro_batch(probe, tc, pad_id))

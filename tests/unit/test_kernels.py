@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 
 from lmtune.config import Config
 from lmtune.data import collate_packed
+from lmtune import kernels
 from lmtune.kernels import chunked_cross_entropy, packed_segments, varlen_attention
 from lmtune.modeling import add_lora, load_for_training
 from lmtune.training import micro_batch_loss, prepare_model
@@ -48,6 +49,54 @@ def test_varlen_attention_equals_a_block_diagonal_causal_mask_with_gradients():
     ref.backward(grad)
     for mine, theirs in zip(got, [ref.detach(), q.grad, k.grad, v.grad], strict=True):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+
+
+def reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=None, is_causal=None,
+                          enable_gqa=False):  # fmt: skip
+    """torch's varlen_attn contract in plain SDPA, one passage at a time: [T, H, D] in and out."""
+    assert window_size == (-1, 0) or is_causal is True  # asked for causal attention, either way
+    assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k)
+    bounds = cu_q.tolist()
+    assert max_q == max_k == max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    assert enable_gqa or k.shape[1] == q.shape[1]  # without the flag, heads must be repeated
+    pieces = [
+        F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+                                       is_causal=True, scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]  # fmt: skip
+    return torch.cat(pieces)
+
+
+@pytest.mark.parametrize("torch_has", ["window_size+gqa", "is_causal"])  # torch >= 2.11, torch 2.10
+def test_the_cuda_path_hands_torch_varlen_kernel_all_passages_in_its_layout(monkeypatch, torch_has):
+    """The card's path (one varlen_attn call for every passage) against the block-diagonal mask,
+    with the kernel played by SDPA on the CPU: layouts, boundaries, causality, grouped heads. The
+    real kernel runs in tests/pipeline/test_cuda.py."""
+    causal = {"window_size": (-1, 0)} if torch_has != "is_causal" else {"is_causal": True}
+    options = {"fn": reference_varlen_attn, "causal": causal, "gqa": torch_has != "is_causal"}
+    monkeypatch.setattr(kernels, "_flash_varlen_options", lambda: options)
+    monkeypatch.setattr(kernels, "use_flash_varlen", lambda query: True)
+    torch.manual_seed(0)
+    position_ids = packed_position_ids([[40, 1, 23, 32], [96]])  # two rows: offsets run across them
+    q = torch.randn(2, 6, 96, 16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 96, 16, requires_grad=True) for _ in range(2))
+    grad = torch.randn(2, 96, 6, 16)
+    out, _ = varlen_attention(Attention(), q, k, v, None, scaling=0.25, **packed_segments(position_ids))
+    out.backward(grad)
+    got = [out.detach(), q.grad, k.grad, v.grad]
+    for t in (q, k, v):
+        t.grad = None
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(position_ids), scale=0.25,
+                                         enable_gqa=True).transpose(1, 2)  # fmt: skip
+    ref.backward(grad)
+    for mine, theirs in zip(got, [ref.detach(), q.grad, k.grad, v.grad], strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_segments_are_built_on_the_host_with_the_longest_as_a_number():
+    segments = packed_segments(packed_position_ids([[3, 5], [2, 6]]))
+    assert segments["cu_seq_lens_q"].tolist() == [0, 3, 8, 10, 16]
+    assert segments["max_length_q"] == 6 and isinstance(segments["max_length_q"], int)
 
 
 def test_varlen_attention_without_passage_boundaries_is_transformers_sdpa():

@@ -1,16 +1,24 @@
 """Training on a tiny Llama: learning through validations, frozen base, exact resume, NaN guard."""
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lmtune import modeling
+from lmtune import modeling, training
 from lmtune.config import Config
 from lmtune.metrics import language_model_scores
 from lmtune.modeling import add_lora, load_for_training, lora_state
-from lmtune.training import TrainingError, train
+from lmtune.training import (
+    WARMUP_STEPS,
+    TrainingError,
+    choose_recompute,
+    micro_batch_loss,
+    prepare_model,
+    train,
+)
 
 
 def make_cfg(smoke_cfg, **sections):
@@ -141,3 +149,112 @@ def test_perplexity_matches_a_direct_transformers_computation(tiny_base, tiny_se
             count += len(seq) - 1
     assert scores["tokens_scored"] == count
     assert scores["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
+
+
+def _loss_and_lora_grads(model, seqs, cfg, pad_id):
+    from lmtune.data import collate_rows
+
+    batch = collate_rows([seqs[:6]], pad_id)
+    prepare_model(model, cfg.train)
+    model.train()
+    loss = micro_batch_loss(model, batch, cfg.train)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def four_layer_base(tmp_path_factory, smoke_cfg):
+    """The tiny Llama with 4 decoder layers, same tokenizer: room for every-n-th-layer recompute."""
+    from conftest import TEXTS
+
+    out = tmp_path_factory.mktemp("base4")
+    modeling.build_base(make_cfg(smoke_cfg, model={"tiny": {"num_hidden_layers": 4}}), out, TEXTS)
+    return out
+
+
+def test_recomputing_every_second_layer_changes_no_gradient(four_layer_base, tiny_seqs, smoke_cfg):
+    """transformers' every_n_layers: half the decoder layers recompute, the result is the same."""
+    seqs, tokenizer = tiny_seqs
+    cfg = make_cfg(smoke_cfg, quant={"bits": 16, "bnb_4bit_compute_dtype": "fp32"})
+    results = {}
+    for every_n in (None, 2):
+        base = load_for_training(four_layer_base, cfg.quant, every_n is not None, every_n_layers=every_n or 1)
+        flags = [layer.gradient_checkpointing for layer in base.model.layers]
+        model = add_lora(base, cfg.lora, cfg.seed)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: make the adapters do something
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+        results[every_n] = flags, *_loss_and_lora_grads(model, seqs, cfg, tokenizer.pad_token_id)
+    assert results[None][0] == [False] * 4
+    assert results[2][0] == [True, False, True, False]
+    torch.testing.assert_close(results[2][1], results[None][1])
+    for name, grad in results[None][2].items():
+        torch.testing.assert_close(results[2][2][name], grad, msg=name)
+
+
+@pytest.mark.parametrize(
+    "budget, chosen",
+    [(100.0, "none"), (8.0, "every 2 layers"), (6.5, "every layer"), (1.0, "every layer offloaded")],
+)
+def test_auto_recompute_takes_the_least_recompute_whose_measured_peak_fits(
+    four_layer_base, tiny_seqs, smoke_cfg, budget, chosen, monkeypatch
+):
+    """The search on the CPU with a stand-in allocator: each candidate's peak is 'measured' as 10
+    GiB less 1 GiB per layer that recomputes (4 layers: every 8 and every 4 layers are left out as
+    no different from every 2), less 4 GiB when offloaded. The probe leaves no gradient behind and
+    no RNG drawn. Under budget nothing fits: the least memory, said so."""
+    seqs, tokenizer = tiny_seqs
+    cfg = make_cfg(smoke_cfg, quant={"bits": 16, "bnb_4bit_compute_dtype": "fp32"}, lora={"lora_dropout": 0.1},
+                   train={"gradient_checkpointing": "auto"})  # fmt: skip
+    model = add_lora(load_for_training(four_layer_base, cfg.quant, "auto"), cfg.lora, cfg.seed)
+    layers = model.get_base_model().model.layers
+    offloads = []
+    monkeypatch.setattr(training, "set_recompute", lambda base, n, offload=False: (
+        offloads.append(offload), modeling.set_recompute(base, n, offload)))  # fmt: skip
+
+    def stand_in_peak():
+        recomputing = sum(layer.gradient_checkpointing for layer in layers)
+        return 10.0 - 1.0 * recomputing - 4.0 * offloads[-1]
+
+    prepare_model(model, cfg.train)
+    rng = torch.get_rng_state()
+    choice = choose_recompute(model, seqs[:8], cfg.train, tokenizer.pad_token_id, nullcontext(), budget,
+                              stand_in_peak)  # fmt: skip
+    assert choice["recompute"] == chosen
+    assert choice["fits"] == (budget >= 2.0)
+    assert list(choice["measured_peak_gib"])[-1] == chosen  # measured until the first that fits
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fp16_trains_through_a_loss_scaler_and_resumes_exactly(tiny_base, tiny_seqs, tmp_path, smoke_cfg):
+    """Cards without bf16 (T4, V100) compute in fp16: autocast + GradScaler, whose scale is part
+    of the checkpoint (a resumed run would otherwise skip or scale differently)."""
+    seqs, tokenizer = tiny_seqs
+    cfg = make_cfg(smoke_cfg, quant={"bits": 16, "bnb_4bit_compute_dtype": "fp16"},
+                   train={"max_steps": 4, "eval_every": 2, "checkpoint_every": 2})  # fmt: skip
+    straight = lora_model(tiny_base, cfg)
+    result = train(straight, seqs, seqs[:8], cfg, tmp_path / "a", tokenizer.pad_token_id)
+    assert result["lora_matrices_unchanged"] == 0
+    assert all(math.isfinite(p["loss"]) for p in result["train_curve"])
+    with pytest.raises(KeyboardInterrupt):
+        train(lora_model(tiny_base, cfg), seqs, seqs[:8], cfg, tmp_path / "b", tokenizer.pad_token_id,
+              on_step=crash_at(3))  # fmt: skip
+    scaler_state = torch.load(next((tmp_path / "b").glob("step-*")) / "optim.pt", weights_only=True)["scaler"]
+    assert scaler_state["scale"] > 0  # the scaler was on and its scale saved
+    resumed = lora_model(tiny_base, cfg)
+    assert train(resumed, seqs, seqs[:8], cfg, tmp_path / "b", tokenizer.pad_token_id)["resumed_from_step"] == 2
+    a, b = lora_state(straight), lora_state(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_the_result_reports_warm_up_and_steady_rates_apart(tiny_base, tiny_seqs, tmp_path, smoke_cfg):
+    seqs, tokenizer = tiny_seqs
+    cfg = make_cfg(smoke_cfg, quant={"bits": 16}, train={"max_steps": 7, "checkpoint_every": 100})
+    result = train(lora_model(tiny_base, cfg), seqs, seqs[:8], cfg, tmp_path, tokenizer.pad_token_id)
+    times = result["step_times"]
+    assert [t["step"] for t in times] == list(range(1, 8)) and result["warmup_steps"] == WARMUP_STEPS
+    steady = times[WARMUP_STEPS:]
+    expected = sum(t["tokens"] for t in steady) / sum(t["seconds"] for t in steady)
+    assert result["steady_tokens_per_second"] == pytest.approx(expected)
+    assert sum(t["tokens"] for t in times) == result["train_tokens"]
