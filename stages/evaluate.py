@@ -36,6 +36,7 @@ from lmtune.metrics import (
 )
 from lmtune.modeling import (
     device,
+    free_device_memory,
     load_base_with_adapter,
     load_for_training,
     load_full,
@@ -110,6 +111,8 @@ def run(cfg) -> dict:
         functions[name] = metric_functions(likelihood, generation)
         examples[name] = predictions[:3]
         del model
+        if (left := free_device_memory()) is not None:  # the next model starts on an empty card
+            speed[name]["gpu_gib_left_after_release"] = left
     sizes = {m: len(seqs) if m in LIKELIHOOD_METRICS else len(prompts) for m in functions["base"]}
     scores = bootstrap(functions, sizes, "base", e.bootstrap_resamples, cfg.seed)
     settings = {

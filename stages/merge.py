@@ -3,7 +3,9 @@
     python stages/merge.py [key=value ...]       # e.g. merge.dtype=bf16
 
 Never merges into 4-bit weights (that shifts logits by ~1e-1). metrics/merge.json records the
-largest logit difference between the merged model and base+adapter on held-out passages.
+largest logit difference between the merged model and base+adapter on held-out passages. With
+merge.device=auto a base too large for the GPU in merge.dtype (a 7B in fp32: 27 GB) merges on the
+CPU.
 """
 
 import sys
@@ -13,7 +15,7 @@ import torch
 
 from lmtune.artifacts import atomic_dir, save_config, write_json
 from lmtune.data import collate, read_sequences
-from lmtune.modeling import DTYPES, device, load_base_with_adapter, load_tokenizer, save_tokenizer
+from lmtune.modeling import DTYPES, load_base_with_adapter, load_tokenizer, placement, save_tokenizer
 from lmtune.runner import run_stage
 
 PARAMS = ("data.max_length", "merge")  # as in dvc.yaml: what this stage reads
@@ -22,13 +24,13 @@ PARAMS = ("data.max_length", "merge")  # as in dvc.yaml: what this stage reads
 def run(cfg) -> dict:
     paths = cfg.paths
     tokenizer = load_tokenizer(paths.adapter)
-    model = load_base_with_adapter(paths.base, paths.adapter, DTYPES[cfg.merge.dtype])
+    dtype = DTYPES[cfg.merge.dtype]
+    on = placement(paths.base, dtype, cfg.merge.device)
+    print(f"merging in {cfg.merge.dtype} on {on}", flush=True)
+    model = load_base_with_adapter(paths.base, paths.adapter, dtype, on=on)
     seqs = read_sequences(paths.processed, "validation")[: cfg.merge.check_passages]
     batch = collate(seqs, tokenizer.pad_token_id)
-    inputs = {
-        "input_ids": batch["input_ids"].to(device()),
-        "attention_mask": batch["attention_mask"].to(device()),
-    }
+    inputs = {"input_ids": batch["input_ids"].to(on), "attention_mask": batch["attention_mask"].to(on)}
     mask = batch["attention_mask"].bool()
     with torch.no_grad():
         unmerged = model(**inputs).logits.float()[mask]
@@ -37,6 +39,7 @@ def run(cfg) -> dict:
     metrics = {
         "max_logit_diff": float((after - unmerged).abs().max()),
         "dtype": cfg.merge.dtype,
+        "device": on.type,
         "check_tokens": int(mask.sum()),
     }
     with atomic_dir(paths.merged) as out:

@@ -135,6 +135,7 @@ class Train:
 @dataclass
 class Merge:
     dtype: str = MISSING
+    device: str = MISSING
     check_passages: int = MISSING
 
 
@@ -215,6 +216,7 @@ CHOICES = {
     "quant.bnb_4bit_compute_dtype": ("auto", "bf16", "fp16", "fp32"),
     "lora.bias": ("none", "all", "lora_only"),
     "merge.dtype": ("fp32", "bf16", "fp16"),
+    "merge.device": ("auto", "cpu", "cuda"),
     "quant.qat": (None, "int4"),
     "train.distributed": ("none", "ddp", "fsdp"),
     "quantize.method": (

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.metadata
 import importlib.util
+import math
 import os
 import time
 from pathlib import Path
@@ -245,12 +247,45 @@ def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
         shutil.copyfile(spm, target)
 
 
-def load_full(path: str | Path, dtype: torch.dtype):
-    """The model in plain 16/32-bit, safetensors only, no remote code."""
+def load_full(path: str | Path, dtype: torch.dtype, on: torch.device | None = None):
+    """The model in plain 16/32-bit, safetensors only, no remote code, on `on` (default: device())."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    return model.to(device()).eval()
+    return model.to(on or device()).eval()
+
+
+def weights_gib(path: str | Path, dtype: torch.dtype) -> float:
+    """Size of the safetensors weights in `path` once loaded in `dtype`, read from the headers only."""
+    from safetensors import safe_open
+
+    count = 0
+    for file in Path(path).glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            count += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return count * dtype.itemsize / 2**30
+
+
+def placement(path: str | Path, dtype: torch.dtype, choice: str) -> torch.device:
+    """Where a whole model in `dtype` goes: `cpu`, `cuda`, or `auto` (the GPU if the weights and a
+    fifth more for the activations fit in its free memory, else the CPU)."""
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if choice == "auto":
+        free, _ = torch.cuda.mem_get_info(device())
+        if 1.2 * weights_gib(path, dtype) * 2**30 > free:
+            return torch.device("cpu")
+    return device()
+
+
+def free_device_memory() -> float | None:
+    """Hand the memory of models already dropped back to the GPU, so the next one starts clean;
+    the GiB still allocated after (None on the CPU)."""
+    gc.collect()
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated(device()) / 2**30
 
 
 def quantization_config(quant: DictConfig, compute_dtype: torch.dtype, shardable: bool = False):
@@ -365,13 +400,14 @@ def lora_state(model) -> dict[str, torch.Tensor]:
 
 
 def load_base_with_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: torch.dtype,
-                           quant: DictConfig | None = None):  # fmt: skip
-    """Base + unmerged adapter: the base in `dtype`, or quantized as in training when `quant`."""
+                           quant: DictConfig | None = None, on: torch.device | None = None):  # fmt: skip
+    """Base + unmerged adapter: the base in `dtype` on `on` (default: device()), or quantized as in
+    training when `quant`."""
     from peft import PeftModel
 
     if quant is not None and (quant.bits < 16 or quant.get("qat")):
         base = load_for_training(base_dir, quant, gradient_checkpointing=False)
         base.config.use_cache = True
     else:
-        base = load_full(base_dir, dtype)
+        base = load_full(base_dir, dtype, on)
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from lmtune import kernels
 from lmtune.config import Config
 from lmtune.data import collate_packed
-from lmtune import kernels
 from lmtune.kernels import chunked_cross_entropy, packed_segments, varlen_attention
 from lmtune.modeling import add_lora, load_for_training
 from lmtune.training import micro_batch_loss, prepare_model
