@@ -243,7 +243,8 @@ def test_fp16_trains_through_a_loss_scaler_and_resumes_exactly(tiny_base, tiny_s
     scaler_state = torch.load(next((tmp_path / "b").glob("step-*")) / "optim.pt", weights_only=True)["scaler"]
     assert scaler_state["scale"] > 0  # the scaler was on and its scale saved
     resumed = lora_model(tiny_base, cfg)
-    assert train(resumed, seqs, seqs[:8], cfg, tmp_path / "b", tokenizer.pad_token_id)["resumed_from_step"] == 2
+    result = train(resumed, seqs, seqs[:8], cfg, tmp_path / "b", tokenizer.pad_token_id)
+    assert result["resumed_from_step"] == 2
     a, b = lora_state(straight), lora_state(resumed)
     assert all(torch.equal(a[n], b[n]) for n in a)
 
