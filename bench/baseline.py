@@ -18,6 +18,7 @@ from transformers import (
     BitsAndBytesConfig,
     DataCollatorForLanguageModeling,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 
@@ -64,11 +65,40 @@ def load_usual(path, dtype: torch.dtype, lora) -> torch.nn.Module:
     )
 
 
+class StepTimer(TrainerCallback):
+    """Each optimizer step's seconds and useful tokens, as lmtune's loop records them. Tokens are
+    counted where the model reads its batch (the data loader fetches one batch ahead), kept on the
+    device until the end: no extra host sync inside a step."""
+
+    def __init__(self, model):
+        self.counts, self.steps, self.began = [], [], 0.0
+        model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
+        if module.training:
+            self.counts.append(kwargs["attention_mask"].sum())
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.began, self.first = time.perf_counter(), len(self.counts)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.steps.append({"step": state.global_step, "seconds": time.perf_counter() - self.began,
+                           "tokens": self.counts[self.first:]})  # fmt: skip
+
+    def step_times(self) -> list[dict]:
+        return [{**s, "tokens": int(sum(t.item() for t in s["tokens"]))} for s in self.steps]
+
+
 def train_usual(
     model, tokenizer, train_seqs, train, steps: int, seed: int, dtype: torch.dtype
-) -> tuple[int, float]:
-    """HF Trainer over padded batches for `steps` steps: (useful tokens, seconds)."""
+) -> tuple[int, float, list[dict]]:
+    """HF Trainer over padded batches for `steps` steps: (useful tokens, seconds, per-step times)."""
     CountingCollator.useful_tokens = 0
+    timer = StepTimer(model)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(
             model=model,
@@ -90,11 +120,12 @@ def train_usual(
             ),
             train_dataset=[{"input_ids": s} for s in train_seqs],
             data_collator=CountingCollator(tokenizer, mlm=False),
+            callbacks=[timer],
         )
         began = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - began
-    return CountingCollator.useful_tokens, seconds
+    return CountingCollator.useful_tokens, seconds, timer.step_times()
 
 
 def main() -> None:
@@ -108,7 +139,7 @@ def main() -> None:
     train_seqs = read_sequences(cfg.paths.processed, "train")
     val_seqs = read_sequences(cfg.paths.processed, "validation")
     model = load_usual(cfg.paths.base, dtype, cfg.lora)
-    useful, seconds = train_usual(model, tokenizer, train_seqs, cfg.train, args.steps, cfg.seed, dtype)
+    useful, seconds, _ = train_usual(model, tokenizer, train_seqs, cfg.train, args.steps, cfg.seed, dtype)
     val = validation_loss(
         model, val_seqs, cfg.train.batch_size, cfg.train.eval_batches, tokenizer.pad_token_id
     )

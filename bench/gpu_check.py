@@ -1,19 +1,18 @@
-"""The GPU half of `make bench`: the usual QLoRA recipe against lmtune's training loop on a
-Llama-2-7B-shaped model with random weights built on the card (nothing is downloaded).
+"""The GPU half of `make bench`: the usual QLoRA recipe vs lmtune's finetune loop on one card,
+Llama-2-7B's shape with random weights (no download), NF4, LoRA r16 on every linear layer.
 
-    bash bench/gpu_check.sh                     # a CUDA machine; about 6 minutes on an H100/H200
-    python bench/gpu_check.py --tiny --steps 3  # any machine: a small Llama, checks the script
+    bash bench/gpu_check.sh                        # on a CUDA machine, from the repo root
+    python bench/gpu_check.py --tiny --steps 8     # the same script, a small Llama, CPU or GPU
 
-Each side runs in its own process, so its peak memory is its own, on the same synthetic passages
-(seeded lengths from 128 to data.max_length tokens, batch 4, like DESIGN.md's reference figures):
-
-- baseline: bench/baseline.py's recipe (HF Trainer, NF4 + double quantization,
-  prepare_model_for_kbit_training with gradient checkpointing, padded batches);
-- lmtune: lmtune.training.train (packing, per-passage flash attention, chunked loss, bf16
-  autocast), NF4, with and without gradient checkpointing.
-
-The checkpointing policy is chosen from memory: lmtune's pick is the faster of its two sides whose
-peak stays within the baseline's. Prints a Markdown table; --out writes the numbers as JSON.
+Each side runs in its own process (its own allocator and peak). At the first length: the usual
+recipe (bench/baseline.py), lmtune without recompute (its speed ceiling) and lmtune's pick:
+gradient_checkpointing=auto with the usual recipe's measured peak as its memory budget, so lmtune
+chooses the least recompute that stays within the usual recipe's memory. At the other lengths the
+usual recipe and the pick. Rates are steady state: the first --warmup steps (kernel selection,
+allocator growth) are reported apart. MFU counts 6 x parameters FLOPs per useful token (the
+convention; a frozen base skips its weight gradients, so the work done is nearer 4x, or 6x with
+every layer recomputed) over the bf16 matmul rate measured at the start of the same run, and over
+the card's datasheet figure where known. Prints Markdown tables; --out writes the numbers as JSON.
 """
 
 import argparse
@@ -21,6 +20,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -30,18 +30,41 @@ sys.path.insert(0, str(HERE))
 
 LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}  # fmt: skip
-TINY = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+TINY = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}  # fmt: skip
-SIDES = {  # name: (script side, gradient checkpointing)
-    "baseline": ("baseline", True),
-    "lmtune, checkpointing": ("lmtune", True),
-    "lmtune, no checkpointing": ("lmtune", False),
-}
+# dense bf16 tensor-core TFLOP/s from the vendors' datasheets (SXM parts), for a second MFU column
+DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+BASELINE, CEILING, PICK, LIGER = (
+    "usual recipe",
+    "lmtune, no recompute",
+    "lmtune's pick",
+    "lmtune's pick + Liger",
+)
 
 
-def build_model(out: Path, shape: dict) -> None:
+def matmul_tflops(size: int, repeats: int = 10) -> float:
+    """The bf16 matrix-multiply rate this device reaches now: what MFU divides by."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b = (torch.randn(size, size, dtype=torch.bfloat16, device=dev) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - began) / 1e12
+
+
+def datasheet_tflops(card: str) -> float | None:
+    return next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in card), None)
+
+
+def build_model(out: Path, shape: dict) -> int:
     """Random weights in bf16, made on the card, saved as a plain checkpoint with a word-level
-    tokenizer over the vocabulary (the data is synthetic token ids)."""
+    tokenizer over the vocabulary (the data is synthetic token ids). Returns the parameter count."""
     from tokenizers import Tokenizer, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -60,6 +83,7 @@ def build_model(out: Path, shape: dict) -> None:
         tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t2")), pad_token="t0", eos_token="t1"
     )
     tokenizer.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
 
 
 def passages(count: int, max_length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -69,8 +93,8 @@ def passages(count: int, max_length: int, vocab: int, seed: int) -> list[list[in
 
 
 def settings(args):
-    """conf/'s defaults for what train() reads (read with omegaconf alone: the lent GPU machine
-    has no Hydra), with this benchmark's shape on top."""
+    """conf/'s defaults for what train() reads (read with omegaconf alone: Hydra is not needed
+    on the GPU machine), with this benchmark's shape on top."""
     from omegaconf import OmegaConf
 
     conf = HERE.parent / "conf"
@@ -87,74 +111,168 @@ def settings(args):
     )  # fmt: skip
 
 
+def profiler(args):
+    """torch.profiler over three steady steps, when --profile: (on_step hook, report)."""
+    if not args.profile:
+        return None, lambda: None
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = profile(
+        activities=activities, schedule=schedule(wait=args.warmup - 1, warmup=1, active=3, repeat=1)
+    )
+    prof.start()
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+
+    def report():
+        prof.stop()
+        print(f"\ntop kernels over 3 steady steps of {args.side}, at {args.max_length} tokens:")
+        print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=70))
+
+    return (lambda step, record: prof.step()), report
+
+
 def run_side(args) -> None:
+    """One side, in its own process: writes its step times, peak and choice as JSON."""
     from omegaconf import OmegaConf
-    from report import write_side
 
     from lmtune.modeling import load_tokenizer, resolve_dtype
+    from lmtune.training import peak_memory_gib
 
     cfg = settings(args)
-    script_side, checkpointing = SIDES[args.side]
     tokenizer = load_tokenizer(args.model_dir)
-    vocab = len(tokenizer)
-    seqs = passages(args.steps * args.batch_size, args.max_length, vocab, seed=1)
-    val_seqs = passages(args.batch_size, args.max_length, vocab, seed=2)
-    if script_side == "baseline":
+    seqs = passages(args.steps * args.batch_size, args.max_length, len(tokenizer), seed=1)
+    val_seqs = passages(args.batch_size, args.max_length, len(tokenizer), seed=2)
+    on_step, report = profiler(args) if args.side != BASELINE else (None, lambda: None)
+    extra = {}
+    if args.side == BASELINE:
         from baseline import load_usual, train_usual
 
         dtype = resolve_dtype(cfg.quant.bnb_4bit_compute_dtype)
         model = load_usual(args.model_dir, dtype, cfg.lora)
-        useful, seconds = train_usual(model, tokenizer, seqs, cfg.train, args.steps, cfg.seed, dtype)
+        _, _, step_times = train_usual(model, tokenizer, seqs, cfg.train, args.steps, cfg.seed, dtype)
     else:
         from lmtune_side import train_lmtune
 
-        cfg = OmegaConf.merge(cfg, {"train": {"gradient_checkpointing": checkpointing}})
-        result = train_lmtune(args.model_dir, cfg, seqs, val_seqs, tokenizer.pad_token_id)
-        useful, seconds = result["train_tokens"], result["train_seconds"]
-    write_side(args.out, args.side, args.steps, useful, seconds, float("nan"))
+        recompute = {"gradient_checkpointing": False}
+        if args.side != CEILING:
+            recompute = {"gradient_checkpointing": "auto", "memory_budget_gib": args.budget_gib}
+        cfg = OmegaConf.merge(cfg, {"train": recompute})
+        patch = apply_liger if args.side == LIGER else None
+        result = train_lmtune(args.model_dir, cfg, seqs, val_seqs, tokenizer.pad_token_id, on_step, patch)
+        step_times = result["step_times"]
+        extra = {k: result[k] for k in ("recompute", "measured_peak_gib") if k in result}
+    report()
+    out = {"side": args.side, "step_times": step_times, "peak_memory_gib": peak_memory_gib(), **extra}
+    Path(args.out).write_text(json.dumps(out, indent=2))
+
+
+def apply_liger(model) -> None:
+    """Liger's Triton kernels for RMSNorm, SwiGLU and RoPE on this Llama instance (its fused
+    linear cross-entropy is left out: lmtune's chunked loss does that job)."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=model.get_base_model())  # fmt: skip
+
+
+def rates(step_times: list[dict], warmup: int) -> tuple[float, float]:
+    """(warm-up, steady) useful tokens/s."""
+
+    def rate(steps):
+        return sum(s["tokens"] for s in steps) / sum(s["seconds"] for s in steps) if steps else float("nan")
+
+    return rate(step_times[:warmup]), rate(step_times[warmup:])
+
+
+def table(rows: list[dict], parameters: int, peak: float, sheet: float | None) -> list[str]:
+    base = rows[0]
+    lines = ["| side | steady tokens/s | warm-up tokens/s | peak GiB | speed vs usual | memory vs usual "
+             f"| MFU (measured {peak:.3g} TFLOP/s) |" + (f" MFU (datasheet {sheet:.0f}) |" if sheet else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if sheet else "")]  # fmt: skip
+    for r in rows:
+        flops = 6 * parameters * r["steady"] / 1e12
+        name = r["side"] + (f" ({r['recompute']})" if "recompute" in r else "")
+        lines.append(
+            f"| {name} | {r['steady']:.0f} | {r['warmup']:.0f} | {r['peak_memory_gib']:.1f} | "
+            f"{r['steady'] / base['steady']:.2f}x | {r['peak_memory_gib'] / base['peak_memory_gib']:.2f}x | "
+            f"{flops / peak:.1%} |" + (f" {flops / sheet:.1%} |" if sheet else "")
+        )
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="a small Llama instead of the 7B shape")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per side, warm-up included")
+    parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the steady rate")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096], help="longest passage")
+    parser.add_argument("--batch-size", type=int, default=4, help="passages per step")
+    parser.add_argument("--profile", action="store_true", help="print the pick's top kernels (first length)")
+    parser.add_argument(
+        "--liger", action="store_true", help="also the pick with Liger's kernels (first length)"
+    )
     parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--max-length", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--budget-gib", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         return run_side(args)
+    if args.warmup >= args.steps:
+        parser.error(f"--warmup {args.warmup} leaves no steady step of --steps {args.steps}")
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (CPU)"
-    rows = []
+    peak = matmul_tflops(8192 if torch.cuda.is_available() else 1024)
+    sheet = datasheet_tflops(card)
+    print(
+        f"{card}: bf16 matmul {peak:.0f} TFLOP/s measured now"
+        + (f", {sheet:.0f} on the datasheet" if sheet else "")
+    )
+    results = {"card": card, "torch": torch.__version__, "matmul_tflops": peak, "datasheet_tflops": sheet,
+               "tiny": args.tiny, "steps": args.steps, "warmup_steps": args.warmup, "lengths": {}}  # fmt: skip
     with tempfile.TemporaryDirectory() as model_dir:
-        build_model(Path(model_dir), TINY if args.tiny else LLAMA2_7B)
-        for side in SIDES:
-            print(f"== {side}", flush=True)
-            with tempfile.NamedTemporaryFile(suffix=".json") as out:
-                subprocess.run([sys.executable, __file__, "--side", side, "--model-dir", model_dir,
-                                "--out", out.name, "--steps", str(args.steps), "--batch-size",
-                                str(args.batch_size), "--max-length", str(args.max_length)], check=True)  # fmt: skip
-                rows.append({"name": side, **json.loads(Path(out.name).read_text())})
-    baseline = rows[0]
-    within = [r for r in rows[1:] if r["peak_memory_gib"] <= baseline["peak_memory_gib"]]
-    pick = max(within or rows[1:2], key=lambda r: r["useful_tokens_per_second"])
-    table = [f"{card}, {'tiny Llama' if args.tiny else 'Llama-2-7B shape'}, random weights, NF4, batch "
-             f"{args.batch_size} passages of up to {args.max_length} tokens, {args.steps} steps, torch {torch.__version__}",
-             "", "| side | useful tokens/s | peak GiB | speed vs baseline | memory vs baseline |",
-             "|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        mark = " (lmtune's pick)" if r is pick else ""
-        table.append(f"| {r['name']}{mark} | {r['useful_tokens_per_second']:.0f} | {r['peak_memory_gib']:.1f} | "
-                     f"{r['useful_tokens_per_second'] / baseline['useful_tokens_per_second']:.2f}x | "
-                     f"{r['peak_memory_gib'] / baseline['peak_memory_gib']:.2f}x |")  # fmt: skip
-    print("\n".join(table))
-    if args.out:
-        Path(args.out).write_text(
-            json.dumps({"card": card, "tiny": args.tiny, "sides": rows}, indent=2) + "\n"
-        )
+        parameters = build_model(Path(model_dir), TINY if args.tiny else LLAMA2_7B)
+        results["parameters"] = parameters
+        for i, length in enumerate(args.lengths):
+            sides = (
+                [BASELINE, CEILING, PICK] + ([LIGER] if args.liger else []) if i == 0 else [BASELINE, PICK]
+            )
+            rows = []
+            for side in sides:
+                print(f"== {side}, passages up to {length} tokens", flush=True)
+                with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                    command = [sys.executable, __file__, "--side", side, "--model-dir", model_dir, "--out", out.name,
+                               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size",
+                               str(args.batch_size), "--max-length", str(length)]  # fmt: skip
+                    if side in (PICK, LIGER):
+                        command += ["--budget-gib", str(rows[0]["peak_memory_gib"])]
+                    if args.profile and side == PICK and i == 0:
+                        command.append("--profile")
+                    if subprocess.run(command).returncode:
+                        print(f"   {side} failed (above); left out", flush=True)
+                        continue
+                    row = json.loads(Path(out.name).read_text())
+                row["warmup"], row["steady"] = rates(row["step_times"], args.warmup)
+                rows.append(row)
+            if not rows or rows[0]["side"] != BASELINE:
+                sys.exit("the usual recipe failed: nothing to compare with")
+            results["lengths"][length] = rows
+            pick = next((r for r in rows if r["side"] == PICK), None)
+            report = [f"\n{card}, {'tiny Llama' if args.tiny else 'Llama-2-7B shape'}, random weights, NF4, "
+                       f"{args.batch_size} passages of {min(128, length // 2)}-{length} tokens per step, "
+                       f"{args.steps} steps ({args.warmup} warm-up), torch {torch.__version__}", ""]  # fmt: skip
+            report += table(rows, parameters, peak, sheet)
+            if pick:
+                speed = pick["steady"] / rows[0]["steady"]
+                memory = pick["peak_memory_gib"] / rows[0]["peak_memory_gib"]
+                verdict = "met" if speed >= 2.0 and memory <= 1.0 else "not met"
+                report.append(f"\nlmtune's pick: {speed:.2f}x the usual recipe's tokens/s at {memory:.2f}x its "
+                              f"peak memory (target: >= 2.00x at <= 1.00x: {verdict})")  # fmt: skip
+            print("\n".join(report), flush=True)  # each length as soon as it is done: a timeout keeps it
+            if args.out:
+                Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

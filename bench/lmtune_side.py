@@ -26,16 +26,20 @@ def steps_for_budget(train_seqs, cfg, pad_id: int, tokens: int) -> int:
     return steps
 
 
-def train_lmtune(model_path, cfg, train_seqs, val_seqs, pad_id: int) -> dict:
+def train_lmtune(model_path, cfg, train_seqs, val_seqs, pad_id: int, on_step=None, patch=None) -> dict:
     """train()'s result for a fresh LoRA on the base at `model_path`, with no mid-run validation
     or checkpoints (the baseline does neither); its time is the optimizer steps' (`train_seconds`),
-    without the validation after the last step, which the baseline's timed trainer.train() lacks."""
+    without the validation after the last step, which the baseline's timed trainer.train() lacks.
+    `patch(model)` changes the model before training (a kernel library under test)."""
     cfg = OmegaConf.merge(cfg, {"train": {"eval_every": 10**6, "checkpoint_every": 10**6}})
-    model = add_lora(
-        load_for_training(model_path, cfg.quant, cfg.train.gradient_checkpointing), cfg.lora, cfg.seed
-    )
+    tc = cfg.train
+    base = load_for_training(model_path, cfg.quant, tc.gradient_checkpointing, False,
+                             tc.recompute_every_n_layers, tc.offload_activations)  # fmt: skip
+    model = add_lora(base, cfg.lora, cfg.seed)
+    if patch:
+        patch(model)
     with tempfile.TemporaryDirectory() as checkpoints:
-        return train(model, train_seqs, val_seqs, cfg, Path(checkpoints), pad_id)
+        return train(model, train_seqs, val_seqs, cfg, Path(checkpoints), pad_id, on_step)
 
 
 def main() -> None:

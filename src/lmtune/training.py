@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from lmtune import LmtuneError, distributed
 from lmtune.data import batch_indices, collate, collate_rows, pack
 from lmtune.kernels import chunked_cross_entropy, packed_segments, register_varlen_attention
-from lmtune.modeling import device, lora_state, resolve_dtype, set_recompute
+from lmtune.modeling import device, free_device_memory, lora_state, resolve_dtype, set_recompute
 
 WARMUP_STEPS = 5  # steps left out of the steady rate: first kernels, allocator growth, caches
 
@@ -220,7 +220,8 @@ def choose_recompute(model, probe: list[list[int]], tc: DictConfig, pad_id: int,
 
     One forward and backward of `probe` (the micro-batch with the longest passages) per candidate,
     from no recompute to every layer recomputed with its inputs offloaded, stopping at the first
-    whose peak, plus AdamW's two fp32 moments per LoRA weight (not allocated yet), fits. Weights
+    whose peak, plus AdamW's two fp32 moments per LoRA weight (not allocated yet), fits; one that
+    runs out of memory does not fit. Weights
     and random state are as before: the probe's gradients are dropped and its RNG draws undone.
     `peak_gib` reads the peak since the last reset; it defaults to the GPU allocator's."""
     base = model.get_base_model()
@@ -241,17 +242,24 @@ def choose_recompute(model, probe: list[list[int]], tc: DictConfig, pad_id: int,
     with torch.random.fork_rng(devices=[device()] if device().type == "cuda" else []):
         for every_n, offload in candidates:
             set_recompute(base, every_n, offload)
-            if device().type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            with autocast:
-                loss = micro_batch_loss(model, batch, tc, segments)
-            loss.backward()
-            model.zero_grad(set_to_none=True)
             name = recompute_name(every_n, offload)
-            measured[name] = round(peak_gib() + moments, 2)
+            free_device_memory()
+            if device().type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                with autocast:
+                    loss = micro_batch_loss(model, batch, tc, segments)
+                loss.backward()
+                measured[name] = round(peak_gib() + moments, 2)
+            except torch.OutOfMemoryError:  # more than the card holds: does not fit any budget
+                measured[name] = math.inf
+            loss = None
+            model.zero_grad(set_to_none=True)
             if measured[name] <= budget_gib:
                 break
+    free_device_memory()
+    if device().type == "cuda":  # the training peak reported later is training's, not the probe's
+        torch.cuda.reset_peak_memory_stats()
     fits = measured[name] <= budget_gib
     print(f"recompute (gradient_checkpointing=auto, budget {budget_gib:.1f} GiB): {name}; measured peaks "
           + ", ".join(f"{k} {v} GiB" for k, v in measured.items())
