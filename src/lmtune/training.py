@@ -171,11 +171,12 @@ def batch_maker(train_seqs: list[list[int]], cfg: DictConfig, pad_id: int):
     return make
 
 
-def to_device(batch: dict) -> dict:
+def to_device(batch: dict | None) -> dict | None:
     """Host tensors to the training device; on a GPU from pinned memory, without blocking the host."""
-    if device().type != "cuda":
+    if batch is None or device().type != "cuda":
         return batch
-    return {k: v.pin_memory().to(device(), non_blocking=True) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device(), non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}  # fmt: skip
 
 
 def prepare_model(model, tc: DictConfig) -> None:
@@ -237,7 +238,7 @@ def choose_recompute(model, probe: list[list[int]], tc: DictConfig, pad_id: int,
     candidates = [(None, False)] + [(n, False) for n in (8, 4, 2) if n < layers] + [(1, False), (1, True)]
     moments = 2 * 4 * sum(p.numel() for p in model.parameters() if p.requires_grad) / 2**30
     batch = to_device(collate_micro_batch(probe, tc, pad_id))
-    segments = packed_segments(batch["position_ids"].cpu()) if "position_ids" in batch else None
+    segments = to_device(packed_segments(batch["position_ids"].cpu()) if "position_ids" in batch else None)
     measured = {}
     with torch.random.fork_rng(devices=[device()] if device().type == "cuda" else []):
         for every_n, offload in candidates:
@@ -250,7 +251,7 @@ def choose_recompute(model, probe: list[list[int]], tc: DictConfig, pad_id: int,
                 with autocast:
                     loss = micro_batch_loss(model, batch, tc, segments)
                 loss.backward()
-                measured[name] = round(peak_gib() + moments, 2)
+                measured[name] = round(peak_gib() + moments, 4)
             except torch.OutOfMemoryError:  # more than the card holds: does not fit any budget
                 measured[name] = math.inf
             loss = None
@@ -356,7 +357,7 @@ def train(
             batch, useful = next_batch(distributed.micro_batch_index(step, micro, tc.grad_accum))
             # passage boundaries from the host copy: the kernel needs the longest as a Python int
             segments = packed_segments(batch["position_ids"]) if "position_ids" in batch else None
-            batch = to_device(batch)
+            batch, segments = to_device(batch), to_device(segments)
             with autocast:
                 loss = micro_batch_loss(model, batch, tc, segments)
             scaler.scale(loss / tc.grad_accum).backward()

@@ -1,7 +1,9 @@
 """The smoke profile's stages on a CUDA card (pytest -m gpu), with no change of config: the device is
-picked per process. Skipped where torch sees no GPU; it needs bitsandbytes with CUDA kernels.
-Not yet run on a card: no GPU machine was lent while it was written."""
+picked per process. Skipped where torch sees no GPU, or where DVC and MLflow are not installed (the
+lent GPU machine: tests/unit/test_cuda.py runs there instead). Not yet run on a card: no GPU machine
+was lent while it was written."""
 
+import importlib.util
 import json
 import sys
 
@@ -12,6 +14,9 @@ from repo_copy import copy_repo, sh
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(
+        not all(importlib.util.find_spec(m) for m in ("dvc", "mlflow")), reason="needs DVC and MLflow"
+    ),
 ]
 
 
@@ -24,3 +29,5 @@ def test_every_stage_of_the_smoke_profile_runs_on_the_card(tmp_path):
     assert scores["settings"]["device"].startswith("cuda")
     assert 0 < train["peak_memory_gib"] < torch.cuda.get_device_properties(0).total_memory / 2**30
     assert scores["models"]["merged"]["perplexity"]["value"] < scores["models"]["base"]["perplexity"]["value"]
+    assert json.loads((dest / "metrics/merge.json").read_text())["device"] == "cuda"
+    assert all(s.get("gpu_gib_left_after_release", 1) < 0.05 for s in scores["speed"].values())

@@ -1,0 +1,129 @@
+"""The training path on a CUDA card (pytest -m gpu; skipped without one). These need only torch,
+transformers, peft, accelerate, bitsandbytes, omegaconf and hydra: what bench/device_check.sh
+carries to a lent GPU machine. The whole pipeline through DVC is tests/pipeline/test_cuda.py."""
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lmtune import kernels, modeling
+from lmtune.config import Config
+from lmtune.data import collate_rows
+from lmtune.modeling import add_lora, load_for_training, lora_state
+from lmtune.training import micro_batch_loss, prepare_model, to_device, train
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def make_cfg(smoke_cfg, **sections):
+    return OmegaConf.merge(OmegaConf.structured(Config), smoke_cfg, sections)
+
+
+def packed(lengths):
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    return position_ids, kernels.packed_segments(position_ids)
+
+
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_flash_varlen_equals_the_per_passage_path_on_the_card(kv_heads):
+    """torch's varlen kernel (one call) against SDPA per passage, bf16, forward and gradients."""
+    assert kernels.use_flash_varlen(torch.zeros(1, 8, 4, 64, device="cuda", dtype=torch.bfloat16))
+    torch.manual_seed(0)
+    _, segments = packed([300, 1, 77, 647])
+    q = torch.randn(1, 8, 1025, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, kv_heads, 1025, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))  # fmt: skip
+    grad = torch.randn(1, 1025, 8, 64, device="cuda", dtype=torch.bfloat16)
+
+    class Attention:
+        is_causal, training = True, True
+
+    outputs = {}
+    for flash in (True, False):
+        for t in (q, k, v):
+            t.grad = None
+        use = kernels.use_flash_varlen
+        kernels.use_flash_varlen = (lambda query: True) if flash else (lambda query: False)
+        try:
+            out, _ = kernels.varlen_attention(Attention(), q, k, v, None, scaling=0.125, **segments)
+        finally:
+            kernels.use_flash_varlen = use
+        out.backward(grad)
+        outputs[flash] = [out.detach().float(), q.grad.float(), k.grad.float(), v.grad.float()]
+    for mine, theirs in zip(outputs[True], outputs[False], strict=True):
+        torch.testing.assert_close(mine, theirs, atol=2e-2, rtol=2e-2)
+
+
+def test_the_attention_never_waits_for_the_card():
+    """No host synchronisation inside the varlen attention (the old per-passage path read the
+    boundaries back from the card in every layer): torch raises on any sync in this block."""
+    _, segments = packed([100, 400, 24])
+    segments = to_device(segments)  # as the training loop hands them down: on the card, before the step
+    q = torch.randn(1, 8, 524, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (
+        torch.randn(1, 8, 524, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2)
+    )
+    torch.cuda.synchronize()
+
+    class Attention:
+        is_causal, training = True, True
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, _ = kernels.varlen_attention(Attention(), q, k, v, None, scaling=0.125, **segments)
+        out.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_packed_4bit_micro_batch_gives_the_sdpa_loss_on_the_card(tiny_base, tiny_seqs, smoke_cfg):
+    seqs, tokenizer = tiny_seqs
+    cfg = make_cfg(smoke_cfg, quant={"bits": 4, "bnb_4bit_compute_dtype": "bf16"})
+    batch = {k: v.cuda() for k, v in collate_rows([seqs[:8]], tokenizer.pad_token_id).items()}
+    losses = {}
+    for attention in ("varlen", "sdpa"):
+        tc = OmegaConf.merge(cfg.train, {"attention": attention})
+        model = add_lora(load_for_training(tiny_base, cfg.quant, False), cfg.lora, cfg.seed)
+        prepare_model(model, tc)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            losses[attention] = float(micro_batch_loss(model, batch, tc))
+    assert losses["varlen"] == pytest.approx(losses["sdpa"], rel=1e-2)
+
+
+def test_auto_recompute_measures_peaks_on_the_card_and_trains(tiny_base, tiny_seqs, tmp_path, smoke_cfg):
+    seqs, tokenizer = tiny_seqs
+    cfg = make_cfg(smoke_cfg, quant={"bits": 4, "bnb_4bit_compute_dtype": "bf16"},
+                   train={"max_steps": 4, "gradient_checkpointing": "auto", "memory_budget_gib": 1e-4})  # fmt: skip
+    model = add_lora(load_for_training(tiny_base, cfg.quant, "auto"), cfg.lora, cfg.seed)
+    before = lora_state(model)
+    result = train(model, seqs, seqs[:8], cfg, tmp_path, tokenizer.pad_token_id)
+    peaks = result["measured_peak_gib"]
+    # a budget nothing meets: every candidate measured, from none to offloaded, the last taken
+    assert list(peaks)[0] == "none" and result["recompute"] == "every layer offloaded" and not result["fits"]
+    assert all(0 < v < 1 for v in peaks.values())
+    after = lora_state(model)
+    assert all(not torch.equal(after[n], before[n]) for n in after)
+
+
+def test_fp16_cards_train_with_a_loss_scaler(tiny_base, tiny_seqs, tmp_path, smoke_cfg):
+    seqs, tokenizer = tiny_seqs
+    cfg = make_cfg(smoke_cfg, quant={"bits": 4, "bnb_4bit_compute_dtype": "fp16"}, train={"max_steps": 4})
+    model = add_lora(load_for_training(tiny_base, cfg.quant, False), cfg.lora, cfg.seed)
+    result = train(model, seqs, seqs[:8], cfg, tmp_path, tokenizer.pad_token_id)
+    assert result["lora_matrices_unchanged"] == 0 and all(
+        math.isfinite(p["loss"]) for p in result["train_curve"]
+    )
+
+
+def test_models_leave_nothing_on_the_card_once_released(tiny_base):
+    before = modeling.free_device_memory()
+    model = modeling.load_full(tiny_base, torch.float32)
+    assert next(model.parameters()).is_cuda
+    del model
+    assert modeling.free_device_memory() == pytest.approx(before, abs=1e-3)
+    assert modeling.placement(tiny_base, torch.float32, "auto").type == "cuda"  # tiny: fits
