@@ -227,7 +227,7 @@ def main() -> None:
     peak = matmul_tflops(8192 if torch.cuda.is_available() else 1024)
     sheet = datasheet_tflops(card)
     print(
-        f"{card}: bf16 matmul {peak:.0f} TFLOP/s measured now"
+        f"{card}: bf16 matmul {peak:.3g} TFLOP/s measured now"
         + (f", {sheet:.0f} on the datasheet" if sheet else "")
     )
     results = {"card": card, "torch": torch.__version__, "matmul_tflops": peak, "datasheet_tflops": sheet,
