@@ -222,9 +222,9 @@ def choose_recompute(model, probe: list[list[int]], tc: DictConfig, pad_id: int,
     One forward and backward of `probe` (the micro-batch with the longest passages) per candidate,
     from no recompute to every layer recomputed with its inputs offloaded, stopping at the first
     whose peak, plus AdamW's two fp32 moments per LoRA weight (not allocated yet), fits; one that
-    runs out of memory does not fit. Weights
-    and random state are as before: the probe's gradients are dropped and its RNG draws undone.
-    `peak_gib` reads the peak since the last reset; it defaults to the GPU allocator's."""
+    runs out of memory does not fit. Weights and random state are as before: the probe's
+    gradients are dropped and its RNG draws undone. `peak_gib` reads the peak since the last
+    reset; it defaults to the GPU allocator's."""
     base = model.get_base_model()
     if peak_gib is None:
         if device().type != "cuda":
