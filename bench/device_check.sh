@@ -3,8 +3,9 @@
 #   make gpu-wheels                      # here: what that machine lacks, as wheels in .whl/
 #   bash bench/device_check.sh [ARGS]    # there: the `gpu` tests, then bench/gpu_check.sh ARGS
 # The lent machine has torch, transformers 5.17, peft and accelerate, not bitsandbytes, omegaconf,
-# hydra, DVC or MLflow: the wheels (bitsandbytes, lmtune's transformers and peft, omegaconf, hydra,
-# liger-kernel) go to /tmp/site, first on the path. Results land in $OUT (or /tmp/device_check).
+# hydra, torchao, datasets, evaluate, DVC or MLflow: the wheels (see the Makefile) go to /tmp/site,
+# first on the path. The gpu tests run each stage in-process (no DVC, no MLflow). Results land in
+# $OUT (or /tmp/device_check).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/device_check}
@@ -17,5 +18,5 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONU
 nvidia-smi -L || echo "no GPU seen by nvidia-smi"
 python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__)"
 # the gpu tests first (a minute or two); the benchmark runs whatever they found
-python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_cuda.py 2>&1 | tee "$out/gpu_tests.log" || true
+python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_gpu_training.py 2>&1 | tee "$out/gpu_tests.log" || true
 exec bash bench/gpu_check.sh --out "$out/gpu_check.json" "$@" 2>&1 | tee "$out/gpu_check.log"

@@ -127,3 +127,65 @@ def test_models_leave_nothing_on_the_card_once_released(tiny_base):
     del model
     assert modeling.free_device_memory() == pytest.approx(before, abs=1e-3)
     assert modeling.placement(tiny_base, torch.float32, "auto").type == "cuda"  # tiny: fits
+
+
+def run_stages(names, cfg):
+    """Each stage's `run(cfg)` in this process, in order, as DVC would call them (without DVC and
+    MLflow, which the lent GPU machine lacks); returns what each returned."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    results = {}
+    for name in names:
+        spec = importlib.util.spec_from_file_location(f"stage_{name}", root / "stages" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        results[name] = module.run(cfg)
+    return results
+
+
+@pytest.fixture(scope="module")
+def smoke_on_the_card(tmp_path_factory, smoke_cfg):
+    """The smoke profile's stages up to sample, run in a scratch folder with no change of config."""
+    import os
+
+    folder = tmp_path_factory.mktemp("smoke")
+    cfg = make_cfg(smoke_cfg)
+    here = os.getcwd()
+    os.chdir(folder)  # the stages' paths are relative, as under `dvc repro`
+    try:
+        run_stages(["base", "prepare", "finetune", "merge", "quantize", "sample"], cfg)
+        yield folder, cfg
+    finally:
+        os.chdir(here)
+
+
+def test_the_smoke_profile_trains_merges_quantizes_and_samples_on_the_card(smoke_on_the_card):
+    import json
+
+    folder, _ = smoke_on_the_card
+    train_metrics = json.loads((folder / "metrics/train.json").read_text())
+    assert 0 < train_metrics["peak_memory_gib"] < torch.cuda.get_device_properties(0).total_memory / 2**30
+    assert train_metrics["lora_matrices_unchanged"] == 0
+    merge = json.loads((folder / "metrics/merge.json").read_text())
+    assert merge["device"] == "cuda" and merge["max_logit_diff"] < 1e-3
+    assert (folder / "models/quantized").is_dir() and (folder / "metrics/samples.md").is_file()
+
+
+def test_evaluate_runs_on_the_card_and_frees_it_between_models(smoke_on_the_card):
+    pytest.importorskip("evaluate")
+    import json
+    import os
+
+    folder, cfg = smoke_on_the_card
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        run_stages(["evaluate"], cfg)
+    finally:
+        os.chdir(here)
+    scores = json.loads((folder / "metrics/eval.json").read_text())
+    assert scores["settings"]["device"].startswith("cuda")
+    assert scores["models"]["merged"]["perplexity"]["value"] < scores["models"]["base"]["perplexity"]["value"]
+    assert all(speed["gpu_gib_left_after_release"] < 0.05 for speed in scores["speed"].values())
