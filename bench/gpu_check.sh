@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU half of `make bench` (see bench/gpu_check.py): on a CUDA machine, in the repo root,
-#   bash bench/gpu_check.sh [--steps N] [--out metrics/gpu_check.json]
+#   bash bench/gpu_check.sh [--steps N] [--lengths 1024 4096] [--profile] [--liger] [--out FILE]
 # On a machine without lmtune's environment (the lent GPU machine has torch, transformers and peft),
-# carry wheels in .whl/ (bitsandbytes, omegaconf, antlr4-python3-runtime): they are installed first.
+# carry the wheels of `make gpu-wheels` in .whl/: they are installed first, unless
+# bench/device_check.sh already did. Bounded to 8 minutes; each length's table prints when done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [[ ":${PYTHONPATH:-}:" != *":/tmp/site:"* ]] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi

@@ -194,7 +194,7 @@ def test_recomputing_every_second_layer_changes_no_gradient(four_layer_base, tin
 
 @pytest.mark.parametrize(
     "budget, chosen",
-    [(100.0, "none"), (8.0, "every 2 layers"), (6.5, "every layer"), (1.0, "every layer offloaded")],
+    [(100.0, "none"), (8.5, "every 2 layers"), (6.5, "every layer"), (1.0, "every layer offloaded")],
 )
 def test_auto_recompute_takes_the_least_recompute_whose_measured_peak_fits(
     four_layer_base, tiny_seqs, smoke_cfg, budget, chosen, monkeypatch
@@ -221,7 +221,7 @@ def test_auto_recompute_takes_the_least_recompute_whose_measured_peak_fits(
     choice = choose_recompute(model, seqs[:8], cfg.train, tokenizer.pad_token_id, nullcontext(), budget,
                               stand_in_peak)  # fmt: skip
     assert choice["recompute"] == chosen
-    assert choice["fits"] == (budget >= 2.0)
+    assert choice["fits"] == (budget > 2.0)  # 2 GiB and the AdamW moments
     assert list(choice["measured_peak_gib"])[-1] == chosen  # measured until the first that fits
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in model.parameters())
