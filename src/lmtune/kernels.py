@@ -36,15 +36,16 @@ def packed_segments(position_ids: torch.Tensor) -> dict:
 
 @cache
 def _flash_varlen_options() -> dict | None:
-    """How this torch's `varlen_attn` is asked for causal, grouped-query attention (torch 2.10 took
-    `is_causal`, later releases a causal `window_size`), or None where torch has no such kernel."""
+    """How this torch's `varlen_attn` is asked for causal, grouped-query, scaled attention (torch
+    2.10 took `is_causal` and no scale, later releases a causal `window_size`), or None where torch
+    has no such kernel."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
     causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    return {"fn": varlen_attn, "causal": causal, "gqa": "enable_gqa" in params}
+    return {"fn": varlen_attn, "causal": causal, "gqa": "enable_gqa" in params, "scale": "scale" in params}
 
 
 def use_flash_varlen(query: torch.Tensor) -> bool:
@@ -64,13 +65,17 @@ def _flash_varlen_attention(query, key, value, cu_seq_lens, max_length: int, sca
 
     q, k, v = tokens(query), tokens(key), tokens(value)
     extra = dict(options["causal"])
+    if options["scale"]:
+        extra["scale"] = scaling
+    elif scaling != dim**-0.5:  # the kernel's own scale is 1/sqrt(dim): fold the difference into q
+        q = q * (scaling * dim**0.5)
     if k.shape[1] != heads:  # grouped query heads
         if options["gqa"]:
             extra["enable_gqa"] = True
         else:
             k, v = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (k, v))
     cu = cu_seq_lens.to(query.device, non_blocking=True)
-    out = options["fn"](q, k, v, cu, cu, max_length, max_length, scale=scaling, **extra)
+    out = options["fn"](q, k, v, cu, cu, max_length, max_length, **extra)
     return out.view(batch, length, heads, dim)
 
 

@@ -67,13 +67,14 @@ def reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_
     return torch.cat(pieces)
 
 
-@pytest.mark.parametrize("torch_has", ["window_size+gqa", "is_causal"])  # torch >= 2.11, torch 2.10
+@pytest.mark.parametrize("torch_has", ["window_size+gqa+scale", "is_causal"])  # torch >= 2.11, torch 2.10
 def test_the_cuda_path_hands_torch_varlen_kernel_all_passages_in_its_layout(monkeypatch, torch_has):
     """The card's path (one varlen_attn call for every passage) against the block-diagonal mask,
     with the kernel played by SDPA on the CPU: layouts, boundaries, causality, grouped heads. The
     real kernel runs in tests/pipeline/test_cuda.py."""
     causal = {"window_size": (-1, 0)} if torch_has != "is_causal" else {"is_causal": True}
-    options = {"fn": reference_varlen_attn, "causal": causal, "gqa": torch_has != "is_causal"}
+    options = {"fn": reference_varlen_attn, "causal": causal, "gqa": torch_has != "is_causal",
+               "scale": torch_has != "is_causal"}  # fmt: skip
     monkeypatch.setattr(kernels, "_flash_varlen_options", lambda: options)
     monkeypatch.setattr(kernels, "use_flash_varlen", lambda query: True)
     torch.manual_seed(0)
@@ -81,12 +82,12 @@ def test_the_cuda_path_hands_torch_varlen_kernel_all_passages_in_its_layout(monk
     q = torch.randn(2, 6, 96, 16, requires_grad=True)
     k, v = (torch.randn(2, 2, 96, 16, requires_grad=True) for _ in range(2))
     grad = torch.randn(2, 96, 6, 16)
-    out, _ = varlen_attention(Attention(), q, k, v, None, scaling=0.25, **packed_segments(position_ids))
+    out, _ = varlen_attention(Attention(), q, k, v, None, scaling=0.2, **packed_segments(position_ids))
     out.backward(grad)
     got = [out.detach(), q.grad, k.grad, v.grad]
     for t in (q, k, v):
         t.grad = None
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(position_ids), scale=0.25,
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(position_ids), scale=0.2,
                                          enable_gqa=True).transpose(1, 2)  # fmt: skip
     ref.backward(grad)
     for mine, theirs in zip(got, [ref.detach(), q.grad, k.grad, v.grad], strict=True):
