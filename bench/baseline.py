@@ -28,17 +28,6 @@ from lmtune.modeling import load_tokenizer, resolve_dtype
 from lmtune.training import validation_loss
 
 
-class CountingCollator(DataCollatorForLanguageModeling):
-    """The stock collator, counting the non-padding tokens it hands to the model."""
-
-    useful_tokens = 0
-
-    def __call__(self, features, *args, **kwargs):
-        batch = super().__call__(features, *args, **kwargs)
-        CountingCollator.useful_tokens += int(batch["attention_mask"].sum())
-        return batch
-
-
 def load_usual(path, dtype: torch.dtype, lora) -> torch.nn.Module:
     """The base in NF4 with double quantization, prepared for k-bit training (gradient
     checkpointing), with LoRA on every linear layer."""
@@ -66,9 +55,10 @@ def load_usual(path, dtype: torch.dtype, lora) -> torch.nn.Module:
 
 
 class StepTimer(TrainerCallback):
-    """Each optimizer step's seconds and useful tokens, as lmtune's loop records them. Tokens are
-    counted where the model reads its batch (the data loader fetches one batch ahead), kept on the
-    device until the end: no extra host sync inside a step."""
+    """Each optimizer step's seconds and useful (non-padding) tokens, as lmtune's loop records
+    them. Tokens are counted where the model reads its batch, kept on the device until the end (no
+    extra host sync inside a step). Not in the collator: the data loader collates one batch ahead,
+    which a count there would add to the tokens trained on."""
 
     def __init__(self, model):
         self.counts, self.steps, self.began = [], [], 0.0
@@ -97,7 +87,6 @@ def train_usual(
     model, tokenizer, train_seqs, train, steps: int, seed: int, dtype: torch.dtype
 ) -> tuple[int, float, list[dict]]:
     """HF Trainer over padded batches for `steps` steps: (useful tokens, seconds, per-step times)."""
-    CountingCollator.useful_tokens = 0
     timer = StepTimer(model)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(
@@ -118,14 +107,16 @@ def train_usual(
                 seed=seed,
                 disable_tqdm=False,
             ),
-            train_dataset=[{"input_ids": s} for s in train_seqs],
-            data_collator=CountingCollator(tokenizer, mlm=False),
+            # plain ints: read_sequences' ids are numpy integers, which the tokenizer's pad refuses
+            train_dataset=[{"input_ids": [int(t) for t in s]} for s in train_seqs],
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
             callbacks=[timer],
         )
         began = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - began
-    return CountingCollator.useful_tokens, seconds, timer.step_times()
+    steps = timer.step_times()
+    return sum(s["tokens"] for s in steps), seconds, steps
 
 
 def main() -> None:

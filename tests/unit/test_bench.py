@@ -29,3 +29,29 @@ def test_gpu_check_reports_steady_rates_of_every_side_at_each_length(tmp_path):
         assert rows[-1]["recompute"] == "none"  # auto on a CPU: no allocator to measure, no recompute
     assert done.stdout.count("| usual recipe | ") == 2 and "lmtune's pick: " in done.stdout
     assert "top kernels over 3 steady steps of lmtune's pick" in done.stdout and "aten::mm" in done.stdout
+
+
+def test_the_usual_recipe_trains_on_what_prepare_wrote_and_times_each_step(tiny_base, tiny_seqs, smoke_cfg):
+    """`make bench`'s baseline on sequences as read_sequences returns them (numpy integers, which
+    the stock collator's pad refused until bench/baseline.py made them ints). Its tokens are those
+    of the batches trained on: counting in the collator had added the batch the loader fetches
+    ahead (4 batches counted for 3 trained on)."""
+    import numpy as np
+    import torch
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from baseline import load_usual, train_usual
+
+    from lmtune.config import Config
+    from lmtune.data import Sequence
+
+    seqs, tokenizer = tiny_seqs
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), smoke_cfg)
+    # equal lengths, so the tokens of 3 steps are known: 3 x batch_size x 20
+    as_read = [Sequence(list(np.asarray(s[:20], dtype=np.int64))) for s in seqs if len(s) >= 20]
+    model = load_usual(tiny_base, torch.float32, cfg.lora)
+    useful, seconds, steps = train_usual(model, tokenizer, as_read, cfg.train, 3, cfg.seed, torch.float32)
+    assert [s["step"] for s in steps] == [1, 2, 3] and seconds > 0
+    assert [s["tokens"] for s in steps] == [cfg.train.batch_size * 20] * 3
+    assert useful == 3 * cfg.train.batch_size * 20
