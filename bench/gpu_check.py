@@ -20,7 +20,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -40,22 +39,6 @@ BASELINE, CEILING, PICK, LIGER = (
     "lmtune's pick",
     "lmtune's pick + Liger",
 )
-
-
-def matmul_tflops(size: int, repeats: int = 10) -> float:
-    """The bf16 matrix-multiply rate this device reaches now: what MFU divides by."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    a, b = (torch.randn(size, size, dtype=torch.bfloat16, device=dev) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    began = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    return 2 * size**3 * repeats / (time.perf_counter() - began) / 1e12
 
 
 def datasheet_tflops(card: str) -> float | None:
@@ -176,15 +159,6 @@ def apply_liger(model) -> None:
                                 fused_linear_cross_entropy=False, model=model.get_base_model())  # fmt: skip
 
 
-def rates(step_times: list[dict], warmup: int) -> tuple[float, float]:
-    """(warm-up, steady) useful tokens/s."""
-
-    def rate(steps):
-        return sum(s["tokens"] for s in steps) / sum(s["seconds"] for s in steps) if steps else float("nan")
-
-    return rate(step_times[:warmup]), rate(step_times[warmup:])
-
-
 def table(rows: list[dict], parameters: int, peak: float, sheet: float | None) -> list[str]:
     base = rows[0]
     lines = ["| side | steady tokens/s | warm-up tokens/s | peak GiB | speed vs usual | memory vs usual "
@@ -224,7 +198,11 @@ def main() -> None:
         parser.error(f"--warmup {args.warmup} leaves no steady step of --steps {args.steps}")
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (CPU)"
-    peak = matmul_tflops(8192 if torch.cuda.is_available() else 1024)
+    from report import matmul_gflops
+
+    from lmtune.training import steady_rate
+
+    peak = matmul_gflops(8192 if torch.cuda.is_available() else 1024) / 1000  # TFLOP/s
     sheet = datasheet_tflops(card)
     print(
         f"{card}: bf16 matmul {peak:.3g} TFLOP/s measured now"
@@ -254,7 +232,11 @@ def main() -> None:
                         print(f"   {side} failed (above); left out", flush=True)
                         continue
                     row = json.loads(Path(out.name).read_text())
-                row["warmup"], row["steady"] = rates(row["step_times"], args.warmup)
+                rate = steady_rate(row["step_times"], args.warmup)
+                row["warmup"], row["steady"] = (
+                    rate["warmup_tokens_per_second"],
+                    rate["steady_tokens_per_second"],
+                )
                 rows.append(row)
             if not rows or rows[0]["side"] != BASELINE:
                 sys.exit("the usual recipe failed: nothing to compare with")

@@ -8,6 +8,25 @@ import time
 from lmtune.training import peak_memory_gib
 
 
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """This device's dense bf16 matrix-multiply rate (the GPU's if there is one, else the CPU's):
+    the ceiling a training step is measured against, taken in the same run as the step."""
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b = (torch.randn(size, size, dtype=torch.bfloat16, device=dev) for _ in range(2))
+    for _ in range(3):  # first calls pick kernels and warm clocks
+        a @ b
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - began) / 1e9
+
+
 def write_side(out: str, side: str, steps: int, useful_tokens: int, seconds: float, val_loss: float) -> dict:
     result = {
         "side": side,

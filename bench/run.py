@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import matmul_gflops
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -29,16 +30,6 @@ SIDES = [  # (name, script, overrides): the baseline, then lmtune with each leve
     ("lmtune (default: packing)", "lmtune_side.py", []),
 ]
 HAND_WRITTEN = "<!-- everything below is kept when make bench rewrites the table above -->"
-
-
-def matmul_gflops(size: int = 2048, dtype=torch.bfloat16, repeats: int = 10) -> float:
-    """This machine's dense matrix-multiply rate: the ceiling a training step is measured against."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    began = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - began) / 1e9
 
 
 def machine() -> str:

@@ -31,24 +31,30 @@ def block_causal_mask(position_ids):
     return (same & torch.ones(length, length, dtype=torch.bool).tril())[:, None]
 
 
-def test_varlen_attention_equals_a_block_diagonal_causal_mask_with_gradients():
+def assert_varlen_equals_the_block_diagonal_mask(scaling: float) -> None:
+    """varlen_attention's output and q/k/v gradients against SDPA with a block-diagonal causal mask:
+    two packed rows, passages that straddle the 32-token groups, one of a single token, grouped
+    query heads."""
     torch.manual_seed(0)
-    # passages that straddle the 32-token groups, one of a single token, grouped query heads
     position_ids = packed_position_ids([[40, 1, 23, 32], [96]])
     q = torch.randn(2, 6, 96, 16, requires_grad=True)
     k, v = (torch.randn(2, 2, 96, 16, requires_grad=True) for _ in range(2))
     grad = torch.randn(2, 96, 6, 16)
 
-    out, _ = varlen_attention(Attention(), q, k, v, None, scaling=0.25, **packed_segments(position_ids))
+    out, _ = varlen_attention(Attention(), q, k, v, None, scaling=scaling, **packed_segments(position_ids))
     out.backward(grad)
     got = [out.detach(), q.grad, k.grad, v.grad]
     for t in (q, k, v):
         t.grad = None
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(position_ids), scale=0.25,
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(position_ids), scale=scaling,
                                          enable_gqa=True).transpose(1, 2)  # fmt: skip
     ref.backward(grad)
     for mine, theirs in zip(got, [ref.detach(), q.grad, k.grad, v.grad], strict=True):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_varlen_attention_equals_a_block_diagonal_causal_mask_with_gradients():
+    assert_varlen_equals_the_block_diagonal_mask(scaling=0.25)
 
 
 def reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=None, is_causal=None,
@@ -71,27 +77,14 @@ def reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_
 def test_the_cuda_path_hands_torch_varlen_kernel_all_passages_in_its_layout(monkeypatch, torch_has):
     """The card's path (one varlen_attn call for every passage) against the block-diagonal mask,
     with the kernel played by SDPA on the CPU: layouts, boundaries, causality, grouped heads. The
-    real kernel runs in tests/pipeline/test_cuda.py."""
+    real kernel runs in tests/unit/test_gpu_training.py."""
     causal = {"window_size": (-1, 0)} if torch_has != "is_causal" else {"is_causal": True}
     options = {"fn": reference_varlen_attn, "causal": causal, "gqa": torch_has != "is_causal",
                "scale": torch_has != "is_causal"}  # fmt: skip
     monkeypatch.setattr(kernels, "_flash_varlen_options", lambda: options)
     monkeypatch.setattr(kernels, "use_flash_varlen", lambda query: True)
-    torch.manual_seed(0)
-    position_ids = packed_position_ids([[40, 1, 23, 32], [96]])  # two rows: offsets run across them
-    q = torch.randn(2, 6, 96, 16, requires_grad=True)
-    k, v = (torch.randn(2, 2, 96, 16, requires_grad=True) for _ in range(2))
-    grad = torch.randn(2, 96, 6, 16)
-    out, _ = varlen_attention(Attention(), q, k, v, None, scaling=0.2, **packed_segments(position_ids))
-    out.backward(grad)
-    got = [out.detach(), q.grad, k.grad, v.grad]
-    for t in (q, k, v):
-        t.grad = None
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(position_ids), scale=0.2,
-                                         enable_gqa=True).transpose(1, 2)  # fmt: skip
-    ref.backward(grad)
-    for mine, theirs in zip(got, [ref.detach(), q.grad, k.grad, v.grad], strict=True):
-        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+    # scale 0.2, not the kernel's default 1/sqrt(16) = 0.25, so a lost scale would show
+    assert_varlen_equals_the_block_diagonal_mask(scaling=0.2)
 
 
 def test_packed_segments_are_built_on_the_host_with_the_longest_as_a_number():

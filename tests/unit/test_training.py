@@ -38,6 +38,18 @@ def crash_at(step_to_die):
     return on_step
 
 
+def train_killed_and_resumed(base, seqs, tokenizer, cfg, folder):
+    """(model trained straight through, its result, model killed at step 3 then resumed from its
+    step-2 checkpoint, the resumed run's result); checkpoints in folder/a and folder/b."""
+    straight = lora_model(base, cfg)
+    first = train(straight, seqs, seqs[:8], cfg, folder / "a", tokenizer.pad_token_id)
+    with pytest.raises(KeyboardInterrupt):  # killed after the step-2 checkpoint
+        train(lora_model(base, cfg), seqs, seqs[:8], cfg, folder / "b", tokenizer.pad_token_id,
+              on_step=crash_at(3))  # fmt: skip
+    resumed = lora_model(base, cfg)
+    return straight, first, resumed, train(resumed, seqs, seqs[:8], cfg, folder / "b", tokenizer.pad_token_id)
+
+
 def frozen_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
 
@@ -103,14 +115,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_base, tiny_seqs, t
         lora={"lora_dropout": 0.1},  # dropout draws random numbers: RNG state must be restored too
         train={"max_steps": 5, "eval_every": 2, "checkpoint_every": 2},
     )
-    straight = lora_model(tiny_base, cfg)
-    train(straight, seqs, seqs[:8], cfg, tmp_path / "a", tokenizer.pad_token_id)
-
-    with pytest.raises(KeyboardInterrupt):  # killed after the step-2 checkpoint
-        train(lora_model(tiny_base, cfg), seqs, seqs[:8], cfg, tmp_path / "b", tokenizer.pad_token_id,
-              on_step=crash_at(3))  # fmt: skip
-    resumed = lora_model(tiny_base, cfg)
-    result = train(resumed, seqs, seqs[:8], cfg, tmp_path / "b", tokenizer.pad_token_id)
+    straight, _, resumed, result = train_killed_and_resumed(tiny_base, seqs, tokenizer, cfg, tmp_path)
     assert result["resumed_from_step"] == 2
     a, b = lora_state(straight), lora_state(resumed)
     assert all(torch.equal(a[n], b[n]) for n in a)
@@ -233,17 +238,11 @@ def test_fp16_trains_through_a_loss_scaler_and_resumes_exactly(tiny_base, tiny_s
     seqs, tokenizer = tiny_seqs
     cfg = make_cfg(smoke_cfg, quant={"bits": 16, "bnb_4bit_compute_dtype": "fp16"},
                    train={"max_steps": 4, "eval_every": 2, "checkpoint_every": 2})  # fmt: skip
-    straight = lora_model(tiny_base, cfg)
-    result = train(straight, seqs, seqs[:8], cfg, tmp_path / "a", tokenizer.pad_token_id)
-    assert result["lora_matrices_unchanged"] == 0
-    assert all(math.isfinite(p["loss"]) for p in result["train_curve"])
-    with pytest.raises(KeyboardInterrupt):
-        train(lora_model(tiny_base, cfg), seqs, seqs[:8], cfg, tmp_path / "b", tokenizer.pad_token_id,
-              on_step=crash_at(3))  # fmt: skip
+    straight, first, resumed, result = train_killed_and_resumed(tiny_base, seqs, tokenizer, cfg, tmp_path)
+    assert first["lora_matrices_unchanged"] == 0
+    assert all(math.isfinite(p["loss"]) for p in first["train_curve"])
     scaler_state = torch.load(next((tmp_path / "b").glob("step-*")) / "optim.pt", weights_only=True)["scaler"]
     assert scaler_state["scale"] > 0  # the scaler was on and its scale saved
-    resumed = lora_model(tiny_base, cfg)
-    result = train(resumed, seqs, seqs[:8], cfg, tmp_path / "b", tokenizer.pad_token_id)
     assert result["resumed_from_step"] == 2
     a, b = lora_state(straight), lora_state(resumed)
     assert all(torch.equal(a[n], b[n]) for n in a)
