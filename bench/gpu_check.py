@@ -119,8 +119,9 @@ def run_side(args) -> None:
     """One side, in its own process: writes its step times, peak and choice as JSON."""
     from omegaconf import OmegaConf
 
-    from lmtune.modeling import load_tokenizer, resolve_dtype
-    from lmtune.training import peak_memory_gib
+    from lmtune.checkpoint import load_tokenizer
+    from lmtune.model.hardware import resolve_dtype
+    from lmtune.train.loop import peak_memory_gib
 
     cfg = settings(args)
     tokenizer = load_tokenizer(args.model_dir)
@@ -200,7 +201,7 @@ def main() -> None:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (CPU)"
     from report import matmul_gflops
 
-    from lmtune.training import steady_rate
+    from lmtune.train.loop import steady_rate
 
     peak = matmul_gflops(8192 if torch.cuda.is_available() else 1024) / 1000  # TFLOP/s
     sheet = datasheet_tflops(card)

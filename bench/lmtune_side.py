@@ -11,10 +11,12 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from report import write_side
 
+from lmtune.checkpoint import load_tokenizer
 from lmtune.config import load
-from lmtune.data import read_sequences
-from lmtune.modeling import add_lora, load_for_training, load_tokenizer
-from lmtune.training import batch_maker, train
+from lmtune.data.sequences import read_sequences
+from lmtune.model.load import load_for_training
+from lmtune.model.lora import add_lora
+from lmtune.train.loop import batch_maker, train
 
 
 def steps_for_budget(train_seqs, cfg, pad_id: int, tokens: int) -> int:

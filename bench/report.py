@@ -5,7 +5,7 @@ import json
 import sys
 import time
 
-from lmtune.training import peak_memory_gib
+from lmtune.train.loop import peak_memory_gib
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
@@ -51,10 +51,12 @@ def micro_batch_rate(overrides: list[str], autocast: bool, steps: int, join: int
     import torch
     from omegaconf import OmegaConf
 
+    from lmtune.checkpoint import load_tokenizer
     from lmtune.config import load
-    from lmtune.data import read_sequences
-    from lmtune.modeling import add_lora, load_for_training, load_tokenizer
-    from lmtune.training import batch_maker, micro_batch_loss, prepare_model
+    from lmtune.data.sequences import read_sequences
+    from lmtune.model.load import load_for_training
+    from lmtune.model.lora import add_lora
+    from lmtune.train.loop import batch_maker, micro_batch_loss, prepare_model
 
     cfg = load(overrides)
     tokenizer = load_tokenizer(cfg.paths.base)

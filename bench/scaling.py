@@ -10,9 +10,9 @@ import time
 
 from report import micro_batch_rate
 
+from lmtune.checkpoint import load_tokenizer
 from lmtune.config import load
-from lmtune.data import read_split, tokenize
-from lmtune.modeling import load_tokenizer
+from lmtune.data.sequences import read_split, tokenize
 
 TOKENS_PER_STEP = 2048
 PASSAGE_TOKENS = 156  # the default data's mean passage length

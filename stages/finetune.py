@@ -4,7 +4,7 @@
 
 Each step's loss reaches the pipeline's MLflow run as it trains. Killed midway, it resumes from
 the last checkpoint in models/checkpoints. With train.distributed=ddp|fsdp it relaunches itself
-under `accelerate launch` with train.num_processes processes (lmtune.distributed).
+under `accelerate launch` with train.num_processes processes (lmtune.train.distributed).
 
     python stages/finetune.py --multirun lora.r=4,8    # Hydra multirun: a quick look at this stage alone
 
@@ -19,19 +19,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from lmtune import distributed, tracking
 from lmtune.artifacts import atomic_dir, read_json, save_config, write_json
-from lmtune.data import read_sequences
-from lmtune.modeling import (
-    add_lora,
-    load_for_training,
-    load_tokenizer,
-    save_adapter,
-    save_tokenizer,
-    set_threads,
-)
-from lmtune.runner import run_stage
-from lmtune.training import peak_memory_gib, train
+from lmtune.checkpoint import load_tokenizer, save_tokenizer
+from lmtune.cli.runner import run_stage
+from lmtune.data.sequences import read_sequences
+from lmtune.model.hardware import set_threads
+from lmtune.model.load import load_for_training
+from lmtune.model.lora import add_lora, save_adapter
+from lmtune.track import runs as tracking
+from lmtune.train import distributed
+from lmtune.train.loop import peak_memory_gib, train
 
 PARAMS = ("seed", "data.max_length", "quant", "lora", "train")  # as in dvc.yaml: what this stage reads
 

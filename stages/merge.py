@@ -14,9 +14,12 @@ from pathlib import Path
 import torch
 
 from lmtune.artifacts import atomic_dir, save_config, write_json
-from lmtune.data import collate, read_sequences
-from lmtune.modeling import DTYPES, load_base_with_adapter, load_tokenizer, placement, save_tokenizer
-from lmtune.runner import run_stage
+from lmtune.checkpoint import DTYPES, load_tokenizer, save_tokenizer
+from lmtune.cli.runner import run_stage
+from lmtune.data.batching import collate
+from lmtune.data.sequences import read_sequences
+from lmtune.model.hardware import placement
+from lmtune.model.load import load_base_with_adapter
 
 PARAMS = ("data.max_length", "merge")  # as in dvc.yaml: what this stage reads
 

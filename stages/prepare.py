@@ -17,10 +17,11 @@ import numpy as np
 import pandas as pd
 
 from lmtune.artifacts import atomic_dir, write_json
-from lmtune.corpus import load_rows
-from lmtune.data import SPLITS, DataError, chat_prompt, chat_sequence, split, text_windows
-from lmtune.modeling import load_tokenizer
-from lmtune.runner import run_stage
+from lmtune.checkpoint import load_tokenizer
+from lmtune.cli.runner import run_stage
+from lmtune.data import DataError
+from lmtune.data.sequences import SPLITS, chat_prompt, chat_sequence, split, text_windows
+from lmtune.data.sources import load_rows
 
 
 def sequences(rows: list[dict], tokenizer, d) -> tuple[list[dict], Counter]:

@@ -14,15 +14,15 @@ import time
 from pathlib import Path
 
 from lmtune.artifacts import atomic_dir, save_config, write_json
-from lmtune.modeling import load_tokenizer, resolve_dtype, save_tokenizer
-from lmtune.quantization import check_method, folder_mb, load_quantized, quantize
-from lmtune.runner import run_stage
+from lmtune.checkpoint import load_tokenizer, save_tokenizer
+from lmtune.cli.runner import run_stage
+from lmtune.export.quantize import folder_mb, load_quantized, quantize
+from lmtune.model.hardware import resolve_dtype
 
 PARAMS = ("quantize",)  # as in dvc.yaml: what this stage reads
 
 
 def run(cfg) -> dict:
-    check_method(cfg.quantize.method)  # before any model loads
     paths, dtype = cfg.paths, resolve_dtype(cfg.quantize.dtype)
     with atomic_dir(paths.quantized) as out:
         metrics = quantize(paths.merged, out, cfg.quantize.method, dtype, cfg.quantize.group_size)

@@ -15,10 +15,12 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lmtune.artifacts import write_json, write_text
-from lmtune.data import read_prompts, read_sequences
-from lmtune.generation import generate, samples_markdown, tokens_per_second
-from lmtune.modeling import load_full, load_tokenizer, resolve_dtype, set_threads
-from lmtune.runner import run_stage
+from lmtune.checkpoint import load_tokenizer
+from lmtune.cli.runner import run_stage
+from lmtune.data.sequences import read_prompts, read_sequences
+from lmtune.evaluate.generation import generate, samples_markdown, tokens_per_second
+from lmtune.model.hardware import resolve_dtype, set_threads
+from lmtune.model.load import load_full
 
 OPENING_TOKENS = 24  # a test passage's opening, when no prompts are configured
 

@@ -12,8 +12,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from lmtune.cli.params import compose_conf
 from lmtune.config import Config  # noqa: E402
-from lmtune.params import compose_conf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def smoke_cfg():
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory, smoke_cfg):
     """models/base for a tiny random Llama (hidden 128: a multiple of the 4-bit block size)."""
-    from lmtune.modeling import build_base
+    from lmtune.base.build import build_base
 
     out = tmp_path_factory.mktemp("base")
     cfg = OmegaConf.merge(OmegaConf.structured(Config), smoke_cfg)
@@ -46,8 +46,8 @@ def tiny_base(tmp_path_factory, smoke_cfg):
 
 @pytest.fixture
 def tiny_seqs(tiny_base):
-    from lmtune.data import tokenize
-    from lmtune.modeling import load_tokenizer
+    from lmtune.checkpoint import load_tokenizer
+    from lmtune.data.sequences import tokenize
 
     tokenizer = load_tokenizer(tiny_base)
     return tokenize(TEXTS, tokenizer, 64), tokenizer

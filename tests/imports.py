@@ -8,7 +8,7 @@ PACKAGE = ROOT / "src" / "lmtune"
 
 
 def module_file(name: str) -> Path | None:
-    """lmtune.tracking → src/lmtune/tracking.py (or the package's __init__.py)."""
+    """lmtune.track.runs → src/lmtune/tracking.py (or the package's __init__.py)."""
     parts = name.split(".")[1:]
     for candidate in (PACKAGE.joinpath(*parts).with_suffix(".py"), PACKAGE.joinpath(*parts, "__init__.py")):
         if parts and candidate.is_file():
@@ -33,7 +33,7 @@ def direct_imports(path: Path) -> set[str]:
 
 def module_closure(path: Path, skip: tuple[str, ...] = ()) -> set[Path]:
     """Every package file that `path` needs, directly or through other package modules; the files
-    named in `skip` are left out, with what only they import."""
+    and subpackages named in `skip` are left out, with what only they import."""
     seen: set[Path] = set()
     todo = [path]
     while todo:
@@ -42,7 +42,7 @@ def module_closure(path: Path, skip: tuple[str, ...] = ()) -> set[Path]:
                 2, name.count(".") + 2
             ):  # lmtune.a.b imports lmtune/__init__ and lmtune.a too
                 file = module_file(".".join(name.split(".")[:prefix]))
-                if file and file not in seen and file.name not in skip:
+                if file and file not in seen and not _skipped(file, skip):
                     seen.add(file)
                     todo.append(file)
             init = PACKAGE / "__init__.py"
@@ -50,3 +50,7 @@ def module_closure(path: Path, skip: tuple[str, ...] = ()) -> set[Path]:
                 seen.add(init)
                 todo.append(init)
     return seen
+
+
+def _skipped(file: Path, skip: tuple[str, ...]) -> bool:
+    return file.name in skip or file.relative_to(PACKAGE).parts[0] in skip

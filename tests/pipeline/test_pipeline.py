@@ -32,7 +32,7 @@ EXPECTED_FILES = {
 def repo(tmp_path_factory):
     """A fresh copy of the repository (tracked and new files), with the smoke profile composed."""
     dest = copy_repo(tmp_path_factory.mktemp("repo"))
-    sh(sys.executable, "-m", "lmtune.params", "--force", "experiment=smoke", cwd=dest)
+    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", cwd=dest)
     repro = sh("dvc", "repro", cwd=dest)
     return dest, repro
 
@@ -42,7 +42,7 @@ def test_every_stage_ran_and_wrote_exactly_its_outputs(repo):
     assert SECRET not in repro.stdout + repro.stderr
     for noise in ("Failed to load", "natively supported", "is_gradient_checkpointing"):  # third-party noise
         assert noise not in repro.stderr, noise
-    for stage in ("base", "prepare", "finetune", "merge", "quantize", "evaluate", "sample"):
+    for stage in ("base", "prepare", "finetune", "merge", "quantize", "eval", "sample"):
         assert f"Running stage '{stage}'" in repro.stdout
     for directory, expected in EXPECTED_FILES.items():
         assert {p.name for p in (dest / directory).iterdir()} == expected, directory
@@ -115,7 +115,7 @@ def test_one_mlflow_run_holds_params_metrics_and_artifacts(repo):
                 "eval.base.perplexity", "sample.merged_tokens_per_second", "prepare.train.sequences",
                 "eval.merged_int8_weight_only.generated_tokens_per_second"):  # fmt: skip
         assert key in run.data.metrics, key
-    for stage in ("base", "prepare", "finetune", "merge", "quantize", "evaluate", "sample"):  # wall times
+    for stage in ("base", "prepare", "finetune", "merge", "quantize", "eval", "sample"):  # wall times
         assert run.data.metrics[f"wall_seconds.{stage}"] > 0, stage
     assert len(client.get_metric_history(run_id, "train_loss")) == 6
     assert {a.path for a in client.list_artifacts(run_id)} == {"metrics", "adapter", "base"}
@@ -148,45 +148,64 @@ def test_an_adapter_trained_twice_has_the_same_dvc_hash(repo):
     assert "up to date" in sh("dvc", "status", cwd=dest).stdout  # nothing downstream needs a rerun
 
 
-def test_editing_code_reruns_only_the_stages_that_use_it(repo):
+# one file of each part of the package, and the stages whose scripts import that part (read from
+# the imports, not from dvc.yaml): an edit there must make `dvc status` report exactly those
+EDITED = ["config.py", "artifacts.py", "checkpoint.py", "base/tiny.py", "data/sources.py", "model/lora.py",
+          "model/load.py", "train/kernels.py", "evaluate/scores.py", "export/gguf.py", "track/compare.py",
+          "cli/runner.py"]  # fmt: skip
+
+
+def stages_using(edited: str) -> set[str]:
+    from imports import PACKAGE, module_closure
+
+    target = PACKAGE / edited
+    part = target.parent if target.parent != PACKAGE else target
+    return {
+        script.stem
+        for script in (ROOT / "stages").glob("*.py")
+        if any(f == part or part in f.parents for f in module_closure(script, skip=("track", "cli")))
+    }
+
+
+@pytest.mark.parametrize("edited", EDITED)
+def test_editing_code_reruns_only_the_stages_that_use_it(repo, edited):
     dest, _ = repo
-    for module, changed in (
-        ("comparison.py", set()),
-        ("metrics.py", {"evaluate"}),
-        ("kernels.py", {"finetune"}),
-    ):
-        path = dest / "src/lmtune" / module
-        original = path.read_text()
-        path.write_text(original + "\n# an edit\n")
-        try:
-            status = sh("dvc", "status", "--json", cwd=dest).stdout
-        finally:
-            path.write_text(original)
-        assert set(json.loads(status)) == changed, (module, status)
+    path = dest / "src/lmtune" / edited
+    original = path.read_text()
+    path.write_text(original + "\n# an edit\n")
+    try:
+        status = sh("dvc", "status", "--json", cwd=dest).stdout
+    finally:
+        path.write_text(original)
+    assert set(json.loads(status)) == stages_using(edited), (edited, status)
+    if edited.startswith("model/"):  # LoRA or loading code: the base (13 GB for Llama-2-7B) stays
+        assert "base" not in json.loads(status)
+    if edited.startswith(("track/", "cli/")):
+        assert json.loads(status) == {}
 
 
 def test_a_stage_failing_under_make_run_leaves_the_last_good_metrics(repo, tmp_path):
     """DVC removes a stage's outputs, git-tracked metrics/ too, before it runs the stage; what
-    `make run` runs (lmtune.pipeline) writes back what the failing stage lost: dvc.lock still
+    `make run` runs (lmtune.cli.pipeline) writes back what the failing stage lost: dvc.lock still
     describes those files, so metrics/ and dvc.lock agree again."""
     dest, _ = repo
     before = {name: (dest / name).read_bytes() for name in ("metrics/eval.json", "metrics/eval.md")}
     elsewhere = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # the module counts runs
-    failed = sh(sys.executable, "-m", "lmtune.pipeline", "experiment=smoke", "eval.generation_examples=5",
+    failed = sh(sys.executable, "-m", "lmtune.cli.pipeline", "experiment=smoke", "eval.generation_examples=5",
                 cwd=dest, check=False, env=elsewhere)  # fmt: skip
     assert failed.returncode != 0 and "bootstrap intervals need at least 10" in failed.stderr
     assert "put back" in failed.stderr and "metrics/eval.json" in failed.stderr
     assert {name: (dest / name).read_bytes() for name in before} == before
     alone = sh("dvc", "repro", cwd=dest, check=False, env=elsewhere)  # what plain DVC does
     assert alone.returncode != 0 and not (dest / "metrics/eval.json").exists()
-    sh(sys.executable, "-m", "lmtune.params", "--force", "experiment=smoke", cwd=dest)
+    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", cwd=dest)
     sh("dvc", "repro", cwd=dest)
     assert "up to date" in sh("dvc", "status", cwd=dest).stdout
 
 
 def test_plots_page_renders_without_a_cdn(repo):
     dest, _ = repo
-    template = sh(sys.executable, "-m", "lmtune.offline_plots", cwd=dest).stdout.strip()
+    template = sh(sys.executable, "-m", "lmtune.cli.plots", cwd=dest).stdout.strip()
     sh("dvc", "plots", "show", "--html-template", template, "-o", "plots_out", cwd=dest)
     page = (dest / "plots_out/index.html").read_text()
     assert "cdn.jsdelivr" not in page and "vegaEmbed" in page and "train_loss.csv" in page
@@ -202,7 +221,7 @@ def test_a_stage_override_by_hand_and_a_bad_key_before_any_work(repo):
 
 
 def test_experiments_that_differ_only_in_quantize_get_their_own_complete_runs(repo):
-    """Only quantize and evaluate run in the second experiment: its run still holds every stage's
+    """Only quantize and eval run in the second experiment: its run still holds every stage's
     numbers (those DVC skipped included), none of the first run's quantized model, and the first
     run is left as it was."""
     dest, _ = repo
@@ -212,7 +231,7 @@ def test_experiments_that_differ_only_in_quantize_get_their_own_complete_runs(re
     experiment = client.get_experiment_by_name("lmtune").experiment_id
     (first,) = client.search_runs([experiment])
     done = sh("dvc", "exp", "run", "-S", "experiment=smoke", "-S", "quantize=int8_dynamic", cwd=dest)
-    assert "Running stage 'finetune'" not in done.stdout and "Running stage 'evaluate'" in done.stdout
+    assert "Running stage 'finetune'" not in done.stdout and "Running stage 'eval'" in done.stdout
     runs = client.search_runs([experiment])
     assert len(runs) == 2
     second = next(r for r in runs if r.info.run_id != first.info.run_id)
@@ -249,7 +268,7 @@ def test_experiments_that_differ_only_in_quantize_get_their_own_complete_runs(re
 
 def test_sigkill_during_finetune_then_repro_resumes_from_the_checkpoint(repo):
     dest, _ = repo
-    sh(sys.executable, "-m", "lmtune.params", "--force", "experiment=smoke", "train.max_steps=150",
+    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", "train.max_steps=150",
        "train.checkpoint_every=5", "train.eval_every=50", cwd=dest)  # fmt: skip
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     proc = subprocess.Popen(["dvc", "repro"], cwd=dest, env=env, start_new_session=True,
@@ -290,7 +309,7 @@ def test_queued_sweep_lands_in_the_one_store_and_compares(repo):
     bad = sh(
         sys.executable,
         "-m",
-        "lmtune.params",
+        "lmtune.cli.params",
         "--validate-grid",
         "experiment=smoke",
         "lora.r=4,0",
@@ -315,7 +334,7 @@ def test_queued_sweep_lands_in_the_one_store_and_compares(repo):
         assert set(expected) <= set(run.data.metrics), set(expected) - set(run.data.metrics)
         assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 6
     assert not list((dest / ".dvc/tmp/exps").glob("**/mlflow.db"))  # no store left behind in a worker copy
-    sh(sys.executable, "-m", "lmtune.comparison", cwd=dest)
+    sh(sys.executable, "-m", "lmtune.track.compare", cwd=dest)
     table = (dest / "metrics/sweep.md").read_text()
     assert table.count("| tiny_random |") >= 3
     cells = [
@@ -341,7 +360,7 @@ def test_exp_apply_then_repro_reproduces_that_experiments_metrics(repo):
     assert json.loads((dest / "metrics/train.json").read_text())["trainable_parameters"] == 65536 // 4
     assert "Running stage" not in sh("dvc", "repro", cwd=dest).stdout
     before = json.loads((dest / "metrics/eval.json").read_text())["models"]
-    sh("dvc", "repro", "--force", "--single-item", "evaluate", cwd=dest)  # what `make eval` does
+    sh("dvc", "repro", "--force", "--single-item", "eval", cwd=dest)  # what `make eval` does
     after = json.loads((dest / "metrics/eval.json").read_text())["models"]
     values = lambda models: {(n, m): v["value"] for n, ms in models.items() for m, v in ms.items()}  # noqa: E731
     assert values(after) == pytest.approx(values(before), rel=1e-6)
@@ -443,7 +462,7 @@ def test_your_own_chat_data_trains_on_answers_is_judged_on_answers_and_versioned
     dest, _ = repo
     data = dest / "data/own/chats.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in CHATS))
-    sh(sys.executable, "-m", "lmtune.params", "--force", "experiment=smoke", "data=files", "data.format=chat",
+    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", "data=files", "data.format=chat",
        "data.files=[data/own/chats.jsonl]", "data.test_fraction=0.1", cwd=dest)  # fmt: skip
     sh("dvc", "repro", cwd=dest)
     prepared = json.loads((dest / "metrics/prepare.json").read_text())

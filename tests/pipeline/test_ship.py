@@ -9,8 +9,8 @@ import sys
 import pytest
 from repo_copy import copy_repo, sh
 
-from lmtune.gguf_export import export_gguf
-from lmtune.llamacpp import GGUFModel
+from lmtune.export.gguf import export_gguf
+from lmtune.export.llamacpp import GGUFModel
 
 NAME = "smollm2_135m-shakespeare"  # the registered model's default name: MODEL-DATA
 SHORT = ["quantize=gguf_q4_k_m", "train.max_steps=3", "train.warmup_steps=1", "train.eval_every=3",
@@ -20,7 +20,7 @@ SHORT = ["quantize=gguf_q4_k_m", "train.max_steps=3", "train.warmup_steps=1", "t
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
     dest = copy_repo(tmp_path_factory.mktemp("ship"))
-    sh(sys.executable, "-m", "lmtune.params", "--force", *SHORT, cwd=dest)
+    sh(sys.executable, "-m", "lmtune.cli.params", "--force", *SHORT, cwd=dest)
     sh("dvc", "repro", cwd=dest)
     return dest
 
@@ -87,8 +87,8 @@ def test_a_q8_0_export_of_the_real_model_scores_the_test_split_as_transformers_d
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lmtune.data import read_sequences
-    from lmtune.metrics import likelihood_per_passage
+    from lmtune.data.sequences import read_sequences
+    from lmtune.evaluate.scores import likelihood_per_passage
 
     export_gguf(shipped / "models/merged", tmp_path / "model.gguf", "q8_0")
     seqs = read_sequences(shipped / "data/processed", "test")[:8]
@@ -107,9 +107,9 @@ def test_a_q8_0_export_of_the_real_model_scores_the_test_split_as_transformers_d
 
 
 def test_register_promote_and_another_process_loads_the_champion(shipped):
-    out = sh(sys.executable, "-m", "lmtune.registry", "register", cwd=shipped).stdout
+    out = sh(sys.executable, "-m", "lmtune.track.registry", "register", cwd=shipped).stdout
     assert f"registered {NAME} version 1" in out
-    out = sh(sys.executable, "-m", "lmtune.registry", "promote", cwd=shipped).stdout
+    out = sh(sys.executable, "-m", "lmtune.track.registry", "promote", cwd=shipped).stdout
     assert f"models:/{NAME}@champion is version 1" in out
     load = (
         "import mlflow, sys; mlflow.set_tracking_uri('sqlite:///mlflow.db');"
@@ -127,17 +127,17 @@ def test_register_promote_and_another_process_loads_the_champion(shipped):
 
 
 def test_register_refuses_a_merged_model_that_params_yaml_did_not_make(shipped):
-    sh(sys.executable, "-m", "lmtune.params", "--force", *SHORT, "merge.check_passages=2", cwd=shipped)
-    refused = sh(sys.executable, "-m", "lmtune.registry", "register", cwd=shipped, check=False)
+    sh(sys.executable, "-m", "lmtune.cli.params", "--force", *SHORT, "merge.check_passages=2", cwd=shipped)
+    refused = sh(sys.executable, "-m", "lmtune.track.registry", "register", cwd=shipped, check=False)
     assert refused.returncode == 2 and "is not what params.yaml makes" in refused.stderr
-    sh(sys.executable, "-m", "lmtune.params", "--force", *SHORT, cwd=shipped)
+    sh(sys.executable, "-m", "lmtune.cli.params", "--force", *SHORT, cwd=shipped)
 
 
 def test_chat_answers_a_prompt_given_on_standard_input(shipped):
     import subprocess
 
     chat = subprocess.run(
-        [sys.executable, "-m", "lmtune.chat", "--compare", "--max-new-tokens", "8"],
+        [sys.executable, "-m", "lmtune.cli.chat", "--compare", "--max-new-tokens", "8"],
         input="Who are you?\n", capture_output=True, text=True, cwd=shipped, timeout=300,
     )  # fmt: skip
     assert chat.returncode == 0, chat.stderr[-2000:]

@@ -69,7 +69,7 @@ def postgres():
 def team_repo(tmp_path_factory, server):
     """The smoke pipeline run with MLFLOW_TRACKING_URI pointing at the server (as a team sets it)."""
     dest = copy_repo(tmp_path_factory.mktemp("team"))
-    sh(sys.executable, "-m", "lmtune.params", "--force", "experiment=smoke", cwd=dest)
+    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", cwd=dest)
     sh("dvc", "repro", cwd=dest, env={"MLFLOW_TRACKING_URI": server})
     return dest
 
@@ -106,12 +106,12 @@ def test_a_colleague_pulls_the_models_from_a_dvc_remote_and_reruns_nothing(team_
 
 def test_a_tracking_server_on_postgresql_takes_the_run_too(team_repo, postgres):
     """The same pipeline's numbers into a server whose store is PostgreSQL (`make server STORE=...`):
-    `python -m lmtune.tracking` logs every stage's metrics that dvc.lock vouches for."""
+    `python -m lmtune.track.runs` logs every stage's metrics that dvc.lock vouches for."""
     import mlflow
 
     store, home = postgres
     for url in mlflow_server(store, home):
-        sh(sys.executable, "-m", "lmtune.tracking", cwd=team_repo, env={"MLFLOW_TRACKING_URI": url})
+        sh(sys.executable, "-m", "lmtune.track.runs", cwd=team_repo, env={"MLFLOW_TRACKING_URI": url})
         client = mlflow.MlflowClient(tracking_uri=url)
         (run,) = client.search_runs([client.get_experiment_by_name("lmtune").experiment_id])
         assert run.info.status == "FINISHED"

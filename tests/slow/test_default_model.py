@@ -5,12 +5,15 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from lmtune.base.build import build_base
+from lmtune.checkpoint import load_tokenizer
+from lmtune.cli.params import compose_conf
 from lmtune.config import Config
-from lmtune.corpus import load_rows
-from lmtune.data import split, tokenize
-from lmtune.modeling import add_lora, build_base, load_for_training, load_tokenizer, lora_state
-from lmtune.params import compose_conf
-from lmtune.training import train
+from lmtune.data.sequences import split, tokenize
+from lmtune.data.sources import load_rows
+from lmtune.model.load import load_for_training
+from lmtune.model.lora import add_lora, lora_state
+from lmtune.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -53,9 +56,9 @@ def test_nf4_training_on_the_real_model_keeps_every_layer_learning_through_valid
 def test_without_the_guard_the_real_model_loses_gradients_and_training_stops(smollm2, tmp_path, monkeypatch):
     """Measured here: with bitsandbytes' CPU repack left on, 150 of 210 lora_B matrices get no
     gradient at the step after the first validation; train() stops and names them."""
-    from lmtune import modeling
-    from lmtune.training import TrainingError
+    from lmtune.model import load
+    from lmtune.train.loop import TrainingError
 
-    monkeypatch.setattr(modeling, "keep_4bit_trainable", lambda model: 0)
+    monkeypatch.setattr(load, "keep_4bit_trainable", lambda model: 0)
     with pytest.raises(TrainingError, match=r"step 2: \d+ LoRA matrices got no gradient .*layers\.0\."):
         test_nf4_training_on_the_real_model_keeps_every_layer_learning_through_validations(smollm2, tmp_path)

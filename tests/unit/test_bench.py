@@ -44,7 +44,7 @@ def test_the_usual_recipe_trains_on_what_prepare_wrote_and_times_each_step(tiny_
     from baseline import load_usual, train_usual
 
     from lmtune.config import Config
-    from lmtune.data import Sequence
+    from lmtune.data.sequences import Sequence
 
     seqs, tokenizer = tiny_seqs
     cfg = OmegaConf.merge(OmegaConf.structured(Config), smoke_cfg)

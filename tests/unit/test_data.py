@@ -4,21 +4,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import collate_packed
 from omegaconf import OmegaConf
 
-from lmtune.corpus import load_rows, parse_play, passages_from_scenes
-from lmtune.data import (
-    DataError,
-    Sequence,
-    batch_indices,
-    chat_sequence,
-    collate,
-    collate_packed,
-    pack,
-    split,
-    text_windows,
-)
-from lmtune.params import compose_conf
+from lmtune.cli.params import compose_conf
+from lmtune.data import DataError
+from lmtune.data.batching import batch_indices, collate, pack
+from lmtune.data.sequences import Sequence, chat_sequence, split, text_windows
+from lmtune.data.sources import load_rows, parse_play, passages_from_scenes
 
 DEFAULT_DATA = compose_conf(
     [], conf_dir=Path(__file__).resolve().parents[2] / "conf"
@@ -272,7 +265,7 @@ def test_packing_a_whole_split_fills_rows_and_rejects_what_cannot_fit():
 
 @pytest.mark.parametrize("attention, rows", [("varlen", 1), ("sdpa", 2)])
 def test_packed_micro_batches_hold_the_passages_of_padded_ones_without_padding(attention, rows):
-    from lmtune.training import batch_maker
+    from lmtune.train.loop import batch_maker
 
     seqs = [[i + 1] * (5 + i % 20) for i in range(200)]
     cfg = OmegaConf.create({"seed": 3, "train": {"packing": True, "pack_length": 64, "batch_size": 4,
@@ -292,7 +285,7 @@ def test_packed_micro_batches_hold_the_passages_of_padded_ones_without_padding(a
 
 
 def test_packed_batch_gives_the_same_logits_and_loss_as_padded(tiny_base, tiny_seqs):
-    from lmtune.modeling import load_full
+    from lmtune.model.load import load_full
 
     seqs, tokenizer = tiny_seqs
     seqs = [s[:n] for s, n in zip(seqs[:6], (30, 12, 20, 7, 25, 16), strict=True)]

@@ -11,25 +11,22 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
-from lmtune.distributed import micro_batch_index
-from lmtune.params import compose_conf, write_params
+from lmtune.cli.params import compose_conf, write_params
+from lmtune.train.distributed import micro_batch_index
 
 ROOT = Path(__file__).resolve().parents[2]
 FP32 = ["quant.bits=16", "quant.bnb_4bit_compute_dtype=fp32", "train.max_steps=4", "train.eval_every=2"]
 
 
-def test_processes_share_out_the_micro_batches_of_one_step(monkeypatch):
-    seen = []
-    for rank in (0, 1):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        seen.append([micro_batch_index(step=3, micro=m, grad_accum=2) for m in range(2)])
+def test_processes_share_out_the_micro_batches_of_one_step():
+    seen = [
+        [micro_batch_index(step=3, micro=m, grad_accum=2, rank=r, processes=2) for m in range(2)]
+        for r in (0, 1)
+    ]
     assert seen == [
         [12, 14],
         [13, 15],
     ]  # together: 4 consecutive micro-batches, as one process with 4x accumulation
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("RANK", "0")
     assert [micro_batch_index(3, m, 4) for m in range(4)] == [12, 13, 14, 15]
 
 

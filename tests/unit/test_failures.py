@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 
 from lmtune import LmtuneError
 from lmtune.artifacts import atomic_dir
+from lmtune.cli.params import compose_conf, main
 from lmtune.config import CHOICES, POSITIVE, RANGES, Config, ConfigError
-from lmtune.params import compose_conf, main
-from lmtune.training import train
+from lmtune.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
@@ -70,7 +70,8 @@ def test_training_values_are_refused_at_composition_or_train(
 ):
     """What composition accepts, the stage that reads it runs with: it trains, or stops with a clear
     error of its own (say, a loss that overflows), never a library's traceback."""
-    from lmtune.modeling import add_lora, load_for_training
+    from lmtune.model.load import load_for_training
+    from lmtune.model.lora import add_lora
 
     composed = compose_or_refuse(key, value)
     if composed is None:
@@ -124,8 +125,9 @@ def test_params_are_not_rewritten_while_a_pipeline_runs(tmp_path, monkeypatch, c
 
 
 def test_one_passage_per_line_text_says_how_text_files_are_split(tmp_path):
-    from lmtune.corpus import load_rows
-    from lmtune.data import DataError, split
+    from lmtune.data import DataError
+    from lmtune.data.sequences import split
+    from lmtune.data.sources import load_rows
 
     (tmp_path / "lines.txt").write_text("".join(f"line {i}\n" for i in range(50)))
     data = compose_conf(

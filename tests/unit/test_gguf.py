@@ -7,13 +7,14 @@ import torch
 from conftest import ROOT, TEXTS
 from omegaconf import OmegaConf
 
+from lmtune.checkpoint import load_tokenizer
+from lmtune.cli.params import compose_conf
 from lmtune.config import Config, ConfigError
-from lmtune.gguf_export import _turn_wrappers, export_gguf, tensor_types
-from lmtune.llamacpp import GGUFModel
-from lmtune.metrics import likelihood_per_passage
-from lmtune.modeling import load_full, load_tokenizer
-from lmtune.params import compose_conf
-from lmtune.quantization import GGUF_FILE
+from lmtune.evaluate.scores import likelihood_per_passage
+from lmtune.export.gguf import _turn_wrappers, export_gguf, tensor_types
+from lmtune.export.llamacpp import GGUFModel
+from lmtune.export.quantize import GGUF_FILE
+from lmtune.model.load import load_full
 
 # How far each file may be from transformers' fp32 model on the same token ids: logits (share of the
 # largest logit) and test perplexity (relative). f16 rounds; q8_0 and Q4_K_M lose precision.
@@ -23,7 +24,7 @@ TOLERANCE = {"f16": (0.01, 0.002), "q8_0": (0.05, 0.01), "q4_k_m": (0.3, 0.1)}
 @pytest.fixture(scope="module")
 def llama2_style(tmp_path_factory):
     """models/base of a tiny Llama-2-style model: SentencePiece BPE, byte fallback, <s> first."""
-    from lmtune.modeling import build_base
+    from lmtune.base.build import build_base
 
     cfg = compose_conf(["experiment=smoke", "model.tiny.tokenizer=sentencepiece"], conf_dir=ROOT / "conf")
     out = tmp_path_factory.mktemp("llama2_style")
@@ -123,7 +124,7 @@ def test_the_modelfile_renders_conversations_as_the_chat_template_does(llama2_st
 def test_a_template_that_is_not_a_sequence_of_turns_is_left_to_the_gguf(llama2_style, tmp_path):
     """Llama-2's own template puts the system prompt inside the first [INST]: no Go template is
     guessed for it; Ollama then reads the one inside the GGUF."""
-    from lmtune.gguf_export import modelfile
+    from lmtune.export.gguf import modelfile
 
     tokenizer = load_tokenizer(llama2_style)
     tokenizer.chat_template = (

@@ -8,11 +8,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lmtune import kernels, modeling
 from lmtune.config import Config
-from lmtune.data import collate_rows
-from lmtune.modeling import add_lora, load_for_training, lora_state
-from lmtune.training import micro_batch_loss, prepare_model, to_device, train
+from lmtune.data.batching import collate_rows
+from lmtune.model.hardware import free_device_memory, placement
+from lmtune.model.load import load_for_training, load_full
+from lmtune.model.lora import add_lora, lora_state
+from lmtune.train import kernels
+from lmtune.train.loop import micro_batch_loss, prepare_model, to_device, train
 
 pytestmark = [
     pytest.mark.gpu,
@@ -121,12 +123,12 @@ def test_fp16_cards_train_with_a_loss_scaler(tiny_base, tiny_seqs, tmp_path, smo
 
 
 def test_models_leave_nothing_on_the_card_once_released(tiny_base):
-    before = modeling.free_device_memory()
-    model = modeling.load_full(tiny_base, torch.float32)
+    before = free_device_memory()
+    model = load_full(tiny_base, torch.float32)
     assert next(model.parameters()).is_cuda
     del model
-    assert modeling.free_device_memory() == pytest.approx(before, abs=1e-3)
-    assert modeling.placement(tiny_base, torch.float32, "auto").type == "cuda"  # tiny: fits
+    assert free_device_memory() == pytest.approx(before, abs=1e-3)
+    assert placement(tiny_base, torch.float32, "auto").type == "cuda"  # tiny: fits
 
 
 def run_stages(names, cfg):
@@ -182,7 +184,7 @@ def test_evaluate_runs_on_the_card_and_frees_it_between_models(smoke_on_the_card
     here = os.getcwd()
     os.chdir(folder)
     try:
-        run_stages(["evaluate"], cfg)
+        run_stages(["eval"], cfg)
     finally:
         os.chdir(here)
     scores = json.loads((folder / "metrics/eval.json").read_text())

@@ -3,14 +3,15 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import collate_packed
 from omegaconf import OmegaConf
 
-from lmtune import kernels
 from lmtune.config import Config
-from lmtune.data import collate_packed
-from lmtune.kernels import chunked_cross_entropy, packed_segments, varlen_attention
-from lmtune.modeling import add_lora, load_for_training
-from lmtune.training import micro_batch_loss, prepare_model
+from lmtune.model.load import load_for_training
+from lmtune.model.lora import add_lora
+from lmtune.train import kernels
+from lmtune.train.kernels import chunked_cross_entropy, packed_segments, varlen_attention
+from lmtune.train.loop import micro_batch_loss, prepare_model
 
 
 class Attention(torch.nn.Module):

@@ -6,8 +6,8 @@ import torch
 from rouge_score import rouge_scorer
 from sacrebleu import corpus_bleu
 
-from lmtune.generation import greedy_continuations
-from lmtune.metrics import (
+from lmtune.evaluate.generation import greedy_continuations
+from lmtune.evaluate.scores import (
     EvaluationError,
     bootstrap,
     eval_markdown,
@@ -123,7 +123,7 @@ def test_a_model_that_emits_only_the_end_token():
 
 
 def test_greedy_continuations_are_the_same_batched_or_one_by_one(tiny_base, tiny_seqs):
-    from lmtune.modeling import load_full
+    from lmtune.model.load import load_full
 
     seqs, tokenizer = tiny_seqs
     model = load_full(tiny_base, torch.float32)
@@ -139,7 +139,7 @@ def test_greedy_continuations_are_the_same_batched_or_one_by_one(tiny_base, tiny
 
 
 def test_likelihood_per_passage_sums_to_the_totals(tiny_base, tiny_seqs):
-    from lmtune.modeling import load_full
+    from lmtune.model.load import load_full
 
     seqs, tokenizer = tiny_seqs
     per = likelihood_per_passage(load_full(tiny_base, torch.float32), seqs, 4, tokenizer.pad_token_id)

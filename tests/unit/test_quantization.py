@@ -7,11 +7,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from lmtune.checkpoint import ModelError
+from lmtune.cli.params import compose_conf
 from lmtune.config import ConfigError
-from lmtune.modeling import ModelError, load_full
-from lmtune.params import compose_conf
-from lmtune.qat import prepare_qat
-from lmtune.quantization import check_method, load_quantized, quantize
+from lmtune.export.quantize import check_method, load_quantized, quantize
+from lmtune.model.load import load_full
+from lmtune.model.qat import prepare_qat
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -71,8 +72,9 @@ def test_qat_converted_logits_equal_the_fake_quantized_logits(tiny_base, tiny_se
 
 
 def test_qat_training_learns_through_the_fake_quantized_base(tiny_base, tiny_seqs, tmp_path):
-    from lmtune.modeling import add_lora, load_for_training
-    from lmtune.training import train
+    from lmtune.model.load import load_for_training
+    from lmtune.model.lora import add_lora
+    from lmtune.train.loop import train
 
     seqs, tokenizer = tiny_seqs
     cfg = OmegaConf.merge(compose_conf(["experiment=smoke", "quant=qat_int4"], conf_dir=CONF),

@@ -8,12 +8,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lmtune import tracking
+from lmtune.base.build import build_base
+from lmtune.checkpoint import ModelError
+from lmtune.cli.params import compose_conf, write_params
+from lmtune.cli.runner import run_stage
 from lmtune.config import Config
-from lmtune.modeling import ModelError, add_lora, build_base, load_for_training
-from lmtune.params import compose_conf, write_params
-from lmtune.runner import run_stage
-from lmtune.training import TrainingError, train
+from lmtune.model.load import load_for_training
+from lmtune.model.lora import add_lora
+from lmtune.track import runs as tracking
+from lmtune.train.loop import TrainingError, train
 
 ROOT = Path(__file__).resolve().parents[2]
 

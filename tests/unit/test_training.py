@@ -5,13 +5,17 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from helpers import language_model_scores
 from omegaconf import OmegaConf
 
-from lmtune import modeling, training
+from lmtune.base.build import build_base
 from lmtune.config import Config
-from lmtune.metrics import language_model_scores
-from lmtune.modeling import add_lora, load_for_training, lora_state
-from lmtune.training import (
+from lmtune.model import load
+from lmtune.model.hardware import cpu_has_bf16
+from lmtune.model.load import load_for_training, load_full, set_recompute
+from lmtune.model.lora import add_lora, lora_state
+from lmtune.train import loop as training
+from lmtune.train.loop import (
     WARMUP_STEPS,
     TrainingError,
     choose_recompute,
@@ -95,14 +99,14 @@ def test_validations_between_steps_never_change_what_4bit_training_learns(
     assert all(torch.equal(with_val[n], without_val[n]) for n in with_val)
 
 
-@pytest.mark.skipif(not modeling.cpu_has_bf16(), reason="the bitsandbytes repack hazard needs AVX512-BF16")
+@pytest.mark.skipif(not cpu_has_bf16(), reason="the bitsandbytes repack hazard needs AVX512-BF16")
 def test_the_validation_check_fails_without_the_repack_guard(
     tiny_base, tiny_seqs, tmp_path, smoke_cfg, monkeypatch
 ):
     """The checks can fail: with bitsandbytes' CPU repack left on (bitsandbytes 0.49/0.50), the
     first validation cuts the gradient of early adapters, and train() stops, naming them."""
     seqs, tokenizer = tiny_seqs
-    monkeypatch.setattr(modeling, "keep_4bit_trainable", lambda model: 0)
+    monkeypatch.setattr(load, "keep_4bit_trainable", lambda model: 0)
     with pytest.raises(TrainingError, match=r"step 2: \d+ LoRA matrices got no gradient .*layers\.0\."):
         _train_with_and_without_validations(tiny_base, seqs, tokenizer, tmp_path, smoke_cfg)
 
@@ -144,7 +148,7 @@ def test_nan_loss_stops_with_the_step_named(tiny_base, tiny_seqs, tmp_path, smok
 
 def test_perplexity_matches_a_direct_transformers_computation(tiny_base, tiny_seqs):
     seqs, tokenizer = tiny_seqs
-    model = modeling.load_full(tiny_base, torch.float32)
+    model = load_full(tiny_base, torch.float32)
     scores = language_model_scores(model, seqs, batch_size=5, pad_id=tokenizer.pad_token_id)
     total, count = 0.0, 0
     with torch.no_grad():
@@ -157,7 +161,7 @@ def test_perplexity_matches_a_direct_transformers_computation(tiny_base, tiny_se
 
 
 def _loss_and_lora_grads(model, seqs, cfg, pad_id):
-    from lmtune.data import collate_rows
+    from lmtune.data.batching import collate_rows
 
     batch = collate_rows([seqs[:6]], pad_id)
     prepare_model(model, cfg.train)
@@ -173,7 +177,7 @@ def four_layer_base(tmp_path_factory, smoke_cfg):
     from conftest import TEXTS
 
     out = tmp_path_factory.mktemp("base4")
-    modeling.build_base(make_cfg(smoke_cfg, model={"tiny": {"num_hidden_layers": 4}}), out, TEXTS)
+    build_base(make_cfg(smoke_cfg, model={"tiny": {"num_hidden_layers": 4}}), out, TEXTS)
     return out
 
 
@@ -215,7 +219,7 @@ def test_auto_recompute_takes_the_least_recompute_whose_measured_peak_fits(
     layers = model.get_base_model().model.layers
     offloads = []
     monkeypatch.setattr(training, "set_recompute", lambda base, n, offload=False: (
-        offloads.append(offload), modeling.set_recompute(base, n, offload)))  # fmt: skip
+        offloads.append(offload), set_recompute(base, n, offload)))  # fmt: skip
 
     def stand_in_peak():
         recomputing = sum(layer.gradient_checkpointing for layer in layers)

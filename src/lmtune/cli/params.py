@@ -1,0 +1,183 @@
+"""Composing conf/ into params.yaml: ``make params`` and ``make run`` (``python -m lmtune.cli.params``).
+
+    python -m lmtune.cli.params [--force|--keep] [overrides...]     # e.g. model=llama2_7b lora.r=8
+    python -m lmtune.cli.params --validate-grid lora.r=4,8 quant.bits=4,16
+
+conf/ holds every value; params.yaml is what stages and DVC read. `dvc exp run -S`, `dvc exp apply`
+and hand edits put values into params.yaml that conf/ does not hold, so params.yaml is only ever
+overwritten when it is still exactly what we wrote last (a hash in its header says so).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import re
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from lmtune.config import PARAMS_FILE, ConfigError, validate
+
+HEADER = "# composed from conf/ by `make params`; overrides: {overrides}; body sha256: {sha}"
+_HEADER_RE = (
+    r"^# composed from conf/ by `make params`; overrides: (?P<overrides>\[.*\]); body sha256: (?P<sha>\w+)$"
+)
+
+
+class ParamsModified(ConfigError):
+    """params.yaml holds values that conf/ does not (dvc exp apply, -S, hand edit)."""
+
+
+def compose_conf(overrides: list[str] | None = None, conf_dir: Path | None = None) -> DictConfig:
+    """Compose conf/config.yaml with Hydra overrides (group switches like model=llama2_7b work)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    conf_dir = Path(conf_dir or Path.cwd() / "conf").resolve()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+            cfg = compose(config_name="config", overrides=list(overrides or []))
+    except HydraException as err:
+        raise ConfigError(f"conf/ with overrides {overrides}: {err}") from None
+    return validate(cfg, source=f"conf/config.yaml + {overrides or []}")
+
+
+def _body_sha(body: str) -> str:
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def read_header(path: Path) -> tuple[list[str] | None, bool]:
+    """(overrides recorded by `make params`, whether the body is still what it wrote)."""
+    if not path.exists():
+        return None, False
+    first, _, body = path.read_text().partition("\n")
+    match = re.match(_HEADER_RE, first)
+    if not match:
+        return None, False
+    return json.loads(match["overrides"]), match["sha"] == _body_sha(body)
+
+
+def write_params(cfg: DictConfig, path: Path, overrides: list[str] | None = None, force: bool = False) -> str:
+    """Write params.yaml; refuse to overwrite values that did not come from `make params`.
+
+    Recomposing blindly would silently wipe values set by `dvc exp run -S`, `dvc exp apply` or
+    a hand edit, so the header keeps a hash of what we wrote last (and the overrides used): only
+    a file that still matches, or holds the same values, is overwritten.
+    """
+    body = OmegaConf.to_yaml(cfg, resolve=True)
+    header = HEADER.format(overrides=json.dumps(list(overrides or [])), sha=_body_sha(body))
+    if path.exists() and not force:
+        _, ours = read_header(path)
+        current = path.read_text()
+        current_body = current.partition("\n")[2] if ours else current
+        try:
+            same = OmegaConf.create(current_body) == OmegaConf.create(body)
+        except Exception:  # noqa: BLE001 - not YAML at all: certainly not what we wrote
+            same = False
+        if not ours and not same:
+            diff = "".join(
+                difflib.unified_diff(
+                    current_body.splitlines(True),
+                    body.splitlines(True),
+                    "params.yaml (now)",
+                    "params.yaml (from conf/)",
+                    n=0,
+                )
+            )
+            raise ParamsModified(
+                f"{path} holds values that are not in conf/ (from `dvc exp run -S`, "
+                "`dvc exp apply` or a hand edit). Recomposing would lose them:\n"
+                f"{diff}\nPut them in conf/ (or pass them: make params ARGS='key=value'), "
+                "or discard them with: make params FORCE=1"
+            )
+    text = f"{header}\n{body}"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return text
+
+
+def validate_grid(overrides: list[str]) -> int:
+    """Compose and validate every point of a sweep grid (`lora.r=4,8 quant.bits=4,16`) before
+    anything is queued: one impossible value fails the whole sweep up front, naming it."""
+    axes = [[f"{o.split('=', 1)[0]}={v}" for v in o.split("=", 1)[1].split(",")] for o in overrides]
+    points = list(itertools.product(*axes))
+    for point in points:
+        try:
+            compose_conf(list(point))
+        except ConfigError as err:
+            print(
+                f"error: sweep point {' '.join(point)} is invalid, nothing was queued:\n{err}",
+                file=sys.stderr,
+            )
+            return 2
+    print(f"sweep grid: {len(points)} valid experiments")
+    return 0
+
+
+def check_kept(path: Path) -> DictConfig:
+    """A params.yaml that is kept (not recomposed) is still checked now, not when a stage starts."""
+    from lmtune.config import load
+
+    return load(root=path.resolve().parent) if path.name == PARAMS_FILE else validate(OmegaConf.load(path))
+
+
+def pipeline_running(root: Path = Path(".")) -> bool:
+    """Whether a `dvc repro` / `dvc exp run` holds the repository's lock right now."""
+    import zc.lockfile
+
+    lock = root / ".dvc" / "tmp" / "lock"
+    if not lock.parent.is_dir():
+        return False
+    try:
+        zc.lockfile.LockFile(str(lock)).close()
+    except zc.lockfile.LockError:
+        return True
+    return False
+
+
+def update(args: list[str], force: bool = False, keep: bool = False) -> DictConfig:
+    """Compose conf/ (with `args`) into params.yaml and return it, validated.
+
+    keep (`make run`): with no args, recompose with the overrides recorded in params.yaml, so conf/
+    edits are picked up; if params.yaml holds values from elsewhere, keep it (checked) and say so.
+    """
+    if pipeline_running():
+        raise ConfigError(f"a pipeline is running (dvc holds .dvc/tmp/lock): rewriting {PARAMS_FILE} now "
+                          "would record params in dvc.lock that its stages did not use. Wait for it, or stop it.")  # fmt: skip
+    if keep and not args:
+        args = read_header(Path(PARAMS_FILE))[0] or []
+    cfg = compose_conf(args)
+    try:
+        write_params(cfg, Path(PARAMS_FILE), args, force=force)
+    except ParamsModified:
+        if not keep:
+            raise
+        kept = check_kept(Path(PARAMS_FILE))
+        print(f"note: keeping {PARAMS_FILE}: it holds values not in conf/ "
+              "(from dvc exp apply/-S or an edit). `make params FORCE=1` resets it.")  # fmt: skip
+        return kept
+    print(f"wrote {PARAMS_FILE} from conf/" + (f" with {' '.join(args)}" if args else ""))
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m lmtune.cli.params [--force|--keep|--validate-grid] [overrides...]"""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--validate-grid" in args:
+        return validate_grid([a for a in args if a != "--validate-grid"])
+    force, keep = "--force" in args, "--keep" in args
+    try:
+        update([a for a in args if a not in ("--force", "--keep")], force=force, keep=keep)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""`make run`: params.yaml brought up to date with conf/, `dvc repro`, then every stage's numbers in
+this configuration's MLflow run; and, when a stage fails, the metrics DVC removed put back.
+
+    python -m lmtune.cli.pipeline [key=value ...]
+
+DVC deletes a stage's outputs before it runs the stage, git-tracked metrics/ files included (only
+`persist: true` would keep them, and it turns DVC's run-cache off for that stage, which sweeps rely
+on). A stage that then fails would leave the last good run's numbers gone while dvc.lock still
+describes them. So the files under metrics/ are read before `dvc repro`, and those it removed and no
+stage wrote again are written back when it fails: metrics/ and dvc.lock agree again.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from lmtune import LmtuneError
+from lmtune.cli import params
+from lmtune.track import runs as tracking
+
+
+def snapshot(folder: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def restore_missing(saved: dict[Path, bytes]) -> list[Path]:
+    """Write back the saved files that are gone; files a stage wrote meanwhile are left as they are."""
+    missing = [path for path in saved if not path.exists()]
+    for path in missing:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(saved[path])
+    return missing
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg = params.update(argv, keep=True)  # composed and validated once, here
+    except LmtuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    saved = snapshot(Path(cfg.paths.metrics))
+    try:
+        code = subprocess.call(["dvc", "repro"])
+    except KeyboardInterrupt:  # dvc got the Ctrl-C too and stopped its stage
+        code = 130
+    if code:
+        if restored := restore_missing(saved):
+            print(f"dvc repro failed; put back what DVC had removed before the failing stage ran: "
+                  f"{', '.join(map(str, sorted(restored)))} (the last good run's, as dvc.lock says)",
+                  file=sys.stderr)  # fmt: skip
+        return code
+    try:  # stages DVC skipped after the last one that ran: their numbers too
+        print(f"MLflow run {tracking.sync(cfg).run_id} holds every stage's metrics")
+    except LmtuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

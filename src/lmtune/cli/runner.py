@@ -1,0 +1,112 @@
+"""The stage scripts' shared `main`: load params.yaml, check, run inside the pipeline's MLflow run.
+
+User errors (bad config, bad data, missing model, unusable store) print one clear message and exit 2
+instead of a traceback. `--multirun` (Hydra) is offered by stages that name the `paths` they write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from lmtune import LmtuneError
+from lmtune.config import PARAMS_FILE, ConfigError, load, validate
+from lmtune.track import runs as tracking
+from lmtune.train import distributed
+
+Stage = Callable[[DictConfig], dict]
+
+
+def check_writable(cfg: DictConfig) -> None:
+    """Every output folder (or the nearest existing parent) must be writable before work starts."""
+    for key, value in cfg.paths.items():
+        path = Path(value)
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        try:  # a real write: permission bits alone mislead (root, read-only mounts)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError:
+            raise ConfigError(
+                f"paths.{key}={value}: {path} is not writable; fix its permissions or point "
+                f"paths.{key} somewhere writable"
+            ) from None
+
+
+def stage_name(run: Stage) -> str:
+    """A stage is named after its script (stages/merge.py → merge), as in dvc.yaml."""
+    return Path(inspect.getfile(run)).stem
+
+
+def run_stage(run: Stage, argv: list[str] | None = None, multirun_outputs: tuple[str, ...] = ()) -> int:
+    """Load the config (params.yaml + ``key=value`` overrides), run the stage in the pipeline's
+    MLflow run, print its metrics."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--multirun" in argv or "-m" in argv:
+        return _multirun(run, [a for a in argv if a not in ("--multirun", "-m")], multirun_outputs)
+    try:
+        if argv and argv[0].startswith(f"{distributed.RESOLVED}="):  # a worker of a distributed stage
+            cfg = validate(OmegaConf.load(argv[0].split("=", 1)[1]), source="the launching stage's config")
+            tracked = contextlib.nullcontext()  # the launching process owns the MLflow run
+        else:
+            cfg = load(argv)
+            # under `accelerate launch` by hand (multi-node), the main process logs for all
+            tracked = (
+                tracking.stage_run(cfg, stage_name(run))
+                if distributed.is_main()
+                else contextlib.nullcontext()
+            )
+        check_writable(cfg)
+        with tracked:
+            metrics = run(cfg)
+    except LmtuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if distributed.is_main():
+        print(json.dumps(metrics, indent=2, default=str))
+    return 0
+
+
+def _multirun(run: Stage, overrides: list[str], outputs: tuple[str, ...]) -> int:
+    """Hydra's own multirun over params.yaml: its sweeper expands `lora.r=4,8`, numbers the jobs
+    and keeps each job's config in multirun/<date>/<time>/<job>/.hydra. Each job writes `outputs`
+    into its own folder and logs into its own MLflow run (its paths differ from the pipeline's)."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    if not outputs:
+        print("error: --multirun is for a quick look at one stage (finetune); sweep the whole pipeline "
+              "with `make sweep` or `dvc exp run --queue -S ...`", file=sys.stderr)  # fmt: skip
+        return 2
+    root = Path.cwd().resolve()
+    failed: list[str] = []
+
+    @hydra.main(config_path=str(root), config_name=PARAMS_FILE.removesuffix(".yaml"), version_base=None)
+    def job(cfg: DictConfig) -> None:
+        out = Path(HydraConfig.get().runtime.output_dir)
+        name = " ".join(HydraConfig.get().overrides.task)
+        try:
+            cfg = validate(OmegaConf.to_container(cfg), source=f"{PARAMS_FILE} + {name}")
+            for key in outputs:
+                cfg.paths[key] = str(out / Path(cfg.paths[key]).name)
+            print(f"== job {HydraConfig.get().job.num}: {name} → {out}", flush=True)
+            with tracking.stage_run(cfg, stage_name(run)):
+                print(json.dumps(run(cfg), indent=2, default=str))
+        except LmtuneError as err:  # one bad job does not stop the others
+            print(f"error in job {name}: {err}", file=sys.stderr)
+            failed.append(name)
+
+    saved = sys.argv
+    sys.argv = [saved[0], "--multirun", *overrides]
+    try:
+        job()
+    finally:
+        sys.argv = saved
+    return 2 if failed else 0

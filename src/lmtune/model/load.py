@@ -1,0 +1,107 @@
+"""Loading models/base: quantized and frozen for training, in full for merge, evaluation and
+generation, or with its adapter unmerged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from lmtune.model.hardware import device, resolve_dtype
+
+
+def load_full(path: str | Path, dtype: torch.dtype, on: torch.device | None = None):
+    """The model in plain 16/32-bit, safetensors only, no remote code, on `on` (default: device())."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    return model.to(on or device()).eval()
+
+
+def quantization_config(quant: DictConfig, compute_dtype: torch.dtype, shardable: bool = False):
+    """bitsandbytes' config for the base; `shardable` (FSDP-QLoRA) stores the packed 4-bit weights
+    in the compute dtype, so FSDP can shard them like the other 16-bit tensors."""
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=compute_dtype if shardable else torch.uint8,
+        )
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def keep_4bit_trainable(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
+
+    bitsandbytes 0.49/0.50 on CPUs with AVX512-BF16: the first eval-mode or no-grad forward
+    repacks the weights into a layout with no backward, after which the LoRA gradients of the
+    early layers are silently zero. A mid-training validation must never stop learning.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def set_recompute(model, every_n_layers: int | None, offload: bool = False) -> None:
+    """transformers' activation checkpointing on every n-th decoder layer (None: off); the others
+    keep their activations. `offload` holds the checkpointed inputs in pinned host memory."""
+    if every_n_layers is None:
+        model.activation_checkpointing_disable()
+        return
+    model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers, offload)
+
+
+def load_for_training(path: str | Path, quant: DictConfig, gradient_checkpointing: bool | str,
+                      shardable: bool = False, every_n_layers: int = 1, offload: bool = False):  # fmt: skip
+    """The frozen base as configured (4-bit, 8-bit or plain), ready for LoRA (and for FSDP to
+    shard). gradient_checkpointing=auto starts with every layer recomputed: training measures
+    what fits before the first step (lmtune.train.loop.choose_recompute)."""
+    from transformers import AutoModelForCausalLM
+
+    compute_dtype = resolve_dtype(quant.bnb_4bit_compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=compute_dtype,
+        quantization_config=quantization_config(quant, compute_dtype, shardable),
+        device_map={"": str(device())},
+        use_safetensors=True,
+    )
+    keep_4bit_trainable(model)
+    if quant.get("qat"):
+        from lmtune.model.qat import prepare_qat
+
+        prepare_qat(model, quant.qat_group_size)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        set_recompute(model, 1 if gradient_checkpointing == "auto" else every_n_layers, offload)
+    model.config.use_cache = False
+    return model
+
+
+def load_base_with_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: torch.dtype,
+                           quant: DictConfig | None = None, on: torch.device | None = None):  # fmt: skip
+    """Base + unmerged adapter: the base in `dtype` on `on` (default: device()), or quantized as in
+    training when `quant`."""
+    from peft import PeftModel
+
+    if quant is not None and (quant.bits < 16 or quant.get("qat")):
+        base = load_for_training(base_dir, quant, gradient_checkpointing=False)
+        base.config.use_cache = True
+    else:
+        base = load_full(base_dir, dtype, on)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()

@@ -1,0 +1,124 @@
+"""Score every model on the test split → metrics/eval.json and metrics/eval.md.
+
+    python stages/eval.py [key=value ...]    # or: make eval (reruns only this stage)
+
+Models: the base in 16/32-bit; the quantized base alone and with the adapter exactly as trained
+(4/8-bit runs); the merged model; the merged model after post-training quantization (a GGUF runs
+in llama.cpp, not in transformers). Metrics
+(README, "Evaluation"): perplexity and token accuracy on every learned token of the test split;
+for text, ROUGE-1/2/L and BLEU of greedy continuations of each passage's first eval.prompt_tokens
+tokens against the next eval.reference_tokens; for conversations, exact match and answer F1 (and
+ROUGE, BLEU) of greedy answers to the test questions. Each with a 95% bootstrap interval, and each
+model's delta vs the base with its paired interval.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+from lmtune.artifacts import write_json, write_text
+from lmtune.checkpoint import load_tokenizer
+from lmtune.cli.runner import run_stage
+from lmtune.data.sequences import read_prompts, read_sequences
+from lmtune.evaluate.generation import greedy_continuations
+from lmtune.evaluate.scores import (
+    LIKELIHOOD_METRICS,
+    EvaluationError,
+    bootstrap,
+    eval_markdown,
+    generation_pairs,
+    generation_per_example,
+    likelihood_per_passage,
+    metric_functions,
+)
+from lmtune.export.llamacpp import GGUFModel
+from lmtune.export.quantize import load_quantized
+from lmtune.model.hardware import device, free_device_memory, resolve_dtype
+from lmtune.model.load import load_base_with_adapter, load_for_training, load_full
+
+
+def model_loaders(cfg, dtype, n_ctx: int) -> dict:
+    paths = cfg.paths
+    loaders = {"base": lambda: load_full(paths.base, dtype)}
+    if cfg.quant.bits < 16 or cfg.quant.qat:  # the base as training saw it, alone and with the adapter
+        label = f"qat_{cfg.quant.qat}" if cfg.quant.qat else f"{cfg.quant.bits}bit"
+        loaders[f"base_{label}"] = lambda: load_for_training(paths.base, cfg.quant, False)
+        loaders[f"base_{label}_adapter"] = lambda: load_base_with_adapter(
+            paths.base, paths.adapter, dtype, quant=cfg.quant
+        )
+    loaders["merged"] = lambda: load_full(paths.merged, dtype)
+    loaders[f"merged_{cfg.quantize.method}"] = lambda: load_quantized(paths.quantized, dtype, n_ctx)
+    return loaders
+
+
+def generation_set(cfg, tokenizer, seqs) -> tuple[list[list[int]], list[list[str]]]:
+    """(prompt token ids, accepted reference texts) of the examples generation metrics use."""
+    e = cfg.eval
+    if cfg.data.format == "chat":
+        questions = read_prompts(cfg.paths.processed, "test")[: e.generation_examples]
+        return [q["prompt_ids"] for q in questions], [q["references"] for q in questions]
+    # text: passages long enough to hold a prompt and at least one reference token
+    pairs = generation_pairs(seqs, e.prompt_tokens, e.reference_tokens)[: e.generation_examples]
+    return [p for p, _ in pairs], [[tokenizer.decode(r, skip_special_tokens=True)] for _, r in pairs]
+
+
+def run(cfg) -> dict:
+    e, paths, dtype = cfg.eval, cfg.paths, resolve_dtype(cfg.eval.dtype)
+    tokenizer = load_tokenizer(paths.base)
+    seqs = read_sequences(paths.processed, "test")[: e.max_examples]
+    prompts, references = generation_set(cfg, tokenizer, seqs)
+    if not prompts:
+        raise EvaluationError(
+            "no test example to generate from: every test passage is shorter than eval.prompt_tokens="
+            f"{e.prompt_tokens}; lower it, or add data"
+        )
+    chat = cfg.data.format == "chat"
+    functions, examples, speed = {}, {}, {}
+    n_ctx = max(max(map(len, seqs)), max(map(len, prompts)) + e.reference_tokens)  # for llama.cpp
+    for name, load in model_loaders(cfg, dtype, n_ctx).items():
+        began = time.perf_counter()
+        model = load()
+        speed[name] = {"load_seconds": time.perf_counter() - began}
+        if isinstance(model, GGUFModel):  # scored in llama.cpp, where a GGUF's users run it
+            speed[name]["runtime"] = "llama.cpp"
+            likelihood = model.likelihood_per_passage(seqs, desc=name)
+            began = time.perf_counter()
+            continuations = model.greedy_continuations(
+                prompts, e.reference_tokens, tokenizer.eos_token_id, name
+            )
+            model.close()
+        else:
+            speed[name]["runtime"] = "transformers"
+            likelihood = likelihood_per_passage(model, seqs, e.batch_size, tokenizer.pad_token_id, desc=name)
+            began = time.perf_counter()
+            continuations = greedy_continuations(model, prompts, e.reference_tokens, tokenizer.pad_token_id,
+                                                 tokenizer.eos_token_id, e.batch_size, desc=name)  # fmt: skip
+        speed[name]["generated_tokens_per_second"] = sum(map(len, continuations)) / (
+            time.perf_counter() - began
+        )
+        predictions = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
+        generation = generation_per_example(predictions, references, chat, e.metrics_source)
+        functions[name] = metric_functions(likelihood, generation)
+        examples[name] = predictions[:3]
+        del model
+        if (left := free_device_memory()) is not None:  # the next model starts on an empty card
+            speed[name]["gpu_gib_left_after_release"] = left
+    sizes = {m: len(seqs) if m in LIKELIHOOD_METRICS else len(prompts) for m in functions["base"]}
+    scores = bootstrap(functions, sizes, "base", e.bootstrap_resamples, cfg.seed)
+    settings = {
+        "split": "test", "format": cfg.data.format, "passages": len(seqs), "generation_examples": len(prompts),
+        "max_length": cfg.data.max_length, "prompt_tokens": e.prompt_tokens,
+        "reference_tokens": e.reference_tokens, "decoding": "greedy",
+        "bootstrap_resamples": e.bootstrap_resamples, "dtype": str(dtype).replace("torch.", ""),
+        "tokens_scored": int(sum(len(s) - 1 if s.mask is None else sum(s.mask[1:]) for s in seqs)),
+        "batch_size": e.batch_size, "device": str(device()),
+    }  # fmt: skip
+    metrics = {"models": scores, "speed": speed, "settings": settings}
+    write_json(Path(paths.metrics) / "eval.json", metrics)
+    firsts = [refs[0] for refs in references[:3]]
+    write_text(Path(paths.metrics) / "eval.md", eval_markdown(scores, settings, firsts, examples, speed))
+    return {name: {m: round(v["value"], 4) for m, v in per.items()} for name, per in scores.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(run))
