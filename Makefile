@@ -8,10 +8,11 @@ export HF_HUB_OFFLINE ?= 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
+export NO_MKDOCS_2_WARNING := 1
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help setup run params repro eval ui server test test-slow lint format clean bench gpu-check gpu-wheels sweep compare plots register promote chat
+.PHONY: help setup run params eval ui server test test-fast test-slow lint format docs clean bench gpu-check gpu-wheels sweep compare plots register promote chat
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,6 +53,9 @@ server: setup  ## an MLflow tracking server for a team on http://127.0.0.1:5000 
 test: setup  ## the test suite (unit + smoke pipeline), offline, CPU
 	$(PY) -m pytest -m "not slow and not gpu" -q
 
+test-fast: setup  ## the unit tests only (no pipeline run), a few minutes
+	$(PY) -m pytest tests/unit -m "not slow and not gpu" -q
+
 test-slow: setup  ## long checks on the real default model
 	$(PY) -m pytest -m slow -q
 
@@ -63,6 +67,10 @@ format: setup  ## apply ruff fixes and formatting
 	$(PY) -m ruff check --fix src stages tests bench
 	$(PY) -m ruff format src stages tests bench
 
+docs: setup  ## the docs site (mkdocs-material) into .cache/site, strict: a broken link or page fails
+	$(PY) -m mkdocs build --strict --quiet
+	@echo "open .cache/site/index.html (or: $(PY) -m mkdocs serve)"
+
 clean:  ## remove pipeline outputs (not the venv, not mlflow.db)
 	rm -rf data/processed data/raw models/base models/adapter models/checkpoints models/merged models/quantized
 
@@ -71,7 +79,7 @@ sweep: setup  ## queue and run a sweep on the sweep profile (GRID="lora.r=4,8,16
 	$(PY) -m lmtune.cli.params --validate-grid experiment=sweep $(GRID)
 	dvc exp run --queue -S experiment=sweep $(foreach g,$(GRID),-S '$(g)')
 	@# not `dvc exp run --run-all`: its queue worker can stop after one experiment and leave it waiting
-	@# forever (treeverse/dvc#8165, #10562); this loop restarts the worker until the queue is empty
+	@# forever (github.com/treeverse/dvc/issues/8165 and 10562); this loop restarts the worker until the queue is empty
 	dvc queue start -j $(or $(JOBS),1)
 	@while dvc queue status | grep -qE ' (Queued|Running)$$'; do sleep 15; \
 	  status=$$(dvc queue status); \
@@ -96,9 +104,10 @@ bench: setup  ## the usual QLoRA recipe vs lmtune, side by side (STEPS=10): metr
 gpu-check:  ## the GPU half of the benchmark, on a CUDA machine: Llama-2-7B shape, random weights
 	bash bench/gpu_check.sh
 
-# what a lent GPU machine lacks (Python 3.12 there), for bench/device_check.sh, at this venv's versions:
+# what a CUDA machine with only torch, transformers and peft (Python 3.12) lacks, for
+# bench/device_check.sh, at this venv's versions:
 # bitsandbytes, lmtune's transformers/peft, omegaconf/hydra, torchao, the plays, evaluate and datasets
-# (not DVC or MLflow: the 64 MiB a call carries would not hold them); liger-kernel to measure;
+# (not DVC or MLflow, which are large and not needed there); liger-kernel to measure;
 # antlr4 4.9 has no wheel, so one is built
 gpu-wheels: setup  ## wheels for a GPU machine without lmtune's environment, in .whl/ (bench/device_check.sh)
 	rm -rf .whl && mkdir -p .whl

@@ -51,7 +51,7 @@ def load_usual(path, dtype: torch.dtype, lora) -> torch.nn.Module:
             lora_dropout=lora.lora_dropout,
             target_modules="all-linear",
             task_type="CAUSAL_LM",
-        ),  # fmt: skip
+        ),
     )
 
 
@@ -77,8 +77,13 @@ class StepTimer(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.steps.append({"step": state.global_step, "seconds": time.perf_counter() - self.began,
-                           "tokens": self.counts[self.first:]})  # fmt: skip
+        self.steps.append(
+            {
+                "step": state.global_step,
+                "seconds": time.perf_counter() - self.began,
+                "tokens": self.counts[self.first :],
+            }
+        )
 
     def step_times(self) -> list[dict]:
         return [{**s, "tokens": int(sum(t.item() for t in s["tokens"]))} for s in self.steps]
@@ -135,8 +140,9 @@ def main() -> None:
     val = validation_loss(
         model, val_seqs, cfg.train.batch_size, cfg.train.eval_batches, tokenizer.pad_token_id
     )
-    write_side(args.out, "baseline (HF Trainer + NF4 + checkpointing + padding)", args.steps,
-               useful, seconds, val)  # fmt: skip
+    write_side(
+        args.out, "baseline (HF Trainer + NF4 + checkpointing + padding)", args.steps, useful, seconds, val
+    )
 
 
 if __name__ == "__main__":

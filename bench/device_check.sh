@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine can check, in one run, from the repo root:
-#   make gpu-wheels                      # here: what that machine lacks, as wheels in .whl/
+# Everything a CUDA machine can check, in one run, from the repo root:
+#   make gpu-wheels                      # in lmtune's environment: what that machine lacks, in .whl/
 #   bash bench/device_check.sh [ARGS]    # there: the `gpu` tests, then bench/gpu_check.sh ARGS
-# The lent machine has torch, transformers 5.17, peft and accelerate, not bitsandbytes, omegaconf,
-# hydra, torchao, datasets, evaluate, DVC or MLflow: the wheels (see the Makefile) go to /tmp/site,
+# For a CUDA machine that has torch, transformers, peft and accelerate but not bitsandbytes,
+# omegaconf, hydra, torchao, datasets, evaluate, DVC or MLflow: the wheels (see the Makefile) go to /tmp/site,
 # first on the path. The gpu tests run each stage in-process (no DVC, no MLflow). Results land in
-# $OUT (or /tmp/device_check).
+# $OUT_DIR (or /tmp/device_check).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-/tmp/device_check}
+out=${OUT_DIR:-/tmp/device_check}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

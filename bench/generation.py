@@ -44,12 +44,15 @@ def main() -> None:
     batched_s = time.perf_counter() - began
 
     result = {
-        "prompts": len(prompts), "new_tokens": args.new_tokens, "batch_size": args.batch_size, "dtype": args.dtype,
+        "prompts": len(prompts),
+        "new_tokens": args.new_tokens,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "loop_tokens_per_second": sum(map(len, loop)) / loop_s,
         "batched_tokens_per_second": sum(map(len, batched)) / batched_s,
         "identical_continuations": sum(a == b for a, b in zip(loop, batched, strict=True)),
-    }  # fmt: skip
+    }
     result["speedup"] = result["batched_tokens_per_second"] / result["loop_tokens_per_second"]
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

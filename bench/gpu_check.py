@@ -27,10 +27,22 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-             "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}  # fmt: skip
-TINY = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}  # fmt: skip
+LLAMA2_7B = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+}
+TINY = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+}
 # dense bf16 tensor-core TFLOP/s from the vendors' datasheets (SXM parts), for a second MFU column
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 BASELINE, CEILING, PICK, LIGER = (
@@ -81,17 +93,31 @@ def settings(args):
     from omegaconf import OmegaConf
 
     conf = HERE.parent / "conf"
-    default = {group: OmegaConf.load(conf / group / f"{option}.yaml")
-               for group, option in (("model", "tiny_random"), ("data", "shakespeare"), ("quant", "nf4"),
-                                     ("lora", "default"), ("train", "default"))}  # fmt: skip
+    default = {
+        group: OmegaConf.load(conf / group / f"{option}.yaml")
+        for group, option in (
+            ("model", "tiny_random"),
+            ("data", "shakespeare"),
+            ("quant", "nf4"),
+            ("lora", "default"),
+            ("train", "default"),
+        )
+    }
     default["seed"] = OmegaConf.load(conf / "config.yaml").seed
     return OmegaConf.merge(
         default,
-        {"quant": {"bits": 4, "bnb_4bit_compute_dtype": "bf16" if torch.cuda.is_available() else "auto"},
-         "data": {"max_length": args.max_length},
-         "train": {"max_steps": args.steps, "batch_size": args.batch_size, "warmup_steps": 1,
-                   "eval_batches": 1, "pack_length": max(512, args.max_length)}},
-    )  # fmt: skip
+        {
+            "quant": {"bits": 4, "bnb_4bit_compute_dtype": "bf16" if torch.cuda.is_available() else "auto"},
+            "data": {"max_length": args.max_length},
+            "train": {
+                "max_steps": args.steps,
+                "batch_size": args.batch_size,
+                "warmup_steps": 1,
+                "eval_batches": 1,
+                "pack_length": max(512, args.max_length),
+            },
+        },
+    )
 
 
 def profiler(args):
@@ -156,15 +182,23 @@ def apply_liger(model) -> None:
     linear cross-entropy is left out: lmtune's chunked loss does that job)."""
     from liger_kernel.transformers import apply_liger_kernel_to_llama
 
-    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=False, model=model.get_base_model())  # fmt: skip
+    apply_liger_kernel_to_llama(
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+        model=model.get_base_model(),
+    )
 
 
 def table(rows: list[dict], parameters: int, peak: float, sheet: float | None) -> list[str]:
     base = rows[0]
-    lines = ["| side | steady tokens/s | warm-up tokens/s | peak GiB | speed vs usual | memory vs usual "
-             f"| MFU (measured {peak:.3g} TFLOP/s) |" + (f" MFU (datasheet {sheet:.0f}) |" if sheet else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if sheet else "")]  # fmt: skip
+    lines = [
+        "| side | steady tokens/s | warm-up tokens/s | peak GiB | speed vs usual | memory vs usual "
+        f"| MFU (measured {peak:.3g} TFLOP/s) |" + (f" MFU (datasheet {sheet:.0f}) |" if sheet else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if sheet else ""),
+    ]
     for r in rows:
         flops = 6 * parameters * r["steady"] / 1e12
         name = r["side"] + (f" ({r['recompute']})" if "recompute" in r else "")
@@ -209,8 +243,16 @@ def main() -> None:
         f"{card}: bf16 matmul {peak:.3g} TFLOP/s measured now"
         + (f", {sheet:.0f} on the datasheet" if sheet else "")
     )
-    results = {"card": card, "torch": torch.__version__, "matmul_tflops": peak, "datasheet_tflops": sheet,
-               "tiny": args.tiny, "steps": args.steps, "warmup_steps": args.warmup, "lengths": {}}  # fmt: skip
+    results = {
+        "card": card,
+        "torch": torch.__version__,
+        "matmul_tflops": peak,
+        "datasheet_tflops": sheet,
+        "tiny": args.tiny,
+        "steps": args.steps,
+        "warmup_steps": args.warmup,
+        "lengths": {},
+    }
     with tempfile.TemporaryDirectory() as model_dir:
         parameters = build_model(Path(model_dir), TINY if args.tiny else LLAMA2_7B)
         results["parameters"] = parameters
@@ -222,9 +264,24 @@ def main() -> None:
             for side in sides:
                 print(f"== {side}, passages up to {length} tokens", flush=True)
                 with tempfile.NamedTemporaryFile(suffix=".json") as out:
-                    command = [sys.executable, __file__, "--side", side, "--model-dir", model_dir, "--out", out.name,
-                               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size",
-                               str(args.batch_size), "--max-length", str(length)]  # fmt: skip
+                    command = [
+                        sys.executable,
+                        __file__,
+                        "--side",
+                        side,
+                        "--model-dir",
+                        model_dir,
+                        "--out",
+                        out.name,
+                        "--steps",
+                        str(args.steps),
+                        "--warmup",
+                        str(args.warmup),
+                        "--batch-size",
+                        str(args.batch_size),
+                        "--max-length",
+                        str(length),
+                    ]
                     if side in (PICK, LIGER):
                         command += ["--budget-gib", str(rows[0]["peak_memory_gib"])]
                     if args.profile and side == PICK and i == 0:
@@ -243,16 +300,21 @@ def main() -> None:
                 sys.exit("the usual recipe failed: nothing to compare with")
             results["lengths"][length] = rows
             pick = next((r for r in rows if r["side"] == PICK), None)
-            report = [f"\n{card}, {'tiny Llama' if args.tiny else 'Llama-2-7B shape'}, random weights, NF4, "
-                       f"{args.batch_size} passages of {min(128, length // 2)}-{length} tokens per step, "
-                       f"{args.steps} steps ({args.warmup} warm-up), torch {torch.__version__}", ""]  # fmt: skip
+            report = [
+                f"\n{card}, {'tiny Llama' if args.tiny else 'Llama-2-7B shape'}, random weights, NF4, "
+                f"{args.batch_size} passages of {min(128, length // 2)}-{length} tokens per step, "
+                f"{args.steps} steps ({args.warmup} warm-up), torch {torch.__version__}",
+                "",
+            ]
             report += table(rows, parameters, peak, sheet)
             if pick:
                 speed = pick["steady"] / rows[0]["steady"]
                 memory = pick["peak_memory_gib"] / rows[0]["peak_memory_gib"]
                 verdict = "met" if speed >= 2.0 and memory <= 1.0 else "not met"
-                report.append(f"\nlmtune's pick: {speed:.2f}x the usual recipe's tokens/s at {memory:.2f}x its "
-                              f"peak memory (target: >= 2.00x at <= 1.00x: {verdict})")  # fmt: skip
+                report.append(
+                    f"\nlmtune's pick: {speed:.2f}x the usual recipe's tokens/s at {memory:.2f}x its "
+                    f"peak memory (target: >= 2.00x at <= 1.00x: {verdict})"
+                )
             print("\n".join(report), flush=True)  # each length as soon as it is done: a timeout keeps it
             if args.out:
                 Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

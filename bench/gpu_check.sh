@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU half of `make bench` (see bench/gpu_check.py): on a CUDA machine, in the repo root,
 #   bash bench/gpu_check.sh [--steps N] [--lengths 1024 4096] [--profile] [--liger] [--out FILE]
-# On a machine without lmtune's environment (the lent GPU machine has torch, transformers and peft),
+# On a machine without lmtune's environment (say, a CUDA machine with only torch, transformers and peft),
 # carry the wheels of `make gpu-wheels` in .whl/: they are installed first, unless
 # bench/device_check.sh already did. Bounded to 8 minutes; each length's table prints when done.
 set -euo pipefail

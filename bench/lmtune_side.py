@@ -35,8 +35,14 @@ def train_lmtune(model_path, cfg, train_seqs, val_seqs, pad_id: int, on_step=Non
     `patch(model)` changes the model before training (a kernel library under test)."""
     cfg = OmegaConf.merge(cfg, {"train": {"eval_every": 10**6, "checkpoint_every": 10**6}})
     tc = cfg.train
-    base = load_for_training(model_path, cfg.quant, tc.gradient_checkpointing, False,
-                             tc.recompute_every_n_layers, tc.offload_activations)  # fmt: skip
+    base = load_for_training(
+        model_path,
+        cfg.quant,
+        tc.gradient_checkpointing,
+        False,
+        tc.recompute_every_n_layers,
+        tc.offload_activations,
+    )
     model = add_lora(base, cfg.lora, cfg.seed)
     if patch:
         patch(model)
@@ -58,8 +64,10 @@ def main() -> None:
     cfg = OmegaConf.merge(cfg, {"train": {"max_steps": steps}})
     val_seqs = read_sequences(cfg.paths.processed, "validation")
     result = train_lmtune(cfg.paths.base, cfg, train_seqs, val_seqs, tokenizer.pad_token_id)
-    side = (f"lmtune (packing={cfg.train.packing}, checkpointing={cfg.train.gradient_checkpointing}, "
-            f"{cfg.quant.bits}-bit)")  # fmt: skip
+    side = (
+        f"lmtune (packing={cfg.train.packing}, checkpointing={cfg.train.gradient_checkpointing}, "
+        f"{cfg.quant.bits}-bit)"
+    )
     write_side(
         args.out, side, steps, result["train_tokens"], result["train_seconds"], result["final_val_loss"]
     )

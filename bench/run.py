@@ -33,8 +33,14 @@ HAND_WRITTEN = "<!-- everything below is kept when make bench rewrites the table
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
@@ -43,9 +49,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
     args, overrides = parser.parse_known_args()
-    params = json.loads(subprocess.run([sys.executable, "-c", "import json;from lmtune.config import load;"
-                                        "from omegaconf import OmegaConf as O;print(json.dumps(O.to_container(load())))"],
-                                       capture_output=True, text=True, check=True, cwd=ROOT).stdout)  # fmt: skip
+    params = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import json;from lmtune.config import load;"
+                "from omegaconf import OmegaConf as O;print(json.dumps(O.to_container(load())))",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        ).stdout
+    )
     base_params = json.loads((ROOT / params["paths"]["base"] / "source.json").read_text())["parameters"]
     rows = []
     for name, script, side_overrides in SIDES:
@@ -57,13 +74,17 @@ def main() -> None:
         )
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             print(f"== {name}", flush=True)
-            subprocess.run([sys.executable, str(HERE / script), *budget, "--out", out.name,
-                            *side_overrides, *overrides], check=True, cwd=ROOT)  # fmt: skip
+            subprocess.run(
+                [sys.executable, str(HERE / script), *budget, "--out", out.name, *side_overrides, *overrides],
+                check=True,
+                cwd=ROOT,
+            )
             rows.append({"name": name, **json.loads(Path(out.name).read_text())})
     print("== generation: batched vs one prompt at a time", flush=True)
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        subprocess.run([sys.executable, str(HERE / "generation.py"), "--out", out.name, *overrides],
-                       check=True, cwd=ROOT)  # fmt: skip
+        subprocess.run(
+            [sys.executable, str(HERE / "generation.py"), "--out", out.name, *overrides], check=True, cwd=ROOT
+        )
         generation = json.loads(Path(out.name).read_text())
     peak = matmul_gflops()
     baseline = rows[0]
@@ -74,9 +95,16 @@ def main() -> None:
         # frozen base: forward 2N + input-gradient backward 2N FLOPs per token (LoRA adds ~3%)
         row["gflops"] = 4 * base_params * row["useful_tokens_per_second"] / 1e9
         row["share_of_matmul_peak"] = row["gflops"] / peak
-    report = {"machine": machine(), "matmul_bf16_gflops": peak, "steps": args.steps,
-              "batch_size": params["train"]["batch_size"], "max_length": params["data"]["max_length"],
-              "model": params["model"]["name"], "sides": rows, "generation": generation}  # fmt: skip
+    report = {
+        "machine": machine(),
+        "matmul_bf16_gflops": peak,
+        "steps": args.steps,
+        "batch_size": params["train"]["batch_size"],
+        "max_length": params["data"]["max_length"],
+        "model": params["model"]["name"],
+        "sides": rows,
+        "generation": generation,
+    }
     (ROOT / "metrics").mkdir(exist_ok=True)
     (ROOT / "metrics" / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     table = [
@@ -84,9 +112,11 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        table.append(f"| {r['name']} | {r['steps']} | {r['useful_tokens']} | {r['useful_tokens_per_second']:.0f} | {r['step_seconds']:.1f} | "
-                     f"{r['peak_memory_gib']:.1f} | {r['val_perplexity']:.1f} | {r['speedup']:.2f}x | "
-                     f"{r['memory_ratio']:.2f}x | {r['share_of_matmul_peak']:.0%} |")  # fmt: skip
+        table.append(
+            f"| {r['name']} | {r['steps']} | {r['useful_tokens']} | {r['useful_tokens_per_second']:.0f} | {r['step_seconds']:.1f} | "
+            f"{r['peak_memory_gib']:.1f} | {r['val_perplexity']:.1f} | {r['speedup']:.2f}x | "
+            f"{r['memory_ratio']:.2f}x | {r['share_of_matmul_peak']:.0%} |"
+        )
     text = "\n".join(table)
     print(text)
     results = HERE / "RESULTS.md"

@@ -27,8 +27,11 @@ def main() -> None:
         # sequences of `length` tokens: consecutive passages joined, then cut
         join = math.ceil(length / PASSAGE_TOKENS) + 1
         per_step = TOKENS_PER_STEP // length
-        overrides = [f"data.max_length={length}", f"train.batch_size={per_step}",
-                     f"train.pack_length={max(512, length)}"]  # fmt: skip
+        overrides = [
+            f"data.max_length={length}",
+            f"train.batch_size={per_step}",
+            f"train.pack_length={max(512, length)}",
+        ]
         rate = micro_batch_rate(overrides, True, args.steps, join=join)[1]
         lines.append(f"| {length} | {per_step} | {rate:.0f} |")
         print(lines[-1], flush=True)

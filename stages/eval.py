@@ -91,8 +91,15 @@ def run(cfg) -> dict:
             speed[name]["runtime"] = "transformers"
             likelihood = likelihood_per_passage(model, seqs, e.batch_size, tokenizer.pad_token_id, desc=name)
             began = time.perf_counter()
-            continuations = greedy_continuations(model, prompts, e.reference_tokens, tokenizer.pad_token_id,
-                                                 tokenizer.eos_token_id, e.batch_size, desc=name)  # fmt: skip
+            continuations = greedy_continuations(
+                model,
+                prompts,
+                e.reference_tokens,
+                tokenizer.pad_token_id,
+                tokenizer.eos_token_id,
+                e.batch_size,
+                desc=name,
+            )
         speed[name]["generated_tokens_per_second"] = sum(map(len, continuations)) / (
             time.perf_counter() - began
         )
@@ -106,13 +113,20 @@ def run(cfg) -> dict:
     sizes = {m: len(seqs) if m in LIKELIHOOD_METRICS else len(prompts) for m in functions["base"]}
     scores = bootstrap(functions, sizes, "base", e.bootstrap_resamples, cfg.seed)
     settings = {
-        "split": "test", "format": cfg.data.format, "passages": len(seqs), "generation_examples": len(prompts),
-        "max_length": cfg.data.max_length, "prompt_tokens": e.prompt_tokens,
-        "reference_tokens": e.reference_tokens, "decoding": "greedy",
-        "bootstrap_resamples": e.bootstrap_resamples, "dtype": str(dtype).replace("torch.", ""),
+        "split": "test",
+        "format": cfg.data.format,
+        "passages": len(seqs),
+        "generation_examples": len(prompts),
+        "max_length": cfg.data.max_length,
+        "prompt_tokens": e.prompt_tokens,
+        "reference_tokens": e.reference_tokens,
+        "decoding": "greedy",
+        "bootstrap_resamples": e.bootstrap_resamples,
+        "dtype": str(dtype).replace("torch.", ""),
         "tokens_scored": int(sum(len(s) - 1 if s.mask is None else sum(s.mask[1:]) for s in seqs)),
-        "batch_size": e.batch_size, "device": str(device()),
-    }  # fmt: skip
+        "batch_size": e.batch_size,
+        "device": str(device()),
+    }
     metrics = {"models": scores, "speed": speed, "settings": settings}
     write_json(Path(paths.metrics) / "eval.json", metrics)
     firsts = [refs[0] for refs in references[:3]]

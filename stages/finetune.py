@@ -45,12 +45,25 @@ def run(cfg) -> dict:
         read_sequences(paths.processed, "validation"),
     )
     tc = cfg.train
-    base = load_for_training(paths.base, cfg.quant, tc.gradient_checkpointing, tc.distributed == "fsdp",
-                             tc.recompute_every_n_layers, tc.offload_activations)  # fmt: skip
+    base = load_for_training(
+        paths.base,
+        cfg.quant,
+        tc.gradient_checkpointing,
+        tc.distributed == "fsdp",
+        tc.recompute_every_n_layers,
+        tc.offload_activations,
+    )
     model = add_lora(base, cfg.lora, cfg.seed)
     trainable, total = model.get_nb_trainable_parameters()
-    result = train(model, train_seqs, val_seqs, cfg, Path(paths.checkpoints), tokenizer.pad_token_id,
-                   on_step=tracking.step_logger())  # fmt: skip
+    result = train(
+        model,
+        train_seqs,
+        val_seqs,
+        cfg,
+        Path(paths.checkpoints),
+        tokenizer.pad_token_id,
+        on_step=tracking.step_logger(),
+    )
     if not distributed.is_main():
         return result  # the main process writes the adapter and metrics
     with atomic_dir(paths.adapter) as out:
@@ -61,9 +74,14 @@ def run(cfg) -> dict:
     pd.DataFrame(result.pop("train_curve")).to_csv(metrics_dir / "train_loss.csv", index=False)
     pd.DataFrame(result.pop("val_curve")).to_csv(metrics_dir / "val_loss.csv", index=False)
     result.pop("step_times")  # summed up in the steady and warm-up rates
-    metrics = {**result, "trainable_parameters": trainable, "total_parameters": total,
-               "adapter_mb": sum(f.stat().st_size for f in Path(paths.adapter).glob("*.safetensors")) / 2**20,
-               "trainable_share": trainable / total, "peak_memory_gib": peak_memory_gib()}  # fmt: skip
+    metrics = {
+        **result,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "adapter_mb": sum(f.stat().st_size for f in Path(paths.adapter).glob("*.safetensors")) / 2**20,
+        "trainable_share": trainable / total,
+        "peak_memory_gib": peak_memory_gib(),
+    }
     write_json(metrics_dir / "train.json", metrics)
     shutil.rmtree(paths.checkpoints, ignore_errors=True)  # the adapter is safe; resume state is not needed
     return metrics

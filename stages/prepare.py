@@ -34,17 +34,34 @@ def sequences(rows: list[dict], tokenizer, d) -> tuple[list[dict], Counter]:
                 dropped["too_long"] += 1  # a conversation is not split: its answer needs its question
                 continue
             prompt_ids = chat_prompt(row["messages"], tokenizer)
-            records.append({"text": tokenizer.decode(seq), "input_ids": list(seq), "loss_mask": seq.mask,
-                            "prompt": tokenizer.decode(prompt_ids), "prompt_ids": prompt_ids,
-                            "question": next(m["content"] for m in reversed(row["messages"][:-1])
-                                             if m["role"] == "user"),
-                            "reference": row["messages"][-1]["content"], "source": row["source"]})  # fmt: skip
+            records.append(
+                {
+                    "text": tokenizer.decode(seq),
+                    "input_ids": list(seq),
+                    "loss_mask": seq.mask,
+                    "prompt": tokenizer.decode(prompt_ids),
+                    "prompt_ids": prompt_ids,
+                    "question": next(
+                        m["content"] for m in reversed(row["messages"][:-1]) if m["role"] == "user"
+                    ),
+                    "reference": row["messages"][-1]["content"],
+                    "source": row["source"],
+                }
+            )
         else:
             for window in text_windows(row["text"], tokenizer, d.max_length, d.stride or d.max_length):
-                records.append({"text": tokenizer.decode(window), "input_ids": list(window),
-                                "loss_mask": window.mask or [1] * len(window), "prompt": None,
-                                "prompt_ids": None, "question": None, "reference": None,
-                                "source": row["source"]})  # fmt: skip
+                records.append(
+                    {
+                        "text": tokenizer.decode(window),
+                        "input_ids": list(window),
+                        "loss_mask": window.mask or [1] * len(window),
+                        "prompt": None,
+                        "prompt_ids": None,
+                        "question": None,
+                        "reference": None,
+                        "source": row["source"],
+                    }
+                )
     return records, dropped
 
 
@@ -61,8 +78,10 @@ def run(cfg) -> dict:
             records, too_long = sequences(splits[name], tokenizer, d)
             metrics["dropped"] = dict(Counter(metrics["dropped"]) + too_long)
             if not records:
-                raise DataError(f"the {name} split is empty after tokenizing: every row is longer than "
-                                f"data.max_length={d.max_length} tokens; raise it")  # fmt: skip
+                raise DataError(
+                    f"the {name} split is empty after tokenizing: every row is longer than "
+                    f"data.max_length={d.max_length} tokens; raise it"
+                )
             frame = pd.DataFrame(records)
             frame.to_parquet(out / f"{name}.parquet", index=False)
             lengths = frame["input_ids"].map(len).to_numpy()

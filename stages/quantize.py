@@ -6,7 +6,7 @@ After quant=qat_int4 training this is the conversion to the int4 weights QAT tra
 
 metrics/quantize.json: method, format, size on disk of merged and quantized, load time (GGUF: in
 llama.cpp, and how many tensors each type holds).
-The evaluate stage scores the quantized model next to the others.
+The eval stage scores the quantized model next to the others.
 """
 
 import sys

@@ -33,8 +33,12 @@ def prompts_for(cfg, tokenizer) -> tuple[list[str], list[str], list[str | None],
         return prompts, prompts, [None] * len(prompts), False
     if cfg.data.format == "chat":
         questions = read_prompts(processed, "test")[:n]
-        return ([q["prompt"] for q in questions], [q["question"] for q in questions],
-                [q["references"][0] for q in questions], True)  # fmt: skip
+        return (
+            [q["prompt"] for q in questions],
+            [q["question"] for q in questions],
+            [q["references"][0] for q in questions],
+            True,
+        )
     seqs = [s for s in read_sequences(processed, "test") if len(s) > OPENING_TOKENS][:n]
     openings = [tokenizer.decode(s[:OPENING_TOKENS], skip_special_tokens=True) for s in seqs]
     truths = [
@@ -49,14 +53,25 @@ def run(cfg) -> dict:
     paths, metrics_dir, dtype = cfg.paths, Path(cfg.paths.metrics), resolve_dtype(cfg.sample.dtype)
     tokenizer = load_tokenizer(paths.merged)
     prompts, shown, references, rendered = prompts_for(cfg, tokenizer)
-    outputs = {name: generate(load_full(path, dtype), tokenizer, prompts, cfg.sample, cfg.seed, rendered)
-               for name, path in {"base": paths.base, "merged": paths.merged}.items()}  # fmt: skip
+    outputs = {
+        name: generate(load_full(path, dtype), tokenizer, prompts, cfg.sample, cfg.seed, rendered)
+        for name, path in {"base": paths.base, "merged": paths.merged}.items()
+    }
     settings = OmegaConf.to_container(cfg.sample) | {"seed": cfg.seed}
-    rows = [{"model": name, **row, "shown": s, "reference": ref}
-            for name, rows in outputs.items() for row, s, ref in zip(rows, shown, references, strict=True)]  # fmt: skip
+    rows = [
+        {"model": name, **row, "shown": s, "reference": ref}
+        for name, rows in outputs.items()
+        for row, s, ref in zip(rows, shown, references, strict=True)
+    ]
     write_text(metrics_dir / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    page = samples_markdown(outputs["base"], outputs["merged"], settings, f"{cfg.model.name} on {cfg.data.name}",
-                            shown, references)  # fmt: skip
+    page = samples_markdown(
+        outputs["base"],
+        outputs["merged"],
+        settings,
+        f"{cfg.model.name} on {cfg.data.name}",
+        shown,
+        references,
+    )
     write_text(metrics_dir / "samples.md", page)
     metrics = {f"{name}_tokens_per_second": tokens_per_second(rows) for name, rows in outputs.items()}
     write_json(metrics_dir / "sample.json", metrics)

@@ -11,8 +11,9 @@ def collate_packed(seqs: list[list[int]], pad_id: int, capacity: int) -> dict[st
     return collate_rows(pack(seqs, capacity), pad_id)
 
 
-def language_model_scores(model, seqs: list[list[int]], batch_size: int, pad_id: int,
-                          desc: str = "score") -> dict[str, float]:  # fmt: skip
+def language_model_scores(
+    model, seqs: list[list[int]], batch_size: int, pad_id: int, desc: str = "score"
+) -> dict[str, float]:
     """Perplexity = exp(mean NLL over every predicted token); token accuracy = top-1 hit rate."""
     per = likelihood_per_passage(model, seqs, batch_size, pad_id, desc)
     if per["count"].sum() == 0:

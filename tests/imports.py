@@ -8,7 +8,7 @@ PACKAGE = ROOT / "src" / "lmtune"
 
 
 def module_file(name: str) -> Path | None:
-    """lmtune.track.runs → src/lmtune/tracking.py (or the package's __init__.py)."""
+    """lmtune.track.runs → src/lmtune/track/runs.py (or a package's __init__.py)."""
     parts = name.split(".")[1:]
     for candidate in (PACKAGE.joinpath(*parts).with_suffix(".py"), PACKAGE.joinpath(*parts, "__init__.py")):
         if parts and candidate.is_file():

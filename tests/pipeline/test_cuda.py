@@ -1,7 +1,6 @@
 """The smoke profile's stages on a CUDA card (pytest -m gpu), with no change of config: the device is
-picked per process. Skipped where torch sees no GPU, or where DVC and MLflow are not installed (the
-lent GPU machine: tests/unit/test_gpu_training.py runs there instead). Not yet run on a card: no GPU machine
-was lent while it was written."""
+picked per process. Skipped where torch sees no GPU, or where DVC and MLflow are not installed (on such a CUDA
+machine tests/unit/test_gpu_training.py runs the stages in-process instead)."""
 
 import importlib.util
 import json

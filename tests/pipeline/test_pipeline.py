@@ -11,30 +11,87 @@ import time
 
 import pandas as pd
 import pytest
-from repo_copy import BIN, ROOT, SECRET, copy_repo, free_port, sh, wait_until_healthy
+from repo_copy import BIN, ROOT, SECRET, copy_repo, free_port, git, sh, wait_until_healthy
 from safetensors.torch import load_file
+
+from lmtune.track import runs as tracking
 
 ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots of the UI test (git-ignored)
 
 TOKENIZER = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
 EXPECTED_FILES = {
-    "models/base": {"model.safetensors", "config.json", "generation_config.json", "config.yaml", "source.json",
-                    *TOKENIZER},
-    "models/adapter": {"adapter_model.safetensors", "adapter_config.json", "config.yaml", "README.md",
-                       *TOKENIZER},  # no run id: see tracking.py
-    "models/merged": {"model.safetensors", "config.json", "generation_config.json", "config.yaml", *TOKENIZER},
-    "models/quantized": {"model.safetensors", "config.json", "generation_config.json", "config.yaml", *TOKENIZER},
+    "models/base": {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "config.yaml",
+        "source.json",
+        *TOKENIZER,
+    },
+    "models/adapter": {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "config.yaml",
+        "README.md",
+        *TOKENIZER,
+    },  # no run id: see lmtune.track.runs
+    "models/merged": {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "config.yaml",
+        *TOKENIZER,
+    },
+    "models/quantized": {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "config.yaml",
+        *TOKENIZER,
+    },
     "data/processed": {"train.parquet", "validation.parquet", "test.parquet"},
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    """A fresh copy of the repository (tracked and new files), with the smoke profile composed."""
+    """A fresh copy of the repository (tracked and new files), with the smoke profile composed and
+    reproduced, and that state committed: `restored` brings every test back to it."""
     dest = copy_repo(tmp_path_factory.mktemp("repo"))
     sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", cwd=dest)
     repro = sh("dvc", "repro", cwd=dest)
+    git("add", "-A", cwd=dest)
+    git("commit", "-qm", "the smoke profile, reproduced", cwd=dest)
     return dest, repro
+
+
+@pytest.fixture(autouse=True)
+def restored(repo):
+    """After each test, the copy is as the fixture left it (params, dvc.lock, metrics, your data,
+    models from DVC's cache), so the tests pass in any order. MLflow's store keeps every run."""
+    yield
+    dest, _ = repo
+    if sh("git", "status", "--porcelain", cwd=dest).stdout.strip():
+        sh("git", "checkout", "-q", "--", ".", cwd=dest)
+        sh("git", "clean", "-fdq", cwd=dest)
+    sh("dvc", "checkout", "--force", "-q", cwd=dest)
+
+
+@pytest.fixture(scope="module")
+def sweep(repo):
+    """A queued sweep of two ranks, run by two DVC queue workers at once (ranks no other test runs:
+    DVC's run-cache would restore, not rerun and log, stages it has seen)."""
+    dest, _ = repo
+    sh("dvc", "exp", "run", "--queue", "-S", "experiment=smoke", "-S", "lora.r=4,12", cwd=dest)
+    sh("dvc", "exp", "run", "--run-all", "--jobs", "2", cwd=dest)  # two workers, one store
+    return dest
+
+
+def workspace_hash(dest) -> str:
+    """The MLflow run identity of the configuration the copy's params.yaml holds."""
+    from lmtune.config import load
+
+    return tracking.params_hash(load(root=dest))
 
 
 def test_every_stage_ran_and_wrote_exactly_its_outputs(repo):
@@ -46,8 +103,19 @@ def test_every_stage_ran_and_wrote_exactly_its_outputs(repo):
         assert f"Running stage '{stage}'" in repro.stdout
     for directory, expected in EXPECTED_FILES.items():
         assert {p.name for p in (dest / directory).iterdir()} == expected, directory
-    for name in ("prepare.json", "train.json", "merge.json", "eval.json", "eval.md", "quantize.json", "sample.json",
-                 "samples.jsonl", "samples.md", "train_loss.csv", "val_loss.csv"):  # fmt: skip
+    for name in (
+        "prepare.json",
+        "train.json",
+        "merge.json",
+        "eval.json",
+        "eval.md",
+        "quantize.json",
+        "sample.json",
+        "samples.jsonl",
+        "samples.md",
+        "train_loss.csv",
+        "val_loss.csv",
+    ):
         assert (dest / "metrics" / name).stat().st_size > 0, name
     assert not (dest / "models/checkpoints").exists()  # cleaned once the adapter is safe
 
@@ -111,9 +179,15 @@ def test_one_mlflow_run_holds_params_metrics_and_artifacts(repo):
     assert run.info.status == "FINISHED"
     assert run.data.tags["lmtune.params_hash"] and "dvc_experiment" not in run.data.tags  # plain dvc repro
     assert run.data.params["lora.r"] == "16" and run.data.params["model.name"] == "tiny_random"
-    for key in ("train.final_val_loss", "merge.max_logit_diff", "eval.merged.perplexity",
-                "eval.base.perplexity", "sample.merged_tokens_per_second", "prepare.train.sequences",
-                "eval.merged_int8_weight_only.generated_tokens_per_second"):  # fmt: skip
+    for key in (
+        "train.final_val_loss",
+        "merge.max_logit_diff",
+        "eval.merged.perplexity",
+        "eval.base.perplexity",
+        "sample.merged_tokens_per_second",
+        "prepare.train.sequences",
+        "eval.merged_int8_weight_only.generated_tokens_per_second",
+    ):
         assert key in run.data.metrics, key
     for stage in ("base", "prepare", "finetune", "merge", "quantize", "eval", "sample"):  # wall times
         assert run.data.metrics[f"wall_seconds.{stage}"] > 0, stage
@@ -150,9 +224,20 @@ def test_an_adapter_trained_twice_has_the_same_dvc_hash(repo):
 
 # one file of each part of the package, and the stages whose scripts import that part (read from
 # the imports, not from dvc.yaml): an edit there must make `dvc status` report exactly those
-EDITED = ["config.py", "artifacts.py", "checkpoint.py", "base/tiny.py", "data/sources.py", "model/lora.py",
-          "model/load.py", "train/kernels.py", "evaluate/scores.py", "export/gguf.py", "track/compare.py",
-          "cli/runner.py"]  # fmt: skip
+EDITED = [
+    "config.py",
+    "artifacts.py",
+    "checkpoint.py",
+    "base/tiny.py",
+    "data/sources.py",
+    "model/lora.py",
+    "model/load.py",
+    "train/kernels.py",
+    "evaluate/scores.py",
+    "export/gguf.py",
+    "track/compare.py",
+    "cli/runner.py",
+]
 
 
 def stages_using(edited: str) -> set[str]:
@@ -191,8 +276,16 @@ def test_a_stage_failing_under_make_run_leaves_the_last_good_metrics(repo, tmp_p
     dest, _ = repo
     before = {name: (dest / name).read_bytes() for name in ("metrics/eval.json", "metrics/eval.md")}
     elsewhere = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # the module counts runs
-    failed = sh(sys.executable, "-m", "lmtune.cli.pipeline", "experiment=smoke", "eval.generation_examples=5",
-                cwd=dest, check=False, env=elsewhere)  # fmt: skip
+    failed = sh(
+        sys.executable,
+        "-m",
+        "lmtune.cli.pipeline",
+        "experiment=smoke",
+        "eval.generation_examples=5",
+        cwd=dest,
+        check=False,
+        env=elsewhere,
+    )
     assert failed.returncode != 0 and "bootstrap intervals need at least 10" in failed.stderr
     assert "put back" in failed.stderr and "metrics/eval.json" in failed.stderr
     assert {name: (dest / name).read_bytes() for name in before} == before
@@ -229,12 +322,13 @@ def test_experiments_that_differ_only_in_quantize_get_their_own_complete_runs(re
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("lmtune").experiment_id
-    (first,) = client.search_runs([experiment])
+    before = client.search_runs([experiment])
+    (first,) = [r for r in before if r.data.tags.get(tracking.PARAMS_HASH_TAG) == workspace_hash(dest)]
     done = sh("dvc", "exp", "run", "-S", "experiment=smoke", "-S", "quantize=int8_dynamic", cwd=dest)
     assert "Running stage 'finetune'" not in done.stdout and "Running stage 'eval'" in done.stdout
-    runs = client.search_runs([experiment])
-    assert len(runs) == 2
-    second = next(r for r in runs if r.info.run_id != first.info.run_id)
+    (second,) = [
+        r for r in client.search_runs([experiment]) if r.info.run_id not in {b.info.run_id for b in before}
+    ]
     assert second.info.status == "FINISHED" and second.data.tags["dvc_experiment"]
     assert second.data.params["quantize.method"] == "int8_dynamic"
     assert client.get_run(first.info.run_id).data.metrics == first.data.metrics  # untouched
@@ -268,11 +362,26 @@ def test_experiments_that_differ_only_in_quantize_get_their_own_complete_runs(re
 
 def test_sigkill_during_finetune_then_repro_resumes_from_the_checkpoint(repo):
     dest, _ = repo
-    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", "train.max_steps=150",
-       "train.checkpoint_every=5", "train.eval_every=50", cwd=dest)  # fmt: skip
+    sh(
+        sys.executable,
+        "-m",
+        "lmtune.cli.params",
+        "--force",
+        "experiment=smoke",
+        "train.max_steps=150",
+        "train.checkpoint_every=5",
+        "train.eval_every=50",
+        cwd=dest,
+    )
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    proc = subprocess.Popen(["dvc", "repro"], cwd=dest, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=dest,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoints = dest / "models/checkpoints"
     deadline = time.monotonic() + 120
     while not list(checkpoints.glob("step-*")) and time.monotonic() < deadline and proc.poll() is None:
@@ -289,7 +398,7 @@ def test_sigkill_during_finetune_then_repro_resumes_from_the_checkpoint(repo):
 
 
 def test_dvc_exp_run_composes_conf_with_the_override(repo):
-    """Runs last: it changes the workspace. DVC composes conf/ itself, so the profile is passed too."""
+    """DVC composes conf/ itself, so the profile is passed too."""
     dest, _ = repo
     sh("dvc", "exp", "run", "-S", "experiment=smoke", "-S", "lora.r=8", cwd=dest)
     from omegaconf import OmegaConf
@@ -302,10 +411,10 @@ def test_dvc_exp_run_composes_conf_with_the_override(repo):
     assert '"r": 8' in shown.replace(" ", "").replace('"r":8', '"r": 8')
 
 
-def test_queued_sweep_lands_in_the_one_store_and_compares(repo):
-    """Runs last. Queue workers run in temporary copies of the repo; their MLflow runs must still
-    land in the user's mlflow.db, tagged with their DVC experiment name."""
-    dest, _ = repo
+def test_queued_sweep_lands_in_the_one_store_and_compares(sweep):
+    """Queue workers run in temporary copies of the repo; their MLflow runs must still land in the
+    user's mlflow.db, tagged with their DVC experiment name."""
+    dest = sweep
     bad = sh(
         sys.executable,
         "-m",
@@ -317,9 +426,6 @@ def test_queued_sweep_lands_in_the_one_store_and_compares(repo):
         check=False,
     )
     assert bad.returncode == 2 and "lora.r=0" in bad.stderr and "nothing was queued" in bad.stderr
-    # ranks not run before: DVC's run-cache would restore (not rerun, not log) stages it has seen
-    sh("dvc", "exp", "run", "--queue", "-S", "experiment=smoke", "-S", "lora.r=4,12", cwd=dest)
-    sh("dvc", "exp", "run", "--run-all", "--jobs", "2", cwd=dest)  # two workers, one store
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
@@ -346,16 +452,19 @@ def test_queued_sweep_lands_in_the_one_store_and_compares(repo):
         assert (dest / "metrics/plots" / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_exp_apply_then_repro_reproduces_that_experiments_metrics(repo):
-    """Runs after the sweep: bring one queued experiment back into the workspace and recompute
-    its evaluation from its own outputs: the same numbers."""
-    dest, _ = repo
+def test_exp_apply_then_repro_reproduces_that_experiments_metrics(sweep):
+    """Bring one queued experiment back into the workspace and recompute its evaluation from its
+    own outputs: the same numbers."""
+    dest = sweep
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("lmtune").experiment_id])
-    name = next(r.data.tags["dvc_experiment"] for r in runs
-                if r.data.tags.get("dvc_experiment") and r.data.params.get("lora.r") == "4")  # fmt: skip
+    name = next(
+        r.data.tags["dvc_experiment"]
+        for r in runs
+        if r.data.tags.get("dvc_experiment") and r.data.params.get("lora.r") == "4"
+    )
     sh("dvc", "exp", "apply", name, cwd=dest)
     assert json.loads((dest / "metrics/train.json").read_text())["trainable_parameters"] == 65536 // 4
     assert "Running stage" not in sh("dvc", "repro", cwd=dest).stdout
@@ -366,8 +475,8 @@ def test_exp_apply_then_repro_reproduces_that_experiments_metrics(repo):
     assert values(after) == pytest.approx(values(before), rel=1e-6)
 
 
-def test_mlflow_ui_shows_the_sweep_runs_in_a_real_browser(repo):
-    """Runs after the sweep test: headless Chromium opens the MLflow UI on 127.0.0.1 and finds the
+def test_mlflow_ui_shows_the_sweep_runs_in_a_real_browser(repo, sweep):
+    """Headless Chromium opens the MLflow UI on 127.0.0.1 and finds the
     sweep's runs, then one run's params and metrics. Screenshots go to tests/artifacts/."""
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
@@ -386,9 +495,23 @@ def test_mlflow_ui_shows_the_sweep_runs_in_a_real_browser(repo):
     assert len(sweep) >= 2
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen([str(BIN / "mlflow"), "ui", "--backend-store-uri", store, "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "1"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "ui",
+            "--backend-store-uri",
+            store,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     try:
@@ -429,8 +552,15 @@ def test_mlflow_ui_shows_the_sweep_runs_in_a_real_browser(repo):
 def test_hydra_multirun_on_finetune_writes_each_job_apart(repo):
     dest, _ = repo
     adapter = (dest / "models/adapter/adapter_model.safetensors").read_bytes()
-    run = sh(sys.executable, "stages/finetune.py", "--multirun", "lora.r=2,6", "train.max_steps=3",
-             "train.eval_every=1", cwd=dest)  # fmt: skip
+    run = sh(
+        sys.executable,
+        "stages/finetune.py",
+        "--multirun",
+        "lora.r=2,6",
+        "train.max_steps=3",
+        "train.eval_every=1",
+        cwd=dest,
+    )
     jobs = sorted((dest / "multirun").glob("*/*/[0-9]"))
     assert len(jobs) == 2, run.stdout
     from safetensors.torch import load_file
@@ -446,24 +576,46 @@ def test_hydra_multirun_on_finetune_writes_each_job_apart(repo):
 
 
 CHATS = [  # a user's own chat data: some multi-turn, some with a system prompt
-    {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}"}]}
-    for a in range(12) for b in range(12)
+    {
+        "messages": [
+            {"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": f"{a + b}"},
+        ]
+    }
+    for a in range(12)
+    for b in range(12)
 ] + [
-    {"messages": [{"role": "system", "content": "Answer in words."}, {"role": "user", "content": f"Double {a}?"},
-                  {"role": "assistant", "content": f"It is {2 * a}."}, {"role": "user", "content": "And half?"},
-                  {"role": "assistant", "content": f"Half of {a} is {a / 2}."}]}
+    {
+        "messages": [
+            {"role": "system", "content": "Answer in words."},
+            {"role": "user", "content": f"Double {a}?"},
+            {"role": "assistant", "content": f"It is {2 * a}."},
+            {"role": "user", "content": "And half?"},
+            {"role": "assistant", "content": f"Half of {a} is {a / 2}."},
+        ]
+    }
     for a in range(40)
-]  # fmt: skip
+]
 
 
 def test_your_own_chat_data_trains_on_answers_is_judged_on_answers_and_versioned(repo):
-    """Runs last: the user's JSONL of messages in data/own/, through the whole pipeline; then an edit
-    to it makes prepare (and what follows, not base) out of date."""
+    """The user's JSONL of messages in data/own/, through the whole pipeline; then an edit to it
+    makes prepare (and what follows, not base) out of date."""
     dest, _ = repo
     data = dest / "data/own/chats.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in CHATS))
-    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", "data=files", "data.format=chat",
-       "data.files=[data/own/chats.jsonl]", "data.test_fraction=0.1", cwd=dest)  # fmt: skip
+    sh(
+        sys.executable,
+        "-m",
+        "lmtune.cli.params",
+        "--force",
+        "experiment=smoke",
+        "data=files",
+        "data.format=chat",
+        "data.files=[data/own/chats.jsonl]",
+        "data.test_fraction=0.1",
+        cwd=dest,
+    )
     sh("dvc", "repro", cwd=dest)
     prepared = json.loads((dest / "metrics/prepare.json").read_text())
     assert prepared["format"] == "chat" and prepared["rows"] == len(CHATS)

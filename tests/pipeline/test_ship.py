@@ -13,8 +13,16 @@ from lmtune.export.gguf import export_gguf
 from lmtune.export.llamacpp import GGUFModel
 
 NAME = "smollm2_135m-shakespeare"  # the registered model's default name: MODEL-DATA
-SHORT = ["quantize=gguf_q4_k_m", "train.max_steps=3", "train.warmup_steps=1", "train.eval_every=3",
-         "data.max_samples=300", "eval.max_examples=16", "eval.generation_examples=10", "sample.num_prompts=2"]  # fmt: skip
+SHORT = [
+    "quantize=gguf_q4_k_m",
+    "train.max_steps=3",
+    "train.warmup_steps=1",
+    "train.eval_every=3",
+    "data.max_samples=300",
+    "eval.max_examples=16",
+    "eval.generation_examples=10",
+    "sample.num_prompts=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +146,12 @@ def test_chat_answers_a_prompt_given_on_standard_input(shipped):
 
     chat = subprocess.run(
         [sys.executable, "-m", "lmtune.cli.chat", "--compare", "--max-new-tokens", "8"],
-        input="Who are you?\n", capture_output=True, text=True, cwd=shipped, timeout=300,
-    )  # fmt: skip
+        input="Who are you?\n",
+        capture_output=True,
+        text=True,
+        cwd=shipped,
+        timeout=300,
+    )
     assert chat.returncode == 0, chat.stderr[-2000:]
     first, _, rest = chat.stdout.partition("\n")
     assert first == "you> Who are you?"

@@ -17,12 +17,28 @@ def mlflow_server(store: str, home: Path):
     """`make server`'s command on a free port of 127.0.0.1; yields its URL, then stops it."""
     port = free_port()
     process = subprocess.Popen(
-        [BIN / "mlflow", "server", "--backend-store-uri", store, "--artifacts-destination", str(home / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env={"PATH": f"{BIN}:/usr/bin:/bin", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-             "MLFLOW_DISABLE_TELEMETRY": "true"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            BIN / "mlflow",
+            "server",
+            "--backend-store-uri",
+            store,
+            "--artifacts-destination",
+            str(home / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env={
+            "PATH": f"{BIN}:/usr/bin:/bin",
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(url, process)
@@ -55,8 +71,17 @@ def postgres():
     data, port = home / "data", free_port()
     run = lambda *cmd: subprocess.run([*as_postgres, *map(str, cmd)], check=True, capture_output=True)  # noqa: E731
     run(bin_dir / "initdb", "-D", data, "-A", "trust", "-U", "lmtune")
-    run(bin_dir / "pg_ctl", "-D", data, "-w", "-l", home / "log", "-o",
-        f"-p {port} -k {home} -c listen_addresses=127.0.0.1", "start")  # fmt: skip
+    run(
+        bin_dir / "pg_ctl",
+        "-D",
+        data,
+        "-w",
+        "-l",
+        home / "log",
+        "-o",
+        f"-p {port} -k {home} -c listen_addresses=127.0.0.1",
+        "start",
+    )
     try:
         run(bin_dir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "lmtune", "mlflow")
         yield f"postgresql+psycopg2://lmtune@127.0.0.1:{port}/mlflow", home

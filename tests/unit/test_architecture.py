@@ -50,16 +50,36 @@ def test_no_import_cycles():
 
 RULES = [
     ("lmtune.config", {"*"}),  # the schema stands alone
-    ("lmtune.base", {"lmtune.data", "lmtune.model", "lmtune.train", "lmtune.evaluate", "lmtune.export",
-                     "lmtune.track", "lmtune.cli"}),  # the base is built from its own code only
-    ("lmtune.data", {"lmtune.base", "lmtune.model", "lmtune.train", "lmtune.evaluate", "lmtune.export",
-                     "lmtune.track", "lmtune.cli"}),
+    (
+        "lmtune.base",
+        {
+            "lmtune.data",
+            "lmtune.model",
+            "lmtune.train",
+            "lmtune.evaluate",
+            "lmtune.export",
+            "lmtune.track",
+            "lmtune.cli",
+        },
+    ),  # the base is built from its own code only
+    (
+        "lmtune.data",
+        {
+            "lmtune.base",
+            "lmtune.model",
+            "lmtune.train",
+            "lmtune.evaluate",
+            "lmtune.export",
+            "lmtune.track",
+            "lmtune.cli",
+        },
+    ),
     ("lmtune.model", {"lmtune.base", "lmtune.train", "lmtune.evaluate", "lmtune.track", "lmtune.cli"}),
     ("lmtune.evaluate", {"lmtune.track", "lmtune.cli"}),
     ("lmtune.export", {"lmtune.track", "lmtune.cli"}),
     ("lmtune.train", {"lmtune.track", "lmtune.cli"}),
     ("lmtune.track.lineage", {"*"}),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("package, forbidden", RULES)
@@ -67,8 +87,11 @@ def test_import_rules(package, forbidden):
     """A module of `package` never imports a module of a forbidden package ("*": of any)."""
     for module, imported in package_graph().items():
         if module == package or module.startswith(package + "."):
-            bad = imported if "*" in forbidden else {
-                i for i in imported if any(i == f or i.startswith(f + ".") for f in forbidden)}  # fmt: skip
+            bad = (
+                imported
+                if "*" in forbidden
+                else {i for i in imported if any(i == f or i.startswith(f + ".") for f in forbidden)}
+            )
             assert not bad, f"{module} imports {sorted(bad)}"
 
 
@@ -93,7 +116,8 @@ def test_no_stage_depends_on_the_tracking_or_command_code_and_the_base_on_little
     for stage, spec in STAGES.items():
         assert not [d for d in spec["deps"] if d.startswith(("src/lmtune/track", "src/lmtune/cli"))], stage
     assert {d for d in STAGES["base"]["deps"] if d.startswith("src/lmtune/") and "." not in Path(d).name} == {
-        "src/lmtune/base"}  # fmt: skip
+        "src/lmtune/base"
+    }
 
 
 @pytest.mark.parametrize("stage", [s for s in STAGES if s in ("base", "finetune", "merge", "quantize")])

@@ -101,8 +101,12 @@ def test_keep_recomposes_with_the_recorded_overrides(tmp_path, monkeypatch):
 
 def test_flatten_and_secrets_never_logged():
     assert flatten({"a": {"b": 1, "c": {"d": "x"}}, "e": None}) == {"a.b": 1, "a.c.d": "x", "e": None}
-    cfg = OmegaConf.create({"tracking": {"hf_token": "hf_abc", "uri": "x", "token": "t"},
-                            "db": {"password": "p", "api_key": "k"}})  # fmt: skip
+    cfg = OmegaConf.create(
+        {
+            "tracking": {"hf_token": "hf_abc", "uri": "x", "token": "t"},
+            "db": {"password": "p", "api_key": "k"},
+        }
+    )
     params = safe_params(cfg)
     assert params["tracking.hf_token"] == params["tracking.token"] == "***"
     assert params["db.password"] == params["db.api_key"] == "***"
@@ -140,9 +144,16 @@ def test_conf_is_the_one_source_of_defaults():
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["experiment=smoke"], ["experiment=sweep"], ["quant=qat_int4"], ["quant=int8", "quantize=gguf_q8_0"],
-     ["quant=fp4", "model=llama2_7b", "model.path=x"], ["quant=none", "data=files", "data.files=[a.txt]"]],
-)  # fmt: skip
+    [
+        [],
+        ["experiment=smoke"],
+        ["experiment=sweep"],
+        ["quant=qat_int4"],
+        ["quant=int8", "quantize=gguf_q8_0"],
+        ["quant=fp4", "model=llama2_7b", "model.path=x"],
+        ["quant=none", "data=files", "data.files=[a.txt]"],
+    ],
+)
 def test_dvc_and_make_params_compose_the_same_params(overrides):
     """`dvc exp run -S` composes conf/ with plain Hydra; `make params` merges into the schema. Any key
     only the schema fills in would differ between the two, so every experiment would miss DVC's
@@ -160,3 +171,50 @@ def test_the_committed_params_yaml_is_what_conf_composes():
     assert ours, "params.yaml was edited by hand after `make params`"
     committed = OmegaConf.to_container(OmegaConf.load(ROOT / "params.yaml"))
     assert committed == OmegaConf.to_container(compose_conf(overrides, conf_dir=CONF)), "run `make params`"
+
+
+def test_the_config_comments_list_exactly_what_exists():
+    """Option lists in conf/ comments are checked, not trusted: a group's list in conf/config.yaml
+    names every file of the group, and a key's `a | b` list names only values the schema allows."""
+    from lmtune.cli.reference import CONF, entries, listed_options
+    from lmtune.config import CHOICES
+
+    checked = 0
+    for entry in entries(CONF / "config.yaml"):
+        if entry.key.startswith("defaults.") and listed_options(entry.comment):
+            group = entry.key.removeprefix("defaults.")
+            files = {p.stem for p in (CONF / group).glob("*.yaml")} | (
+                {"null"} if entry.value == "null" else set()
+            )
+            assert set(listed_options(entry.comment)) == files, (group, entry.comment)
+            checked += 1
+    assert checked == 5  # model, data, quantize, quant, experiment
+    for path in sorted(CONF.glob("*/*.yaml")):
+        for entry in entries(path):
+            if entry.key in CHOICES and (options := listed_options(entry.comment)):
+                allowed = {"null" if v is None else str(v).lower() for v in CHOICES[entry.key]}
+                assert set(options) <= allowed, (entry.file, entry.key, options)
+                checked += 1
+    assert checked > 15
+
+
+def test_the_reference_page_holds_every_key_of_the_schema():
+    from lmtune.cli.reference import markdown
+
+    page = markdown()
+    keys = [
+        *flatten(compose_conf([], conf_dir=CONF)),
+        *flatten(compose_conf(["model=tiny_random"], conf_dir=CONF)),
+    ]
+    missing = sorted({k for k in keys if f"`{k}`" not in page})
+    assert len(keys) > 100 and not missing, missing
+
+
+def test_each_option_list_of_the_code_is_the_schemas():
+    from lmtune.config import CHOICES, QUANTIZE_METHODS
+    from lmtune.data.sources import READERS
+    from lmtune.export.quantize import METHODS
+
+    assert set(READERS) == set(CHOICES["data.source"])
+    assert METHODS is QUANTIZE_METHODS and set(CHOICES["quantize.method"]) == set(QUANTIZE_METHODS)
+    assert {p.stem for p in (CONF / "quantize").glob("*.yaml")} == set(QUANTIZE_METHODS)

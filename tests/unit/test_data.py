@@ -161,14 +161,23 @@ def test_cleaning_counts_what_it_drops(tmp_path):
         ("bad.jsonl", '{"text": "ok"}\n{"text": broken\n', {}, r"bad\.jsonl: cannot be read as json"),
         ("col.jsonl", json.dumps({"body": "x"}) + "\n", {}, r"col\.jsonl:1: no 'text' field"),
         ("dict.jsonl", '{"text": "ok"}\n{"text": {"a": 1}}\n', {}, r"dict\.jsonl:2: 'text' is a dict"),
-        ("chat.jsonl", '{"messages": "hi"}\n', {"format": "chat"}, r"chat\.jsonl:1: 'messages' must be a list"),
-        ("turns.jsonl", '{"messages": [{"role": "user", "content": "q"}]}\n', {"format": "chat"},
-         r"turns\.jsonl:1: .*must end with an assistant turn"),
+        (
+            "chat.jsonl",
+            '{"messages": "hi"}\n',
+            {"format": "chat"},
+            r"chat\.jsonl:1: 'messages' must be a list",
+        ),
+        (
+            "turns.jsonl",
+            '{"messages": [{"role": "user", "content": "q"}]}\n',
+            {"format": "chat"},
+            r"turns\.jsonl:1: .*must end with an assistant turn",
+        ),
         ("empty.txt", "\n\n", {}, "no usable row"),
         ("a.xml", "<a/>", {}, "unsupported file type"),
         ("latin1.txt", "caf\xe9 au lait\n".encode("latin-1"), {}, r"latin1\.txt: not UTF-8 text"),
     ],
-)  # fmt: skip
+)
 def test_bad_input_names_the_file_and_row(tmp_path, name, content, kw, match):
     with pytest.raises(DataError, match=match):
         load_rows(files_cfg(tmp_path, name, content, **kw))
@@ -190,9 +199,16 @@ def test_missing_and_unwatched_files_are_named(tmp_path):
 
 
 def test_chat_rows_from_messages_or_prompt_and_response(tmp_path):
-    lines = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-                           {"role": "assistant", "content": "Hello."}]},
-             {"prompt": "2+2?", "response": "4"}]  # fmt: skip
+    lines = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi?"},
+                {"role": "assistant", "content": "Hello."},
+            ]
+        },
+        {"prompt": "2+2?", "response": "4"},
+    ]
     cfg = files_cfg(tmp_path, "c.jsonl", "".join(json.dumps(x) + "\n" for x in lines), format="chat")
     rows = [r["messages"] for r in load_rows(cfg)[0]]
     assert rows[0][0] == {"role": "system", "content": "Be brief."}
@@ -232,8 +248,12 @@ def test_chat_template_masks_everything_but_the_answers(tiny_seqs):
         "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
     )
-    messages = [{"role": "user", "content": "to be or"}, {"role": "assistant", "content": "not to be"},
-                {"role": "user", "content": "that is"}, {"role": "assistant", "content": "the question"}]  # fmt: skip
+    messages = [
+        {"role": "user", "content": "to be or"},
+        {"role": "assistant", "content": "not to be"},
+        {"role": "user", "content": "that is"},
+        {"role": "assistant", "content": "the question"},
+    ]
     seq = chat_sequence(messages, tokenizer)
     learned = tokenizer.decode([t for t, m in zip(seq, seq.mask, strict=True) if m])
     assert "not to be" in learned and "the question" in learned
@@ -268,8 +288,9 @@ def test_packed_micro_batches_hold_the_passages_of_padded_ones_without_padding(a
     from lmtune.train.loop import batch_maker
 
     seqs = [[i + 1] * (5 + i % 20) for i in range(200)]
-    cfg = OmegaConf.create({"seed": 3, "train": {"packing": True, "pack_length": 64, "batch_size": 4,
-                                                 "attention": attention}})  # fmt: skip
+    cfg = OmegaConf.create(
+        {"seed": 3, "train": {"packing": True, "pack_length": 64, "batch_size": 4, "attention": attention}}
+    )
     packed, again = batch_maker(seqs, cfg, pad_id=0), batch_maker(seqs, cfg, pad_id=0)
     padded = batch_maker(seqs, OmegaConf.merge(cfg, {"train": {"packing": False}}), pad_id=0)
     for index in range(40):

@@ -47,8 +47,12 @@ def finetune(workspace, name: str, *overrides: str) -> Path:
     root, env = workspace
     out = root / name
     args = [f"paths.adapter={out}/adapter", f"paths.metrics={out}/metrics", f"paths.checkpoints={out}/ckpt"]
-    result = subprocess.run([sys.executable, ROOT / "stages/finetune.py", *FP32, *overrides, *args],
-                            env=env, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, ROOT / "stages/finetune.py", *FP32, *overrides, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 

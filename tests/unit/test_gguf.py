@@ -110,8 +110,12 @@ def test_q4_k_m_is_llama_cpps_own_k_quant_mix(exported):
 def test_the_modelfile_renders_conversations_as_the_chat_template_does(llama2_style, exported):
     tokenizer = load_tokenizer(llama2_style)
     wrappers = _turn_wrappers(tokenizer)
-    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who?"},
-                    {"role": "assistant", "content": "Puck."}, {"role": "user", "content": "Where?"}]  # fmt: skip
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Who?"},
+        {"role": "assistant", "content": "Puck."},
+        {"role": "user", "content": "Where?"},
+    ]
     as_ollama = "".join(wrappers[m["role"]][0] + m["content"] + wrappers[m["role"]][1] for m in conversation)
     assert as_ollama + wrappers["generation"][0] == tokenizer.apply_chat_template(
         conversation, tokenize=False, add_generation_prompt=True

@@ -1,6 +1,6 @@
 """The training path on a CUDA card (pytest -m gpu; skipped without one). These need only torch,
 transformers, peft, accelerate, bitsandbytes, omegaconf and hydra: what bench/device_check.sh
-carries to a lent GPU machine. The whole pipeline through DVC is tests/pipeline/test_cuda.py."""
+installs on a CUDA machine that has only torch. The whole pipeline through DVC is tests/pipeline/test_cuda.py."""
 
 import math
 
@@ -38,8 +38,10 @@ def test_flash_varlen_equals_the_per_passage_path_on_the_card(kv_heads):
     torch.manual_seed(0)
     _, segments = packed([300, 1, 77, 647])
     q = torch.randn(1, 8, 1025, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(1, kv_heads, 1025, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            for _ in range(2))  # fmt: skip
+    k, v = (
+        torch.randn(1, kv_heads, 1025, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(2)
+    )
     grad = torch.randn(1, 1025, 8, 64, device="cuda", dtype=torch.bfloat16)
 
     class Attention:
@@ -99,8 +101,11 @@ def test_a_packed_4bit_micro_batch_gives_the_sdpa_loss_on_the_card(tiny_base, ti
 
 def test_auto_recompute_measures_peaks_on_the_card_and_trains(tiny_base, tiny_seqs, tmp_path, smoke_cfg):
     seqs, tokenizer = tiny_seqs
-    cfg = make_cfg(smoke_cfg, quant={"bits": 4, "bnb_4bit_compute_dtype": "bf16"},
-                   train={"max_steps": 4, "gradient_checkpointing": "auto", "memory_budget_gib": 1e-4})  # fmt: skip
+    cfg = make_cfg(
+        smoke_cfg,
+        quant={"bits": 4, "bnb_4bit_compute_dtype": "bf16"},
+        train={"max_steps": 4, "gradient_checkpointing": "auto", "memory_budget_gib": 1e-4},
+    )
     model = add_lora(load_for_training(tiny_base, cfg.quant, "auto"), cfg.lora, cfg.seed)
     before = lora_state(model)
     result = train(model, seqs, seqs[:8], cfg, tmp_path, tokenizer.pad_token_id)
@@ -133,7 +138,7 @@ def test_models_leave_nothing_on_the_card_once_released(tiny_base):
 
 def run_stages(names, cfg):
     """Each stage's `run(cfg)` in this process, in order, as DVC would call them (without DVC and
-    MLflow, which the lent GPU machine lacks); returns what each returned."""
+    MLflow, which such a machine may lack); returns what each returned."""
     import importlib.util
     from pathlib import Path
 

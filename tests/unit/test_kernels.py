@@ -47,8 +47,9 @@ def assert_varlen_equals_the_block_diagonal_mask(scaling: float) -> None:
     got = [out.detach(), q.grad, k.grad, v.grad]
     for t in (q, k, v):
         t.grad = None
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(position_ids), scale=scaling,
-                                         enable_gqa=True).transpose(1, 2)  # fmt: skip
+    ref = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=block_causal_mask(position_ids), scale=scaling, enable_gqa=True
+    ).transpose(1, 2)
     ref.backward(grad)
     for mine, theirs in zip(got, [ref.detach(), q.grad, k.grad, v.grad], strict=True):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
@@ -58,8 +59,9 @@ def test_varlen_attention_equals_a_block_diagonal_causal_mask_with_gradients():
     assert_varlen_equals_the_block_diagonal_mask(scaling=0.25)
 
 
-def reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=None, is_causal=None,
-                          enable_gqa=False):  # fmt: skip
+def reference_varlen_attn(
+    q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=None, is_causal=None, enable_gqa=False
+):
     """torch's varlen_attn contract in plain SDPA, one passage at a time: [T, H, D] in and out."""
     assert window_size == (-1, 0) or is_causal is True  # asked for causal attention, either way
     assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k)
@@ -67,10 +69,16 @@ def reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_
     assert max_q == max_k == max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
     assert enable_gqa or k.shape[1] == q.shape[1]  # without the flag, heads must be repeated
     pieces = [
-        F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
-                                       is_causal=True, scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
+        F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1),
+            k[a:b].transpose(0, 1),
+            v[a:b].transpose(0, 1),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        ).transpose(0, 1)
         for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-    ]  # fmt: skip
+    ]
     return torch.cat(pieces)
 
 
@@ -80,8 +88,12 @@ def test_the_cuda_path_hands_torch_varlen_kernel_all_passages_in_its_layout(monk
     with the kernel played by SDPA on the CPU: layouts, boundaries, causality, grouped heads. The
     real kernel runs in tests/unit/test_gpu_training.py."""
     causal = {"window_size": (-1, 0)} if torch_has != "is_causal" else {"is_causal": True}
-    options = {"fn": reference_varlen_attn, "causal": causal, "gqa": torch_has != "is_causal",
-               "scale": torch_has != "is_causal"}  # fmt: skip
+    options = {
+        "fn": reference_varlen_attn,
+        "causal": causal,
+        "gqa": torch_has != "is_causal",
+        "scale": torch_has != "is_causal",
+    }
     monkeypatch.setattr(kernels, "_flash_varlen_options", lambda: options)
     monkeypatch.setattr(kernels, "use_flash_varlen", lambda query: True)
     # scale 0.2, not the kernel's default 1/sqrt(16) = 0.25, so a lost scale would show
@@ -128,16 +140,18 @@ def test_chunked_cross_entropy_equals_the_full_loss_and_its_gradient(chunk):
 
 def test_chunked_cross_entropy_refuses_a_trainable_head():
     with pytest.raises(ValueError, match="freeze"):
-        chunked_cross_entropy(torch.randn(1, 4, 8), torch.randn(50, 8, requires_grad=True),
-                              torch.zeros(1, 4, dtype=torch.long))  # fmt: skip
+        chunked_cross_entropy(
+            torch.randn(1, 4, 8), torch.randn(50, 8, requires_grad=True), torch.zeros(1, 4, dtype=torch.long)
+        )
 
 
 def test_lmtune_micro_batch_loss_equals_transformers_loss_on_packed_rows(tiny_base, tiny_seqs, smoke_cfg):
     """The whole model, fp32: varlen attention + chunked loss vs sdpa's block mask + model(...).loss,
     same loss and same LoRA gradients."""
     seqs, tokenizer = tiny_seqs
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), smoke_cfg,
-                          {"quant": {"bits": 16, "bnb_4bit_compute_dtype": "fp32"}})  # fmt: skip
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(Config), smoke_cfg, {"quant": {"bits": 16, "bnb_4bit_compute_dtype": "fp32"}}
+    )
     batch = collate_packed(seqs[:9], tokenizer.pad_token_id, 128)
     assert int((batch["position_ids"] == 0).sum()) > batch["position_ids"].shape[0]  # really packed
 

@@ -91,9 +91,20 @@ def test_bootstrap_intervals_and_paired_deltas():
     assert result["same"]["perplexity"]["delta_ci95"] == [0.0, 0.0]  # paired: identical models, no noise
     lo, hi = result["better"]["perplexity"]["delta_ci95"]
     assert hi < 0 and result["better"]["perplexity"]["delta"] < 0
-    page = eval_markdown(result, {"passages": n, "tokens_scored": 1000, "generation_examples": 0,
-                                  "prompt_tokens": 32, "reference_tokens": 32, "dtype": "fp32",
-                                  "bootstrap_resamples": 300}, [], {})  # fmt: skip
+    page = eval_markdown(
+        result,
+        {
+            "passages": n,
+            "tokens_scored": 1000,
+            "generation_examples": 0,
+            "prompt_tokens": 32,
+            "reference_tokens": 32,
+            "dtype": "fp32",
+            "bootstrap_resamples": 300,
+        },
+        [],
+        {},
+    )
     assert "| perplexity |" in page and "Δ" in page
 
 

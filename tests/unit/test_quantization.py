@@ -37,9 +37,8 @@ def _logits(model, ids):
 
 @pytest.mark.parametrize(
     "method, tolerance",
-    [("int8_weight_only", 0.05), ("int8_dynamic", 0.05), ("int4_weight_only", 0.3),
-     ("bnb_nf4", 0.3)],
-)  # fmt: skip
+    [("int8_weight_only", 0.05), ("int8_dynamic", 0.05), ("int4_weight_only", 0.3), ("bnb_nf4", 0.3)],
+)
 def test_quantized_model_loads_with_plain_transformers_and_stays_close(
     tiny_base, tiny_seqs, tmp_path, method, tolerance
 ):
@@ -77,8 +76,10 @@ def test_qat_training_learns_through_the_fake_quantized_base(tiny_base, tiny_seq
     from lmtune.train.loop import train
 
     seqs, tokenizer = tiny_seqs
-    cfg = OmegaConf.merge(compose_conf(["experiment=smoke", "quant=qat_int4"], conf_dir=CONF),
-                          {"train": {"max_steps": 4, "eval_every": 2}})  # fmt: skip
+    cfg = OmegaConf.merge(
+        compose_conf(["experiment=smoke", "quant=qat_int4"], conf_dir=CONF),
+        {"train": {"max_steps": 4, "eval_every": 2}},
+    )
     model = add_lora(load_for_training(tiny_base, cfg.quant, False), cfg.lora, cfg.seed)
     assert any(type(m).__name__ == "FakeQuantizedLinear" for m in model.modules())
     result = train(model, seqs, seqs[:8], cfg, tmp_path, tokenizer.pad_token_id)

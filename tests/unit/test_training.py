@@ -48,8 +48,15 @@ def train_killed_and_resumed(base, seqs, tokenizer, cfg, folder):
     straight = lora_model(base, cfg)
     first = train(straight, seqs, seqs[:8], cfg, folder / "a", tokenizer.pad_token_id)
     with pytest.raises(KeyboardInterrupt):  # killed after the step-2 checkpoint
-        train(lora_model(base, cfg), seqs, seqs[:8], cfg, folder / "b", tokenizer.pad_token_id,
-              on_step=crash_at(3))  # fmt: skip
+        train(
+            lora_model(base, cfg),
+            seqs,
+            seqs[:8],
+            cfg,
+            folder / "b",
+            tokenizer.pad_token_id,
+            on_step=crash_at(3),
+        )
     resumed = lora_model(base, cfg)
     return straight, first, resumed, train(resumed, seqs, seqs[:8], cfg, folder / "b", tokenizer.pad_token_id)
 
@@ -81,8 +88,11 @@ def test_every_lora_matrix_learns_although_validation_runs_between_steps(
 def _train_with_and_without_validations(base, seqs, tokenizer, tmp_path, smoke_cfg):
     finals = []
     for eval_every in (1, 100):
-        cfg = make_cfg(smoke_cfg, quant={"bits": 4, "bnb_4bit_compute_dtype": "bf16"},
-                       train={"max_steps": 3, "eval_every": eval_every, "checkpoint_every": 100})  # fmt: skip
+        cfg = make_cfg(
+            smoke_cfg,
+            quant={"bits": 4, "bnb_4bit_compute_dtype": "bf16"},
+            train={"max_steps": 3, "eval_every": eval_every, "checkpoint_every": 100},
+        )
         model = lora_model(base, cfg)
         train(model, seqs, seqs[:8], cfg, tmp_path / str(eval_every), tokenizer.pad_token_id)
         finals.append(lora_state(model))
@@ -129,8 +139,15 @@ def test_a_checkpoint_from_other_settings_is_not_resumed(tiny_base, tiny_seqs, t
     seqs, tokenizer = tiny_seqs
     cfg = make_cfg(smoke_cfg, quant={"bits": 16}, train={"max_steps": 3, "checkpoint_every": 2})
     with pytest.raises(KeyboardInterrupt):
-        train(lora_model(tiny_base, cfg), seqs, seqs[:8], cfg, tmp_path, tokenizer.pad_token_id,
-              on_step=crash_at(3))  # fmt: skip
+        train(
+            lora_model(tiny_base, cfg),
+            seqs,
+            seqs[:8],
+            cfg,
+            tmp_path,
+            tokenizer.pad_token_id,
+            on_step=crash_at(3),
+        )
     other = OmegaConf.merge(cfg, {"lora": {"r": 4}})
     result = train(lora_model(tiny_base, other), seqs, seqs[:8], other, tmp_path, tokenizer.pad_token_id)
     assert result["resumed_from_step"] is None
@@ -213,13 +230,20 @@ def test_auto_recompute_takes_the_least_recompute_whose_measured_peak_fits(
     no different from every 2), less 4 GiB when offloaded. The probe leaves no gradient behind and
     no RNG drawn. Under budget nothing fits: the least memory, said so."""
     seqs, tokenizer = tiny_seqs
-    cfg = make_cfg(smoke_cfg, quant={"bits": 16, "bnb_4bit_compute_dtype": "fp32"}, lora={"lora_dropout": 0.1},
-                   train={"gradient_checkpointing": "auto"})  # fmt: skip
+    cfg = make_cfg(
+        smoke_cfg,
+        quant={"bits": 16, "bnb_4bit_compute_dtype": "fp32"},
+        lora={"lora_dropout": 0.1},
+        train={"gradient_checkpointing": "auto"},
+    )
     model = add_lora(load_for_training(four_layer_base, cfg.quant, "auto"), cfg.lora, cfg.seed)
     layers = model.get_base_model().model.layers
     offloads = []
-    monkeypatch.setattr(training, "set_recompute", lambda base, n, offload=False: (
-        offloads.append(offload), set_recompute(base, n, offload)))  # fmt: skip
+    monkeypatch.setattr(
+        training,
+        "set_recompute",
+        lambda base, n, offload=False: (offloads.append(offload), set_recompute(base, n, offload)),
+    )
 
     def stand_in_peak():
         recomputing = sum(layer.gradient_checkpointing for layer in layers)
@@ -227,8 +251,9 @@ def test_auto_recompute_takes_the_least_recompute_whose_measured_peak_fits(
 
     prepare_model(model, cfg.train)
     rng = torch.get_rng_state()
-    choice = choose_recompute(model, seqs[:8], cfg.train, tokenizer.pad_token_id, nullcontext(), budget,
-                              stand_in_peak)  # fmt: skip
+    choice = choose_recompute(
+        model, seqs[:8], cfg.train, tokenizer.pad_token_id, nullcontext(), budget, stand_in_peak
+    )
     assert choice["recompute"] == chosen
     assert choice["fits"] == (budget > 2.0)  # 2 GiB and the AdamW moments
     assert list(choice["measured_peak_gib"])[-1] == chosen  # measured until the first that fits
@@ -240,8 +265,11 @@ def test_fp16_trains_through_a_loss_scaler_and_resumes_exactly(tiny_base, tiny_s
     """Cards without bf16 (T4, V100) compute in fp16: autocast + GradScaler, whose scale is part
     of the checkpoint (a resumed run would otherwise skip or scale differently)."""
     seqs, tokenizer = tiny_seqs
-    cfg = make_cfg(smoke_cfg, quant={"bits": 16, "bnb_4bit_compute_dtype": "fp16"},
-                   train={"max_steps": 4, "eval_every": 2, "checkpoint_every": 2})  # fmt: skip
+    cfg = make_cfg(
+        smoke_cfg,
+        quant={"bits": 16, "bnb_4bit_compute_dtype": "fp16"},
+        train={"max_steps": 4, "eval_every": 2, "checkpoint_every": 2},
+    )
     straight, first, resumed, result = train_killed_and_resumed(tiny_base, seqs, tokenizer, cfg, tmp_path)
     assert first["lora_matrices_unchanged"] == 0
     assert all(math.isfinite(p["loss"]) for p in first["train_curve"])

@@ -52,11 +52,24 @@ def _tiny_sentencepiece(texts: list[str], vocab_size: int, folder: Path):
 
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, split_digits=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, max_sentence_length=1 << 20, num_threads=1, minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        max_sentence_length=1 << 20,
+        num_threads=1,
+        minloglevel=2,
+    )
     (folder / "tokenizer.model").write_bytes(model.getvalue())
     return LlamaTokenizer.from_pretrained(folder, add_bos_token=True)
 
@@ -83,6 +96,11 @@ def build_tiny(cfg: DictConfig, texts: list[str], seed: int, folder: Path):
         bos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=True,
     )
-    origin = {"origin": "generated:tiny_random", "revision": None, "sha256": None,
-              "seed": seed, "config": OmegaConf.to_container(cfg.tiny)}  # fmt: skip
+    origin = {
+        "origin": "generated:tiny_random",
+        "revision": None,
+        "sha256": None,
+        "seed": seed,
+        "config": OmegaConf.to_container(cfg.tiny),
+    }
     return LlamaForCausalLM(config), tokenizer, origin

@@ -49,8 +49,12 @@ class Chat:
         )["input_ids"].to(device())
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         torch.manual_seed(self.cfg.seed)
-        options = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                       **decoding(self.cfg.sample, self.tokenizer.pad_token_id))  # fmt: skip
+        options = dict(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            streamer=streamer,
+            **decoding(self.cfg.sample, self.tokenizer.pad_token_id),
+        )
         worker = threading.Thread(target=self.model.generate, kwargs=options)
         worker.start()
         out.write(f"{self.label}> ")

@@ -147,8 +147,10 @@ def update(args: list[str], force: bool = False, keep: bool = False) -> DictConf
     edits are picked up; if params.yaml holds values from elsewhere, keep it (checked) and say so.
     """
     if pipeline_running():
-        raise ConfigError(f"a pipeline is running (dvc holds .dvc/tmp/lock): rewriting {PARAMS_FILE} now "
-                          "would record params in dvc.lock that its stages did not use. Wait for it, or stop it.")  # fmt: skip
+        raise ConfigError(
+            f"a pipeline is running (dvc holds .dvc/tmp/lock): rewriting {PARAMS_FILE} now "
+            "would record params in dvc.lock that its stages did not use. Wait for it, or stop it."
+        )
     if keep and not args:
         args = read_header(Path(PARAMS_FILE))[0] or []
     cfg = compose_conf(args)
@@ -158,8 +160,10 @@ def update(args: list[str], force: bool = False, keep: bool = False) -> DictConf
         if not keep:
             raise
         kept = check_kept(Path(PARAMS_FILE))
-        print(f"note: keeping {PARAMS_FILE}: it holds values not in conf/ "
-              "(from dvc exp apply/-S or an edit). `make params FORCE=1` resets it.")  # fmt: skip
+        print(
+            f"note: keeping {PARAMS_FILE}: it holds values not in conf/ "
+            "(from dvc exp apply/-S or an edit). `make params FORCE=1` resets it."
+        )
         return kept
     print(f"wrote {PARAMS_FILE} from conf/" + (f" with {' '.join(args)}" if args else ""))
     return cfg

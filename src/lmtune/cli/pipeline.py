@@ -47,9 +47,11 @@ def main(argv: list[str]) -> int:
         code = 130
     if code:
         if restored := restore_missing(saved):
-            print(f"dvc repro failed; put back what DVC had removed before the failing stage ran: "
-                  f"{', '.join(map(str, sorted(restored)))} (the last good run's, as dvc.lock says)",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"dvc repro failed; put back what DVC had removed before the failing stage ran: "
+                f"{', '.join(map(str, sorted(restored)))} (the last good run's, as dvc.lock says)",
+                file=sys.stderr,
+            )
         return code
     try:  # stages DVC skipped after the last one that ran: their numbers too
         print(f"MLflow run {tracking.sync(cfg).run_id} holds every stage's metrics")

@@ -25,8 +25,13 @@ def library(name: str, version: str) -> str:
     CACHE.mkdir(parents=True, exist_ok=True)
     tarball = CACHE / f"{name}-{version}.tgz"
     if not tarball.exists():
-        out = subprocess.run(["npm", "pack", f"{name}@{version}", "--silent"], cwd=CACHE,
-                             capture_output=True, text=True, check=True)  # fmt: skip
+        out = subprocess.run(
+            ["npm", "pack", f"{name}@{version}", "--silent"],
+            cwd=CACHE,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         (CACHE / out.stdout.strip().splitlines()[-1]).rename(tarball)
     with tarfile.open(tarball) as archive:
         member = archive.extractfile(f"package/build/{name}.min.js")

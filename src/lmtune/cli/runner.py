@@ -82,8 +82,11 @@ def _multirun(run: Stage, overrides: list[str], outputs: tuple[str, ...]) -> int
     from hydra.core.hydra_config import HydraConfig
 
     if not outputs:
-        print("error: --multirun is for a quick look at one stage (finetune); sweep the whole pipeline "
-              "with `make sweep` or `dvc exp run --queue -S ...`", file=sys.stderr)  # fmt: skip
+        print(
+            "error: --multirun is for a quick look at one stage (finetune); sweep the whole pipeline "
+            "with `make sweep` or `dvc exp run --queue -S ...`",
+            file=sys.stderr,
+        )
         return 2
     root = Path.cwd().resolve()
     failed: list[str] = []

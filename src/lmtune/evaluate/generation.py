@@ -13,10 +13,13 @@ from lmtune.model.hardware import device
 def decoding(cfg: DictConfig, pad_token_id: int) -> dict:
     """generate()'s decoding arguments from a `sample:` section (sampling settings only when sampling)."""
     return dict(
-        max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
-        temperature=cfg.temperature if cfg.do_sample else None, top_p=cfg.top_p if cfg.do_sample else None,
-        repetition_penalty=cfg.repetition_penalty, pad_token_id=pad_token_id,
-    )  # fmt: skip
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=cfg.do_sample,
+        temperature=cfg.temperature if cfg.do_sample else None,
+        top_p=cfg.top_p if cfg.do_sample else None,
+        repetition_penalty=cfg.repetition_penalty,
+        pad_token_id=pad_token_id,
+    )
 
 
 @torch.no_grad()
@@ -41,13 +44,15 @@ def generate(
         new = output[:, inputs["input_ids"].shape[1] :]
         for prompt, ids in zip(chunk, new, strict=True):
             ids = ids[ids != tokenizer.pad_token_id]
-            results.append({
-                "prompt": prompt,
-                "completion": tokenizer.decode(ids, skip_special_tokens=True),
-                "new_tokens": int(ids.numel()),
-                "batch": start // cfg.batch_size,
-                "batch_seconds": seconds,
-            })  # fmt: skip
+            results.append(
+                {
+                    "prompt": prompt,
+                    "completion": tokenizer.decode(ids, skip_special_tokens=True),
+                    "new_tokens": int(ids.numel()),
+                    "batch": start // cfg.batch_size,
+                    "batch_seconds": seconds,
+                }
+            )
     return results
 
 
@@ -60,8 +65,14 @@ def _cell(text: str) -> str:
     return text.strip().replace("|", "\\|").replace("\n", "<br>") or "*(empty)*"
 
 
-def samples_markdown(base: list[dict], tuned: list[dict], settings: dict, title: str,
-                     shown: list[str], references: list[str | None]) -> str:  # fmt: skip
+def samples_markdown(
+    base: list[dict],
+    tuned: list[dict],
+    settings: dict,
+    title: str,
+    shown: list[str],
+    references: list[str | None],
+) -> str:
     """A page a person reads: each prompt (or question), the reference where the data has one, then
     the base and fine-tuned continuations (or answers) side by side."""
     lines = [
@@ -72,16 +83,29 @@ def samples_markdown(base: list[dict], tuned: list[dict], settings: dict, title:
     ]
     lines += ["| Prompt | Reference | Base model | Fine-tuned |", "|---|---|---|---|"]
     for prompt, reference, b, t in zip(shown, references, base, tuned, strict=True):
-        lines.append(f"| {_cell(prompt)} | {_cell(reference) if reference else '—'} | {_cell(b['completion'])} "
-                     f"| {_cell(t['completion'])} |")  # fmt: skip
-    lines += ["", f"Speed: base {tokens_per_second(base):.1f} tokens/s, fine-tuned {tokens_per_second(tuned):.1f} tokens/s "
-              f"(batch {settings.get('batch_size')}, KV cache, {device()}).", ""]  # fmt: skip
+        lines.append(
+            f"| {_cell(prompt)} | {_cell(reference) if reference else '—'} | {_cell(b['completion'])} "
+            f"| {_cell(t['completion'])} |"
+        )
+    lines += [
+        "",
+        f"Speed: base {tokens_per_second(base):.1f} tokens/s, fine-tuned {tokens_per_second(tuned):.1f} tokens/s "
+        f"(batch {settings.get('batch_size')}, KV cache, {device()}).",
+        "",
+    ]
     return "\n".join(lines)
 
 
 @torch.no_grad()
-def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, eos_id: int,
-                         batch_size: int, desc: str = "generate") -> list[list[int]]:  # fmt: skip
+def greedy_continuations(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    pad_id: int,
+    eos_id: int,
+    batch_size: int,
+    desc: str = "generate",
+) -> list[list[int]]:
     """Greedy continuation of each token-id prompt (batched, left-padded, KV cache); stops at EOS."""
     from tqdm.auto import tqdm
 

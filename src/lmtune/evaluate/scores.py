@@ -35,13 +35,17 @@ def generation_pairs(
     """(prompt, reference) per passage: the first `prompt_tokens` tokens, then up to the next
     `reference_tokens` (fewer when the passage ends sooner). Passages with no token after the
     prompt have nothing to compare and are left out."""
-    return [(s[:prompt_tokens], s[prompt_tokens : prompt_tokens + reference_tokens])
-            for s in seqs if len(s) > prompt_tokens]  # fmt: skip
+    return [
+        (s[:prompt_tokens], s[prompt_tokens : prompt_tokens + reference_tokens])
+        for s in seqs
+        if len(s) > prompt_tokens
+    ]
 
 
 @torch.no_grad()
-def likelihood_per_passage(model, seqs: list[list[int]], batch_size: int, pad_id: int,
-                           desc: str = "score") -> dict[str, np.ndarray]:  # fmt: skip
+def likelihood_per_passage(
+    model, seqs: list[list[int]], batch_size: int, pad_id: int, desc: str = "score"
+) -> dict[str, np.ndarray]:
     """Per passage: summed NLL, tokens predicted, top-1 hits. Each passage is scored on its own
     from its first token (which is not itself predicted); padding is masked."""
     model.eval()
@@ -89,8 +93,9 @@ def corpus_bleu_from_stats(stats: list[dict]) -> float:
     return BLEU.compute_bleu(counts, totals, sys_len, ref_len, smooth_method="exp").score
 
 
-def generation_per_example(predictions: list[str], references: list[list[str]], answers: bool = False,
-                           source: str = "local") -> dict:  # fmt: skip
+def generation_per_example(
+    predictions: list[str], references: list[list[str]], answers: bool = False, source: str = "local"
+) -> dict:
     """Per-example scores via `evaluate` modules: ROUGE against the first reference and BLEU's
     sufficient statistics; with `answers`, exact match and answer F1 against every accepted answer.
     source="hub" adds the hub's rouge/sacrebleu means as a cross-check (needs network)."""
@@ -128,8 +133,14 @@ def metric_functions(likelihood: dict, generation: dict | None) -> dict[str, Cal
     return fns
 
 
-def bootstrap(models: dict[str, dict[str, Callable]], sizes: dict[str, int], baseline: str,
-              resamples: int, seed: int, min_examples: int = 10) -> dict:  # fmt: skip
+def bootstrap(
+    models: dict[str, dict[str, Callable]],
+    sizes: dict[str, int],
+    baseline: str,
+    resamples: int,
+    seed: int,
+    min_examples: int = 10,
+) -> dict:
     """Point estimate, 95% percentile interval, and paired delta vs `baseline` for each metric.
 
     Each resample draws passages with replacement; every model is scored on the same draw, so
@@ -181,8 +192,9 @@ def _fmt(metric: str, value: float, signed: bool = False) -> str:
     return text + ("%" if metric in _PERCENT else "")
 
 
-def eval_markdown(scores: dict, settings: dict, references: list[str], examples: dict,
-                  speed: dict | None = None) -> str:  # fmt: skip
+def eval_markdown(
+    scores: dict, settings: dict, references: list[str], examples: dict, speed: dict | None = None
+) -> str:
     """metrics/eval.md: one row per metric, one column per model, intervals and deltas vs base;
     then load time and greedy generation speed per model (what quantizing bought)."""
     names = list(scores)
@@ -217,13 +229,19 @@ def eval_markdown(scores: dict, settings: dict, references: list[str], examples:
             cells.append(cell)
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     if speed:
-        lines += ["", f"Speed on this machine ({settings.get('device', 'this device')}), KV cache; transformers "
-                  f"batches {settings.get('batch_size', '?')} prompts, llama.cpp runs one at a time:", "",
-                  "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
-                  "| runtime | " + " | ".join(speed[n].get("runtime", "transformers") for n in names) + " |",
-                  "| load s | " + " | ".join(f"{speed[n]['load_seconds']:.1f}" for n in names) + " |",
-                  "| generated tokens/s | " + " | ".join(f"{speed[n]['generated_tokens_per_second']:.0f}"
-                                                       for n in names) + " |"]  # fmt: skip
+        lines += [
+            "",
+            f"Speed on this machine ({settings.get('device', 'this device')}), KV cache; transformers "
+            f"batches {settings.get('batch_size', '?')} prompts, llama.cpp runs one at a time:",
+            "",
+            "| | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+            "| runtime | " + " | ".join(speed[n].get("runtime", "transformers") for n in names) + " |",
+            "| load s | " + " | ".join(f"{speed[n]['load_seconds']:.1f}" for n in names) + " |",
+            "| generated tokens/s | "
+            + " | ".join(f"{speed[n]['generated_tokens_per_second']:.0f}" for n in names)
+            + " |",
+        ]
     lines += ["", "## What each metric is", ""]
     lines += [f"- **{m}**: {EXPLAIN[m]}" for m in scores[names[0]]]
     lines += ["", "## First answers" if settings.get("format") == "chat" else "## First continuations", ""]

@@ -83,8 +83,12 @@ def export_gguf(model_dir: str | Path, out_file: Path, tensor_type: str) -> dict
     else:
         convert(model_dir, out_file, tensor_type)
     (out_file.parent / "Modelfile").write_text(modelfile(model_dir, out_file.name))
-    return {"format": f"GGUF ({tensor_type}, llama.cpp)", "gguf_file": out_file.name,
-            "gguf_seconds": time.perf_counter() - began, "tensor_types": tensor_types(out_file)}  # fmt: skip
+    return {
+        "format": f"GGUF ({tensor_type}, llama.cpp)",
+        "gguf_file": out_file.name,
+        "gguf_seconds": time.perf_counter() - began,
+        "tensor_types": tensor_types(out_file),
+    }
 
 
 def tensor_types(gguf_file: Path) -> dict[str, int]:

@@ -21,9 +21,13 @@ class GGUFModel:
         import llama_cpp
 
         self.llm = llama_cpp.Llama(
-            model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
-            n_threads=torch.get_num_threads(), verbose=False,
-        )  # fmt: skip
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=min(n_ctx, 512),
+            logits_all=True,
+            n_threads=torch.get_num_threads(),
+            verbose=False,
+        )
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         """[len(ids), vocab] float32: position i's logits predict ids[i + 1]."""
@@ -46,8 +50,9 @@ class GGUFModel:
             count[i] = int(keep.sum())
         return {"nll": nll, "hits": hits, "count": count}
 
-    def greedy_continuations(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
-                             desc: str = "generate") -> list[list[int]]:  # fmt: skip
+    def greedy_continuations(
+        self, prompts: list[list[int]], max_new_tokens: int, eos_id: int, desc: str = "generate"
+    ) -> list[list[int]]:
         """As generation.greedy_continuations: greedy decoding of each prompt, stopping at EOS."""
         outputs = []
         for prompt in tqdm(prompts, desc=f"{desc}: generate", unit="prompt", leave=False):

@@ -49,13 +49,21 @@ def quantize(
         from lmtune.export.gguf import export_gguf
 
         metrics = export_gguf(merged_dir, out_dir / GGUF_FILE, method.removeprefix("gguf_"))
-        return {"method": method, "format": METHODS[method], "quantize_seconds": time.perf_counter() - began,
-                **{k: v for k, v in metrics.items() if k != "format"}}  # fmt: skip
+        return {
+            "method": method,
+            "format": METHODS[method],
+            "quantize_seconds": time.perf_counter() - began,
+            **{k: v for k, v in metrics.items() if k != "format"},
+        }
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TorchAoConfig
 
     if method == "bnb_nf4":  # the QLoRA storage format, for serving with bitsandbytes (CUDA; CPU works too)
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)  # fmt: skip
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
     else:
         config = TorchAoConfig(quant_type=torchao_config(method, group_size))
     model = AutoModelForCausalLM.from_pretrained(
@@ -66,8 +74,11 @@ def quantize(
         use_safetensors=True,
     )
     model.save_pretrained(out_dir, safe_serialization=True)
-    return {"method": method, "format": f"{METHODS[method]}, safetensors",
-            "quantize_seconds": time.perf_counter() - began}  # fmt: skip
+    return {
+        "method": method,
+        "format": f"{METHODS[method]}, safetensors",
+        "quantize_seconds": time.perf_counter() - began,
+    }
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype, n_ctx: int = 512):

@@ -65,8 +65,14 @@ def set_recompute(model, every_n_layers: int | None, offload: bool = False) -> N
     model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers, offload)
 
 
-def load_for_training(path: str | Path, quant: DictConfig, gradient_checkpointing: bool | str,
-                      shardable: bool = False, every_n_layers: int = 1, offload: bool = False):  # fmt: skip
+def load_for_training(
+    path: str | Path,
+    quant: DictConfig,
+    gradient_checkpointing: bool | str,
+    shardable: bool = False,
+    every_n_layers: int = 1,
+    offload: bool = False,
+):
     """The frozen base as configured (4-bit, 8-bit or plain), ready for LoRA (and for FSDP to
     shard). gradient_checkpointing=auto starts with every layer recomputed: training measures
     what fits before the first step (lmtune.train.loop.choose_recompute)."""
@@ -93,8 +99,13 @@ def load_for_training(path: str | Path, quant: DictConfig, gradient_checkpointin
     return model
 
 
-def load_base_with_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: torch.dtype,
-                           quant: DictConfig | None = None, on: torch.device | None = None):  # fmt: skip
+def load_base_with_adapter(
+    base_dir: str | Path,
+    adapter_dir: str | Path,
+    dtype: torch.dtype,
+    quant: DictConfig | None = None,
+    on: torch.device | None = None,
+):
     """Base + unmerged adapter: the base in `dtype` on `on` (default: device()), or quantized as in
     training when `quant`."""
     from peft import PeftModel

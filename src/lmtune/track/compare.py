@@ -5,17 +5,19 @@ metrics/plots/: quality vs LoRA rank for each bits value, quality vs peak memory
 being chosen), training loss curves overlaid. The plots are logged to MLflow in a run tagged
 `lmtune.kind=comparison`.
 
-    python -m lmtune.track.compare [--uri sqlite:///mlflow.db] [--experiment lmtune]
+    python -m lmtune.track.compare [--uri URI] [--experiment NAME]   # default: as params.yaml configures
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import pandas as pd
 
+from lmtune import LmtuneError
 from lmtune.artifacts import write_text
 from lmtune.track import runs as tracking
 
@@ -49,8 +51,13 @@ def collect(client, experiment: str) -> tuple[pd.DataFrame, list[dict]]:
         if run.data.tags.get(tracking.KIND_TAG) == "comparison":
             continue
         if run.info.status != "FINISHED" or "eval.merged.perplexity" not in run.data.metrics:
-            failed.append({"run": run.info.run_name, "status": run.info.status,
-                           "experiment": run.data.tags.get("dvc_experiment", "")})  # fmt: skip
+            failed.append(
+                {
+                    "run": run.info.run_name,
+                    "status": run.info.status,
+                    "experiment": run.data.tags.get("dvc_experiment", ""),
+                }
+            )
             continue
         row = {"run_id": run.info.run_id, "run": run.info.run_name}
         for column, (kind, key) in COLUMNS.items():
@@ -86,8 +93,12 @@ def table(frame: pd.DataFrame, failed: list[dict]) -> str:
         lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
         for _, row in frame.iterrows():
             lines.append("| " + " | ".join(_fmt(row[c]) for c in shown) + " |")
-        lines += ["", "perplexity, token acc, ROUGE-L, BLEU: the merged model on the test split "
-                  "(metrics/eval.md explains each); peak GiB: training peak memory.", ""]  # fmt: skip
+        lines += [
+            "",
+            "perplexity, token acc, ROUGE-L, BLEU: the merged model on the test split "
+            "(metrics/eval.md explains each); peak GiB: training peak memory.",
+            "",
+        ]
     if failed:
         lines += ["## Failed or unfinished runs", ""]
         lines += [f"- {f['run']} ({f['experiment'] or 'no DVC experiment'}): {f['status']}" for f in failed]
@@ -120,8 +131,13 @@ def plots(frame: pd.DataFrame, client, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter(frame["peak GiB"], frame["perplexity"], c=frame["bits"], cmap="viridis", s=60)
     for _, row in frame.iterrows():
-        ax.annotate(f"r{row['r']}/{row['bits']}b", (row["peak GiB"], row["perplexity"]),
-                    textcoords="offset points", xytext=(5, 4), fontsize=8)  # fmt: skip
+        ax.annotate(
+            f"r{row['r']}/{row['bits']}b",
+            (row["peak GiB"], row["perplexity"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
     ax.set(xlabel="training peak memory (GiB)", ylabel="test perplexity (merged)", title="Quality vs memory")
     ax.grid(alpha=0.3)
     paths.append(out / "quality_vs_memory.png")
@@ -150,10 +166,20 @@ def plots(frame: pd.DataFrame, client, out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--uri", default=tracking.default_uri())
-    parser.add_argument("--experiment", default="lmtune")
+    parser.add_argument("--uri", help="default: the configured store (tracking.uri, MLFLOW_TRACKING_URI)")
+    parser.add_argument("--experiment", help="default: the configured tracking.experiment")
     parser.add_argument("--out", default="metrics")
     args = parser.parse_args(argv)
+    if args.uri is None or args.experiment is None:
+        from lmtune.config import load
+
+        try:
+            cfg = load()
+        except LmtuneError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        args.uri = args.uri or tracking.tracking_uri(cfg)
+        args.experiment = args.experiment or cfg.tracking.experiment
     client = tracking.client(args.uri)
     frame, failed = collect(client, args.experiment)
     out = Path(args.out)

@@ -127,9 +127,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--metric", default="eval.merged.perplexity", help="promote: the run metric to rank by"
     )
-    parser.add_argument("--mode", choices=["auto", "min", "max"], default="auto",
-                        help="promote: best is the smallest (min) or largest (max); auto: min for "
-                        "perplexity, loss, nll and seconds, max otherwise")  # fmt: skip
+    parser.add_argument(
+        "--mode",
+        choices=["auto", "min", "max"],
+        default="auto",
+        help="promote: best is the smallest (min) or largest (max); auto: min for "
+        "perplexity, loss, nll and seconds, max otherwise",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     try:

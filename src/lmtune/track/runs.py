@@ -162,9 +162,10 @@ def _run_name(cfg: DictConfig, digest: str) -> str:
 def _numbers(metrics: dict, prefix: str) -> dict[str, float]:
     flat = flatten(metrics, prefix=prefix)
     return {
-        k: float(v) for k, v in flat.items()
+        k: float(v)
+        for k, v in flat.items()
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    }  # fmt: skip
+    }
 
 
 def pipeline_metrics(metrics_dir: str | Path, files: set[str] | None = None) -> dict[str, float]:
@@ -180,8 +181,10 @@ def pipeline_metrics(metrics_dir: str | Path, files: set[str] | None = None) -> 
         except (OSError, json.JSONDecodeError):
             continue  # not produced (yet): a --multirun job, a stage that never ran
         if prefix == "eval":  # per model: each metric's value, and its speed figures
-            data = {model: {m: v["value"] for m, v in per.items()} | data.get("speed", {}).get(model, {})
-                    for model, per in data.get("models", {}).items()}  # fmt: skip
+            data = {
+                model: {m: v["value"] for m, v in per.items()} | data.get("speed", {}).get(model, {})
+                for model, per in data.get("models", {}).items()
+            }
         numbers.update(_numbers(data, f"{prefix}."))
     return numbers
 
@@ -222,8 +225,9 @@ class StageRun:
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if Path(path).is_file():
-            self._try(f"logging {Path(path).name}",
-                      lambda: self.client.log_artifact(self.run_id, str(path), folder))  # fmt: skip
+            self._try(
+                f"logging {Path(path).name}", lambda: self.client.log_artifact(self.run_id, str(path), folder)
+            )
 
     def missing(self, metric: str) -> bool:
         try:
@@ -245,17 +249,23 @@ def open_run(cfg: DictConfig, stage: str) -> StageRun:
 
     uri = check_reachable(cfg)
     digest = params_hash(cfg)
-    tags = {PARAMS_HASH_TAG: digest, "git_commit": git_commit() or "unknown",
-            "model": cfg.model.name, "data": cfg.data.name}  # fmt: skip
+    tags = {
+        PARAMS_HASH_TAG: digest,
+        "git_commit": git_commit() or "unknown",
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+    }
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
     try:
         mlflow_client = mlflow.MlflowClient(tracking_uri=uri)
         experiment_id = _experiment_id(mlflow_client, cfg.tracking.experiment, uri)
         found = mlflow_client.search_runs(
-            [experiment_id], filter_string=f"tags.`{PARAMS_HASH_TAG}` = '{digest}'",
-            order_by=["attributes.start_time DESC"], max_results=1,
-        )  # fmt: skip
+            [experiment_id],
+            filter_string=f"tags.`{PARAMS_HASH_TAG}` = '{digest}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         if found:
             run_id = found[0].info.run_id
             mlflow_client.update_run(run_id, status="RUNNING")

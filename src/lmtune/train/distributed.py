@@ -51,19 +51,31 @@ def launch(cfg: DictConfig, script: str) -> None:
     kind = cfg.train.distributed
     if kind == "fsdp":
         if not torch.cuda.is_available():
-            raise DistributedError("train.distributed=fsdp shards the base over GPUs and needs CUDA; "
-                                   "on CPU use train.distributed=ddp")  # fmt: skip
+            raise DistributedError(
+                "train.distributed=fsdp shards the base over GPUs and needs CUDA; "
+                "on CPU use train.distributed=ddp"
+            )
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="lmtune-config-") as resolved:
         resolved.write(OmegaConf.to_yaml(cfg, resolve=True))
         resolved.flush()
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   str(CONFIGS / f"{kind}.yaml"), "--num_processes", str(cfg.train.num_processes),
-                   script, f"{RESOLVED}={resolved.name}"]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(CONFIGS / f"{kind}.yaml"),
+            "--num_processes",
+            str(cfg.train.num_processes),
+            script,
+            f"{RESOLVED}={resolved.name}",
+        ]
         print(f"launching {cfg.train.num_processes} processes ({kind}): {' '.join(command[2:])}", flush=True)
         failed = subprocess.run(command).returncode != 0
     if failed:
-        raise DistributedError(f"distributed training ({kind}, {cfg.train.num_processes} processes) failed: "
-                               "see the processes' messages above")  # fmt: skip
+        raise DistributedError(
+            f"distributed training ({kind}, {cfg.train.num_processes} processes) failed: "
+            "see the processes' messages above"
+        )
 
 
 def accelerator():

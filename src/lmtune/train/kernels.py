@@ -51,8 +51,12 @@ def _flash_varlen_options() -> dict | None:
 def use_flash_varlen(query: torch.Tensor) -> bool:
     """Flash kernels exist for 16-bit CUDA tensors with head size up to 256; anything else takes
     the per-passage path."""
-    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256
-            and _flash_varlen_options() is not None)  # fmt: skip
+    return (
+        query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and query.shape[-1] <= 256
+        and _flash_varlen_options() is not None
+    )
 
 
 def _flash_varlen_attention(query, key, value, cu_seq_lens, max_length: int, scaling: float):
@@ -85,8 +89,9 @@ def _causal_attention(q, k, v, scaling: float) -> torch.Tensor:
     # below (per passage, 30 layers: 2.1-3.0 s against 1.4-1.6 s per micro-batch on the 2-core
     # bench machine)
     if q.is_cuda:
-        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scaling,
-                                              enable_gqa=True)[0]  # fmt: skip
+        return F.scaled_dot_product_attention(
+            q[None], k[None], v[None], is_causal=True, scale=scaling, enable_gqa=True
+        )[0]
     heads, length, dim = q.shape
     groups = k.shape[0]
     # each key head serves heads // groups query heads: broadcast instead of copying k and v
@@ -97,16 +102,27 @@ def _causal_attention(q, k, v, scaling: float) -> torch.Tensor:
     return (torch.softmax(scores, -1) @ v.unsqueeze(1)).view(heads, length, dim)
 
 
-def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                     cu_seq_lens_q=None, max_length_q=None, **kwargs):  # fmt: skip
+def varlen_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    cu_seq_lens_q=None,
+    max_length_q=None,
+    **kwargs,
+):
     """transformers attention function ([b, h, l, d] in, [b, l, h, d] out). With passage
     boundaries (`cu_seq_lens_q`, `max_length_q`, from `packed_segments`) each passage attends
     only to itself; without them, this is transformers' sdpa."""
     if cu_seq_lens_q is None or query.shape[2] != key.shape[2] or (dropout and module.training):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)  # fmt: skip
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     batch, heads, length, dim = query.shape
     scaling = dim**-0.5 if scaling is None else scaling
     if use_flash_varlen(query):
@@ -159,8 +175,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          chunk: int = 256) -> torch.Tensor:  # fmt: skip
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 256
+) -> torch.Tensor:
     """Mean next-token loss of hidden states [b, l, d] through a frozen head `weight` [v, d], as
     transformers computes it (labels shifted by one, -100 unscored), without whole-batch logits."""
     if weight.requires_grad:

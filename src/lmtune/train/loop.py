@@ -77,8 +77,14 @@ def _save_checkpoint(directory: Path, model, optimizer, scheduler, scaler, state
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in lora_state(model).items()}, tmp / "lora.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict()}, tmp / "optim.pt")  # fmt: skip
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+        },
+        tmp / "optim.pt",
+    )
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -140,10 +146,12 @@ def _check_gradients(model, step: int) -> None:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
     if not named:
         return
-    alive = torch.stack([
-        p.grad.ne(0).any() if p.grad is not None else torch.zeros((), dtype=torch.bool, device=p.device)
-        for _, p in named
-    ]).tolist()  # fmt: skip
+    alive = torch.stack(
+        [
+            p.grad.ne(0).any() if p.grad is not None else torch.zeros((), dtype=torch.bool, device=p.device)
+            for _, p in named
+        ]
+    ).tolist()
     dead = [n for (n, _), ok in zip(named, alive, strict=True) if not ok]
     if dead:
         raise TrainingError(
@@ -178,8 +186,10 @@ def to_device(batch: dict | None) -> dict | None:
     """Host tensors to the training device; on a GPU from pinned memory, without blocking the host."""
     if batch is None or device().type != "cuda":
         return batch
-    return {k: v.pin_memory().to(device(), non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}  # fmt: skip
+    return {
+        k: v.pin_memory().to(device(), non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
 
 
 def prepare_model(model, tc: DictConfig) -> None:
@@ -218,8 +228,15 @@ def recompute_name(every_n: int | None, offload: bool) -> str:
     return ("every layer" if every_n == 1 else f"every {every_n} layers") + (" offloaded" if offload else "")
 
 
-def choose_recompute(model, probe: list[list[int]], tc: DictConfig, pad_id: int, autocast,
-                     budget_gib: float | None = None, peak_gib: Callable[[], float] | None = None) -> dict:  # fmt: skip
+def choose_recompute(
+    model,
+    probe: list[list[int]],
+    tc: DictConfig,
+    pad_id: int,
+    autocast,
+    budget_gib: float | None = None,
+    peak_gib: Callable[[], float] | None = None,
+) -> dict:
     """train.gradient_checkpointing=auto: the least recompute whose peak fits the budget, measured.
 
     One forward and backward of `probe` (the micro-batch with the longest passages) per candidate,
@@ -265,9 +282,12 @@ def choose_recompute(model, probe: list[list[int]], tc: DictConfig, pad_id: int,
     if device().type == "cuda":  # the training peak reported later is training's, not the probe's
         torch.cuda.reset_peak_memory_stats()
     fits = measured[name] <= budget_gib
-    print(f"recompute (gradient_checkpointing=auto, budget {budget_gib:.1f} GiB): {name}; measured peaks "
-          + ", ".join(f"{k} {v} GiB" for k, v in measured.items())
-          + ("" if fits else " - none fits: the least memory instead"), flush=True)  # fmt: skip
+    print(
+        f"recompute (gradient_checkpointing=auto, budget {budget_gib:.1f} GiB): {name}; measured peaks "
+        + ", ".join(f"{k} {v} GiB" for k, v in measured.items())
+        + ("" if fits else " - none fits: the least memory instead"),
+        flush=True,
+    )
     return {
         "recompute": name,
         "budget_gib": round(budget_gib, 2),
@@ -285,8 +305,11 @@ def steady_rate(step_times: list[dict], warmup: int) -> dict:
             sum(s["tokens"] for s in steps) / max(sum(s["seconds"] for s in steps), 1e-9) if steps else None
         )
 
-    return {"warmup_steps": min(warmup, len(step_times)), "warmup_tokens_per_second": rate(step_times[:warmup]),
-            "steady_tokens_per_second": rate(step_times[warmup:])}  # fmt: skip
+    return {
+        "warmup_steps": min(warmup, len(step_times)),
+        "warmup_tokens_per_second": rate(step_times[:warmup]),
+        "steady_tokens_per_second": rate(step_times[warmup:]),
+    }
 
 
 def train(
@@ -319,8 +342,15 @@ def train(
     scaler = torch.amp.GradScaler(device().type, enabled=compute == torch.float16)
     initial = lora_state(model)  # LoRA init is seeded, so this holds after a resume too
     fp = fingerprint(cfg, train_seqs)
-    state = {"step": 0, "fingerprint": fp, "train_curve": [], "val_curve": [], "tokens": 0, "seconds": 0.0,
-             "step_times": []}  # fmt: skip
+    state = {
+        "step": 0,
+        "fingerprint": fp,
+        "train_curve": [],
+        "val_curve": [],
+        "tokens": 0,
+        "seconds": 0.0,
+        "step_times": [],
+    }
     resumed_from = None
     if checkpoint := latest_checkpoint(checkpoint_dir, fp):
         state = _load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
@@ -342,8 +372,11 @@ def train(
     # the scheduler is stepped here, once per optimizer step, not prepared
     model, optimizer = accelerator.prepare(model, optimizer)
     if processes > 1:
-        print(f"process {rank + 1} of {processes}: global batch {tc.batch_size} x {tc.grad_accum} x "
-              f"{processes} passages", flush=True)  # fmt: skip
+        print(
+            f"process {rank + 1} of {processes}: global batch {tc.batch_size} x {tc.grad_accum} x "
+            f"{processes} passages",
+            flush=True,
+        )
 
     model.train()
     bar = tqdm(

@@ -49,5 +49,8 @@ class Answer(evaluate.Metric):
         ]
         scores = [max(f1(p, r) for r in refs) for p, refs in zip(predictions, references, strict=True)]
         n = max(len(scores), 1)
-        return {"exact_match": sum(exact) / n, "answer_f1": sum(scores) / n,
-                "per_example": {"exact_match": exact, "answer_f1": scores}}  # fmt: skip
+        return {
+            "exact_match": sum(exact) / n,
+            "answer_f1": sum(scores) / n,
+            "per_example": {"exact_match": exact, "answer_f1": scores},
+        }
