@@ -29,6 +29,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _usual_modes(tmp)
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         path.rename(old)
@@ -36,6 +37,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(path)
+
+
+def _usual_modes(folder: Path) -> None:
+    """Files as the user's umask makes them: some writers (safetensors) create theirs 0600, which
+    another account (a serving user) could not read."""
+    mask = _umask()
+    for item in folder.rglob("*"):
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 def _umask() -> int:

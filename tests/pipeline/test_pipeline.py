@@ -397,6 +397,38 @@ def test_sigkill_during_finetune_then_repro_resumes_from_the_checkpoint(repo):
     assert "up to date" in sh("dvc", "status", cwd=dest).stdout
 
 
+def test_a_second_pipeline_is_refused_while_a_real_dvc_repro_runs(repo):
+    """`make params` and `make run` in the same folder while `dvc repro` trains: both refuse before
+    writing anything, so params.yaml, dvc.lock and MLflow keep describing what the stages ran."""
+    dest, _ = repo
+    long = ["experiment=smoke", "train.max_steps=400", "train.checkpoint_every=400", "train.eval_every=400"]
+    sh(sys.executable, "-m", "lmtune.cli.params", "--force", *long, cwd=dest)
+    before = (dest / "params.yaml").read_text()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    proc = subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=dest,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        rwlock, deadline = dest / ".dvc/tmp/rwlock", time.monotonic() + 120
+        while "models/adapter" not in (rwlock.read_text() if rwlock.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, "finetune did not start"
+            time.sleep(0.2)
+        for command in ("lmtune.cli.params", "lmtune.cli.pipeline"):
+            second = sh(sys.executable, "-m", command, "experiment=smoke", "lora.r=2", cwd=dest, check=False)
+            assert second.returncode == 2 and "a pipeline is running" in second.stderr, second.stderr
+            assert "Traceback" not in second.stderr and (dest / "params.yaml").read_text() == before
+        assert proc.poll() is None  # the first pipeline trained on, undisturbed
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        shutil.rmtree(dest / "models/checkpoints", ignore_errors=True)
+
+
 def test_dvc_exp_run_composes_conf_with_the_override(repo):
     """DVC composes conf/ itself, so the profile is passed too."""
     dest, _ = repo

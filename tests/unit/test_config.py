@@ -218,3 +218,29 @@ def test_each_option_list_of_the_code_is_the_schemas():
     assert set(READERS) == set(CHOICES["data.source"])
     assert METHODS is QUANTIZE_METHODS and set(CHOICES["quantize.method"]) == set(QUANTIZE_METHODS)
     assert {p.stem for p in (CONF / "quantize").glob("*.yaml")} == set(QUANTIZE_METHODS)
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("lora.rank=8", "lora.rank: conf/ has no such key (did you mean lora.r?)"),
+        ("train.epochs=3", "train.epochs: conf/ has no such key; see conf/config.yaml"),
+        ("data.files=x.jsonl", "data.files is a list; write data.files=[x.jsonl]"),
+    ],
+)
+def test_a_mistyped_override_gets_advice_that_fits_it(override, says):
+    with pytest.raises(ConfigError) as refused:
+        compose_conf(["experiment=smoke", override], conf_dir=CONF)
+    assert says in str(refused.value) and "+" not in str(refused.value).split(":")[0]
+
+
+def test_a_stage_override_of_a_group_or_an_unknown_key_says_where_it_belongs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(
+        OmegaConf.to_yaml(compose_conf(["experiment=smoke"], conf_dir=CONF))
+    )
+    with pytest.raises(ConfigError, match=r"'model' is a config group; switch it when composing"):
+        load(["model=llama2_7b"])
+    with pytest.raises(ConfigError, match=r"has no key 'lora.rank'"):
+        load(["lora.rank=8"])
+    assert load(["lora.r=8", "data.files=[a.jsonl]"]).lora.r == 8

@@ -158,7 +158,7 @@ def test_cleaning_counts_what_it_drops(tmp_path):
 @pytest.mark.parametrize(
     "name, content, kw, match",
     [
-        ("bad.jsonl", '{"text": "ok"}\n{"text": broken\n', {}, r"bad\.jsonl: cannot be read as json"),
+        ("bad.jsonl", '{"text": "ok"}\n{"text": broken\n', {}, r"bad\.jsonl:2: not valid JSON"),
         ("col.jsonl", json.dumps({"body": "x"}) + "\n", {}, r"col\.jsonl:1: no 'text' field"),
         ("dict.jsonl", '{"text": "ok"}\n{"text": {"a": 1}}\n', {}, r"dict\.jsonl:2: 'text' is a dict"),
         (
@@ -186,8 +186,8 @@ def test_bad_input_names_the_file_and_row(tmp_path, name, content, kw, match):
 def test_bad_rows_can_be_skipped_and_are_counted(tmp_path):
     rows = '{"text": "ok"}\n{"text": {"a": 1}}\n{"body": "x"}\n{"text": "fine"}\n'
     kept, dropped = load_rows(files_cfg(tmp_path, "a.jsonl", rows, on_bad_row="skip"))
-    # datasets reads a file as columns: a row without the field holds null there, an empty row
-    assert [r["text"] for r in kept] == ["ok", "fine"] and dropped == {"bad_row": 1, "empty": 1}
+    # each JSONL line is read as written: a row without the field is a bad row, as one with a dict
+    assert [r["text"] for r in kept] == ["ok", "fine"] and dropped == {"bad_row": 2}
 
 
 def test_missing_and_unwatched_files_are_named(tmp_path):
@@ -285,7 +285,7 @@ def test_packing_a_whole_split_fills_rows_and_rejects_what_cannot_fit():
 
 @pytest.mark.parametrize("attention, rows", [("varlen", 1), ("sdpa", 2)])
 def test_packed_micro_batches_hold_the_passages_of_padded_ones_without_padding(attention, rows):
-    from lmtune.train.loop import batch_maker
+    from lmtune.train.step import batch_maker
 
     seqs = [[i + 1] * (5 + i % 20) for i in range(200)]
     cfg = OmegaConf.create(
@@ -328,3 +328,27 @@ def test_packed_batch_gives_the_same_logits_and_loss_as_padded(tiny_base, tiny_s
                 alone = model(input_ids=torch.tensor([seq])).logits[0]
                 assert torch.allclose(logits[r, start : start + len(seq)], alone, atol=1e-4)
                 start += len(seq)
+
+
+def test_one_broken_json_line_is_named_by_its_line_and_follows_on_bad_row(tmp_path):
+    """Line numbers count every line of the file (blank ones too), from 1."""
+    lines = [json.dumps({"text": f"passage number {i}"}) for i in range(12)]
+    lines[9] = ""  # a blank line 10
+    lines[10] = '{"text": "cut off'  # line 11
+    text = "\n".join(lines) + "\n"
+    with pytest.raises(DataError, match=r"a\.jsonl:11: not valid JSON .*data\.on_bad_row=skip"):
+        load_rows(files_cfg(tmp_path, "a.jsonl", text))
+    kept, dropped = load_rows(files_cfg(tmp_path, "a.jsonl", text, on_bad_row="skip"))
+    assert len(kept) == 10 and dropped == {"bad_row": 1}
+
+
+def test_conversations_read_as_text_and_a_header_only_csv_say_what_they_are(tmp_path):
+    chat = json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}]}
+    )
+    with pytest.raises(
+        DataError, match=r"c\.jsonl:1: 'messages' holds conversations, not text; set data\.format=chat"
+    ):
+        load_rows(files_cfg(tmp_path, "c.jsonl", chat + "\n"))
+    with pytest.raises(DataError, match=r"no usable row .*the source is empty"):
+        load_rows(files_cfg(tmp_path, "h.csv", "text\n"))

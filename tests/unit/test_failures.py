@@ -1,6 +1,8 @@
 """Every failure early, clear and harmless: bad values refused at composition, naming the key;
 a params.yaml that cannot be trusted refused before any stage; output folders with the user's mode."""
 
+import contextlib
+import json
 import os
 import re
 import subprocess
@@ -8,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import zc.lockfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
@@ -111,17 +112,32 @@ def test_an_unknown_key_typed_into_params_yaml_is_refused_before_any_stage(tmp_p
 
 
 def test_params_are_not_rewritten_while_a_pipeline_runs(tmp_path, monkeypatch, capsys):
-    """dvc.lock would record params its running stages did not use: the lineage would lie."""
+    """dvc.lock would record params its running stages did not use: the lineage would lie. Here the
+    holders are stood in for (another lmtune command's flock, a stage DVC runs); a real `dvc repro`
+    in another process is tests/pipeline/test_pipeline.py's."""
+    import fcntl
+    import json
+
+    from lmtune.cli.lock import LOCK_FILE
+
     in_repo_copy(tmp_path, monkeypatch)
-    (tmp_path / ".dvc/tmp").mkdir(parents=True)
+    (tmp_path / ".dvc/tmp").mkdir(parents=True, exist_ok=True)
     before = Path("params.yaml").read_text()
-    lock = zc.lockfile.LockFile(str(tmp_path / ".dvc/tmp/lock"))  # what dvc repro holds
-    try:
+    with open(LOCK_FILE, "a+") as held:  # another `make run` of this repository
+        fcntl.flock(held, fcntl.LOCK_EX)
         assert main(["experiment=smoke", "lora.r=4"]) == 2
-    finally:
-        lock.close()
     assert "a pipeline is running" in capsys.readouterr().err and Path("params.yaml").read_text() == before
-    assert main(["experiment=smoke", "lora.r=4"]) == 0  # once it is done
+    rwlock = {"write": {"models/base": {"pid": os.getpid(), "cmd": "dvc repro"}}, "read": {}}
+    Path(".dvc/tmp/rwlock").write_text(json.dumps(rwlock))  # DVC running a stage, as it records it
+    assert main(["experiment=smoke", "lora.r=4"]) == 2
+    assert f"PID {os.getpid()}: dvc repro" in capsys.readouterr().err
+    assert Path("params.yaml").read_text() == before
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    rwlock["write"]["models/base"]["pid"] = int(dead.stdout)  # a DVC that died: its entry is stale
+    Path(".dvc/tmp/rwlock").write_text(json.dumps(rwlock))
+    assert main(["experiment=smoke", "lora.r=4"]) == 0  # nothing runs any more
 
 
 def test_one_passage_per_line_text_says_how_text_files_are_split(tmp_path):
@@ -143,9 +159,15 @@ def test_output_folders_get_the_users_mode(tmp_path):
     try:
         with atomic_dir(tmp_path / "out") as out:
             (out / "f").write_text("x")
+            (out / "weights").write_text("x")
+            (out / "weights").chmod(0o600)  # as safetensors writes its files
     finally:
         os.umask(previous)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()} == {
+        "f": 0o644,
+        "weights": 0o644,
+    }
 
 
 def make(*args) -> str:
@@ -165,3 +187,60 @@ def test_the_sweep_summary_command_is_one_the_installed_dvc_accepts():
     dvc = Path(sys.executable).parent / "dvc"
     result = subprocess.run([dvc, "exp", "show", *args, "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "raised, code, says",
+    [
+        (KeyboardInterrupt(), 130, "stopped. Nothing half-written was kept"),
+        (OSError(28, "No space left on device", "models/merged/model.safetensors"), 2, "the disk is full"),
+        (
+            RuntimeError("Error while serializing: IoError(Os { code: 28, ... }) os error 28"),
+            2,
+            "the disk is full",
+        ),
+    ],
+)
+def test_ctrl_c_and_a_full_disk_end_a_stage_with_one_line(tmp_path, monkeypatch, capsys, raised, code, says):
+    from lmtune.cli import runner
+
+    in_repo_copy(tmp_path, monkeypatch)
+    monkeypatch.setattr(runner.tracking, "stage_run", lambda cfg, name: contextlib.nullcontext())
+
+    def stage_x(cfg):
+        raise raised
+
+    assert runner.run_stage(stage_x, argv=[]) == code
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unexpected_error_still_shows_its_traceback(tmp_path, monkeypatch):
+    from lmtune.cli import runner
+
+    in_repo_copy(tmp_path, monkeypatch)
+    monkeypatch.setattr(runner.tracking, "stage_run", lambda cfg, name: contextlib.nullcontext())
+
+    def stage_x(cfg):
+        raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError):
+        runner.run_stage(stage_x, argv=[])
+
+
+def test_a_model_that_needs_its_own_code_says_which_switch_allows_it(tmp_path, tiny_base, smoke_cfg):
+    """transformers' ValueError becomes one line naming model.trust_remote_code."""
+    import shutil
+
+    from lmtune.base.build import build_base
+    from lmtune.checkpoint import ModelError
+
+    model = tmp_path / "custom"
+    model.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "model.safetensors"):
+        shutil.copy(tiny_base / name, model / name)
+    auto_map = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XModel"}
+    (model / "config.json").write_text(json.dumps({"model_type": "custom_x", "auto_map": auto_map}))
+    cfg = OmegaConf.merge(smoke_cfg, {"model": {"source": "local", "path": str(model), "tiny": None}})
+    with pytest.raises(ModelError, match=r"set model.trust_remote_code=true"):
+        build_base(cfg, tmp_path / "base")

@@ -14,7 +14,8 @@ from lmtune.model.hardware import free_device_memory, placement
 from lmtune.model.load import load_for_training, load_full
 from lmtune.model.lora import add_lora, lora_state
 from lmtune.train import kernels
-from lmtune.train.loop import micro_batch_loss, prepare_model, to_device, train
+from lmtune.train.loop import train
+from lmtune.train.step import micro_batch_loss, prepare_model, to_device
 
 pytestmark = [
     pytest.mark.gpu,

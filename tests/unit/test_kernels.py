@@ -11,7 +11,7 @@ from lmtune.model.load import load_for_training
 from lmtune.model.lora import add_lora
 from lmtune.train import kernels
 from lmtune.train.kernels import chunked_cross_entropy, packed_segments, varlen_attention
-from lmtune.train.loop import micro_batch_loss, prepare_model
+from lmtune.train.step import micro_batch_loss, prepare_model
 
 
 class Attention(torch.nn.Module):

@@ -14,15 +14,10 @@ from lmtune.model import load
 from lmtune.model.hardware import cpu_has_bf16
 from lmtune.model.load import load_for_training, load_full, set_recompute
 from lmtune.model.lora import add_lora, lora_state
-from lmtune.train import loop as training
-from lmtune.train.loop import (
-    WARMUP_STEPS,
-    TrainingError,
-    choose_recompute,
-    micro_batch_loss,
-    prepare_model,
-    train,
-)
+from lmtune.train import recompute
+from lmtune.train.loop import WARMUP_STEPS, TrainingError, train
+from lmtune.train.recompute import choose_recompute
+from lmtune.train.step import micro_batch_loss, prepare_model
 
 
 def make_cfg(smoke_cfg, **sections):
@@ -240,7 +235,7 @@ def test_auto_recompute_takes_the_least_recompute_whose_measured_peak_fits(
     layers = model.get_base_model().model.layers
     offloads = []
     monkeypatch.setattr(
-        training,
+        recompute,
         "set_recompute",
         lambda base, n, offload=False: (offloads.append(offload), set_recompute(base, n, offload)),
     )

@@ -76,6 +76,13 @@ def _from_pretrained(cfg: DictConfig):
         model = AutoModelForCausalLM.from_pretrained(
             cfg.path, dtype=DTYPES.get(cfg.dtype, "auto"), use_safetensors=not cfg.allow_pickle, **kwargs
         )
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ModelError(
+            f"model.path={cfg.path} needs code shipped with the model to load. Read that code; if you "
+            "trust it, set model.trust_remote_code=true"
+        ) from None
     except OSError as err:
         reason = str(err).splitlines()[0]
         raise ModelError(

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from lmtune import LmtuneError
+from lmtune.cli.lock import pipeline_lock
 from lmtune.config import PARAMS_FILE, ConfigError, validate
 
 HEADER = "# composed from conf/ by `make params`; overrides: {overrides}; body sha256: {sha}"
@@ -38,12 +40,42 @@ def compose_conf(overrides: list[str] | None = None, conf_dir: Path | None = Non
     from hydra.errors import HydraException
 
     conf_dir = Path(conf_dir or Path.cwd() / "conf").resolve()
+    overrides = list(overrides or [])
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
-            cfg = compose(config_name="config", overrides=list(overrides or []))
+            cfg = compose(config_name="config", overrides=overrides)
     except HydraException as err:
+        key = re.match(r"Could not override '([\w.]+)'", str(err))
+        if key:  # Hydra's advice (`+key=...`) would add a key no stage reads
+            raise ConfigError(
+                f"{key[1]}: conf/ has no such key{_did_you_mean(key[1], conf_dir)}; "
+                "see conf/config.yaml for every key"
+            ) from None
         raise ConfigError(f"conf/ with overrides {overrides}: {err}") from None
-    return validate(cfg, source=f"conf/config.yaml + {overrides or []}")
+    try:
+        return validate(cfg, source=f"conf/config.yaml + {overrides}")
+    except ConfigError as err:
+        for override in overrides:  # a list given without brackets: say how to write it
+            key, _, value = override.partition("=")
+            if f"key '{key}'" in str(err) and "ListConfig" in str(err):
+                raise ConfigError(
+                    f"{override}: {key} is a list; write {key}=[{value}] (in a shell: '{key}=[{value}]')"
+                ) from None
+        raise
+
+
+def _did_you_mean(key: str, conf_dir: Path) -> str:
+    """A key of the same section that the typed one abbreviates or extends (lora.rank → lora.r),
+    or one spelled almost alike; nothing when no key is close."""
+    from lmtune.config import flatten
+
+    section, _, leaf = key.rpartition(".")
+    if not section or not (conf_dir / section / "default.yaml").is_file():
+        return ""
+    known = list(flatten(OmegaConf.load(conf_dir / section / "default.yaml")))
+    prefixed = [k for k in known if leaf.startswith(k) or k.startswith(leaf)]
+    close = prefixed if len(prefixed) == 1 else difflib.get_close_matches(leaf, known, n=1, cutoff=0.75)
+    return f" (did you mean {section}.{close[0]}?)" if close else ""
 
 
 def _body_sha(body: str) -> str:
@@ -126,31 +158,13 @@ def check_kept(path: Path) -> DictConfig:
     return load(root=path.resolve().parent) if path.name == PARAMS_FILE else validate(OmegaConf.load(path))
 
 
-def pipeline_running(root: Path = Path(".")) -> bool:
-    """Whether a `dvc repro` / `dvc exp run` holds the repository's lock right now."""
-    import zc.lockfile
-
-    lock = root / ".dvc" / "tmp" / "lock"
-    if not lock.parent.is_dir():
-        return False
-    try:
-        zc.lockfile.LockFile(str(lock)).close()
-    except zc.lockfile.LockError:
-        return True
-    return False
-
-
 def update(args: list[str], force: bool = False, keep: bool = False) -> DictConfig:
-    """Compose conf/ (with `args`) into params.yaml and return it, validated.
+    """Compose conf/ (with `args`) into params.yaml and return it, validated. Callers hold the
+    pipeline lock (lmtune.cli.lock).
 
     keep (`make run`): with no args, recompose with the overrides recorded in params.yaml, so conf/
     edits are picked up; if params.yaml holds values from elsewhere, keep it (checked) and say so.
     """
-    if pipeline_running():
-        raise ConfigError(
-            f"a pipeline is running (dvc holds .dvc/tmp/lock): rewriting {PARAMS_FILE} now "
-            "would record params in dvc.lock that its stages did not use. Wait for it, or stop it."
-        )
     if keep and not args:
         args = read_header(Path(PARAMS_FILE))[0] or []
     cfg = compose_conf(args)
@@ -176,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         return validate_grid([a for a in args if a != "--validate-grid"])
     force, keep = "--force" in args, "--keep" in args
     try:
-        update([a for a in args if a not in ("--force", "--keep")], force=force, keep=keep)
-    except ConfigError as err:
+        with pipeline_lock():
+            update([a for a in args if a not in ("--force", "--keep")], force=force, keep=keep)
+    except LmtuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lmtune import LmtuneError
 from lmtune.cli import params
+from lmtune.cli.lock import pipeline_lock
 from lmtune.track import runs as tracking
 
 
@@ -36,10 +37,15 @@ def restore_missing(saved: dict[Path, bytes]) -> list[Path]:
 
 def main(argv: list[str]) -> int:
     try:
-        cfg = params.update(argv, keep=True)  # composed and validated once, here
+        with pipeline_lock():  # held from before params.yaml is written until the last MLflow sync
+            return _run(argv)
     except LmtuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _run(argv: list[str]) -> int:
+    cfg = params.update(argv, keep=True)  # composed and validated once, here
     saved = snapshot(Path(cfg.paths.metrics))
     try:
         code = subprocess.call(["dvc", "repro"])
@@ -53,11 +59,8 @@ def main(argv: list[str]) -> int:
                 file=sys.stderr,
             )
         return code
-    try:  # stages DVC skipped after the last one that ran: their numbers too
-        print(f"MLflow run {tracking.sync(cfg).run_id} holds every stage's metrics")
-    except LmtuneError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # stages DVC skipped after the last one that ran: their numbers too
+    print(f"MLflow run {tracking.sync(cfg).run_id} holds every stage's metrics")
     return 0
 
 

@@ -7,6 +7,7 @@ instead of a traceback. `--multirun` (Hydra) is offered by stages that name the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import inspect
 import json
 import sys
@@ -69,9 +70,32 @@ def run_stage(run: Stage, argv: list[str] | None = None, multirun_outputs: tuple
     except LmtuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: {stage_name(run)} stopped. Nothing half-written was kept (an output appears only "
+            "once complete); rerun to go on (finetune resumes from its last checkpoint).",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception as err:
+        if not _disk_full(err):
+            raise
+        print(
+            f"error: the disk is full ({str(err).splitlines()[0]}). Nothing half-written was kept; free "
+            "space (df -h; dvc gc removes unused cache) and rerun.",
+            file=sys.stderr,
+        )
+        return 2
     if distributed.is_main():
         print(json.dumps(metrics, indent=2, default=str))
     return 0
+
+
+def _disk_full(err: BaseException) -> bool:
+    """No space left: an OSError, or a library's own error carrying it (safetensors: os error 28)."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    return "No space left on device" in str(err) or "os error 28" in str(err)
 
 
 def _multirun(run: Stage, overrides: list[str], outputs: tuple[str, ...]) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import json
 import os
 import re
 from collections import Counter
@@ -168,6 +169,28 @@ def data_files(cfg: DictConfig) -> list[Path]:
     return found
 
 
+def _json_lines(path: Path) -> list[tuple[dict | ValueError, int]]:
+    """A JSONL file line by line: (the record, or why the line is not one; its 1-based line number).
+    Read here rather than by `datasets`, which fails a whole file on one broken line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); convert it (iconv -t utf-8)") from None
+    records: list[tuple[dict | ValueError, int]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            records.append((ValueError(f"not valid JSON ({err.msg}, column {err.colno})"), number))
+            continue
+        if not isinstance(record, dict):
+            record = ValueError(f"a JSON {type(record).__name__}, not an object with fields")
+        records.append((record, number))
+    return records
+
+
 def _load_file(path: Path):
     """One file through `datasets` (offline for local files). Plain text: one passage per block of
     lines separated by a blank line."""
@@ -176,6 +199,8 @@ def _load_file(path: Path):
     kind = LOADERS[path.suffix.lower()]
     if not path.read_bytes().strip():
         return []  # datasets refuses an empty file; it simply holds no row
+    if kind == "csv" and len(path.read_bytes().strip().splitlines()) == 1:
+        return []  # a header and no row: no row (datasets would say no split has data)
     extra = {"sample_by": "paragraph"} if kind == "text" else {}
     try:
         return load_dataset(kind, data_files=str(path), split="train", **extra)
@@ -210,6 +235,8 @@ def _hub(cfg: DictConfig):
 def _row(record: dict, cfg: DictConfig) -> dict:
     """A record of the user's data → {"text"} or {"messages"}; ValueError says what is wrong."""
     if cfg.format == "text":
+        if cfg.text_column not in record and record.get(cfg.messages_column) is not None:
+            raise ValueError(f"'{cfg.messages_column}' holds conversations, not text; set data.format=chat")
         if cfg.text_column not in record:
             raise ValueError(f"no '{cfg.text_column}' field (fields: {sorted(record)}); set data.text_column")
         text = record[cfg.text_column]
@@ -251,6 +278,9 @@ def _records(cfg: DictConfig) -> list[tuple[dict, str]]:
         return [(dict(r), f"{cfg.hub_id}[{i}]") for i, r in enumerate(_hub(cfg))]
     out = []
     for path in data_files(cfg):
+        if path.suffix.lower() == ".jsonl":
+            out += [(record, f"{path}:{number}") for record, number in _json_lines(path)]
+            continue
         dataset = _load_file(path)
         line = 1 if path.suffix.lower() == ".csv" else 0  # a CSV's row 1 is its header
         out += [(dict(r), f"{path}:{i + 1 + line}") for i, r in enumerate(dataset)]
@@ -268,6 +298,8 @@ def _user_rows(cfg: DictConfig, dropped: Counter) -> list[dict]:
     rows = []
     for record, where in _records(cfg):
         try:
+            if isinstance(record, ValueError):  # a line that is not a record (JSONL)
+                raise record
             rows.append({**_row(record, cfg), "source": where.split(":")[0].split("[")[0]})
         except ValueError as err:
             if cfg.on_bad_row == "error":
