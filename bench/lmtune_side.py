@@ -16,7 +16,8 @@ from lmtune.config import load
 from lmtune.data.sequences import read_sequences
 from lmtune.model.load import load_for_training
 from lmtune.model.lora import add_lora
-from lmtune.train.loop import batch_maker, train
+from lmtune.train.loop import train
+from lmtune.train.step import batch_maker
 
 
 def steps_for_budget(train_seqs, cfg, pad_id: int, tokens: int) -> int:

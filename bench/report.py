@@ -56,7 +56,7 @@ def micro_batch_rate(overrides: list[str], autocast: bool, steps: int, join: int
     from lmtune.data.sequences import read_sequences
     from lmtune.model.load import load_for_training
     from lmtune.model.lora import add_lora
-    from lmtune.train.loop import batch_maker, micro_batch_loss, prepare_model
+    from lmtune.train.step import batch_maker, micro_batch_loss, prepare_model
 
     cfg = load(overrides)
     tokenizer = load_tokenizer(cfg.paths.base)

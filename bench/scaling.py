@@ -7,12 +7,14 @@ same number of tokens per step), and data preparation time (tokenizing) against 
 import argparse
 import math
 import time
+from pathlib import Path
 
+import pandas as pd
 from report import micro_batch_rate
 
 from lmtune.checkpoint import load_tokenizer
 from lmtune.config import load
-from lmtune.data.sequences import read_split, tokenize
+from lmtune.data.sequences import tokenize
 
 TOKENS_PER_STEP = 2048
 PASSAGE_TOKENS = 156  # the default data's mean passage length
@@ -38,7 +40,9 @@ def main() -> None:
 
     cfg = load()
     tokenizer = load_tokenizer(cfg.paths.base)
-    texts = read_split(cfg.paths.processed, "train")
+    texts = pd.read_parquet(Path(cfg.paths.processed) / "train.parquet")[
+        "text"
+    ].tolist()  # as prepare wrote it
     lines += ["", "| training passages | tokenize s | tokens |", "|---|---|---|"]
     for n in (len(texts) // 8, len(texts) // 2, len(texts)):
         began = time.perf_counter()
