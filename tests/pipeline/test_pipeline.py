@@ -173,8 +173,7 @@ def test_one_mlflow_run_holds_params_metrics_and_artifacts(repo):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("lmtune").experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
+    (run,) = [r for r in runs if r.data.tags.get(tracking.PARAMS_HASH_TAG) == workspace_hash(dest)]  # one
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
     assert run.data.tags["lmtune.params_hash"] and "dvc_experiment" not in run.data.tags  # plain dvc repro
@@ -195,7 +194,8 @@ def test_one_mlflow_run_holds_params_metrics_and_artifacts(repo):
     assert {a.path for a in client.list_artifacts(run_id)} == {"metrics", "adapter", "base"}
     reports = {a.path.removeprefix("metrics/") for a in client.list_artifacts(run_id, "metrics")}
     assert {"samples.md", "eval.md", "train.json", "eval.json", "train_loss.csv"} <= reports
-    assert run.data.tags["git_commit"] == sh("git", "rev-parse", "HEAD", cwd=dest).stdout.strip()
+    ran_at = sh("git", "rev-parse", "HEAD~1", cwd=dest).stdout.strip()  # the fixture committed after the run
+    assert run.data.tags["git_commit"] == ran_at
     logged = json.dumps([run.data.params, run.data.tags])
     assert SECRET not in logged and SECRET not in (dest / "params.yaml").read_text()
 
