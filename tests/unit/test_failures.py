@@ -244,3 +244,36 @@ def test_a_model_that_needs_its_own_code_says_which_switch_allows_it(tmp_path, t
     cfg = OmegaConf.merge(smoke_cfg, {"model": {"source": "local", "path": str(model), "tiny": None}})
     with pytest.raises(ModelError, match=r"set model.trust_remote_code=true"):
         build_base(cfg, tmp_path / "base")
+
+
+def test_make_chat_without_a_model_says_to_run_the_pipeline(tmp_path, smoke_cfg):
+    """Not transformers' hub lookup for a folder that is not there (after make clean)."""
+    from lmtune import LmtuneError
+    from lmtune.cli.chat import Chat
+
+    with pytest.raises(LmtuneError, match=r"holds no model: run the pipeline first \(make run\)"):
+        Chat("fine-tuned", str(tmp_path / "models/merged"), smoke_cfg)
+
+
+def test_an_unwritable_output_folder_is_named_as_the_stages_output_not_its_input(
+    tmp_path, monkeypatch, smoke_cfg
+):
+    """models/ read-only (a mount, say) before finetune: the message names paths.adapter, which the
+    stage writes, not paths.base, which it only reads. (A real write is tried: as root, permission
+    bits would not stop one, so the refusal is stood in for.)"""
+    from lmtune.cli import runner
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    real = runner.tempfile.TemporaryFile
+
+    def read_only_models(dir):
+        if Path(dir).resolve() == (tmp_path / "models").resolve():
+            raise PermissionError(13, "Read-only file system")
+        return real(dir=dir)
+
+    monkeypatch.setattr(runner.tempfile, "TemporaryFile", read_only_models)
+    inputs = runner.stage_inputs("finetune", ROOT / "dvc.yaml")
+    assert inputs == {"base", "processed"}
+    with pytest.raises(ConfigError, match=r"^paths\.adapter=models/adapter: .*models is not writable"):
+        runner.check_writable(smoke_cfg, inputs)

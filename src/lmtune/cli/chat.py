@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -29,6 +30,8 @@ class Chat:
         from lmtune.model.load import load_full
 
         self.label, self.cfg, self.history = label, cfg, []
+        if not (Path(path) / "config.json").is_file():  # else transformers would look for it on the hub
+            raise LmtuneError(f"{path} holds no model: run the pipeline first (make run), or dvc pull it")
         self.tokenizer = load_tokenizer(path)
         if self.tokenizer.chat_template is None:
             raise LmtuneError(

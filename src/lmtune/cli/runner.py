@@ -10,11 +10,13 @@ import contextlib
 import errno
 import inspect
 import json
+import re
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from lmtune import LmtuneError
@@ -25,9 +27,21 @@ from lmtune.train import distributed
 Stage = Callable[[DictConfig], dict]
 
 
-def check_writable(cfg: DictConfig) -> None:
-    """Every output folder (or the nearest existing parent) must be writable before work starts."""
+def stage_inputs(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> set[str]:
+    """The `paths` keys a stage reads (its `${paths.X}` deps in dvc.yaml): they need not be writable."""
+    try:
+        deps = yaml.safe_load(dvc_yaml.read_text())["stages"][stage].get("deps", [])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return set()
+    return {m[1] for d in deps if (m := re.fullmatch(r"\$\{paths\.(\w+)\}", str(d)))}
+
+
+def check_writable(cfg: DictConfig, inputs: set[str] = frozenset()) -> None:
+    """Every folder the stage may write (or the nearest existing parent) must be writable before
+    work starts; its inputs are only read, and a problem with them is not named as theirs."""
     for key, value in cfg.paths.items():
+        if key in inputs:
+            continue
         path = Path(value)
         while not path.exists() and path != path.parent:
             path = path.parent
@@ -64,7 +78,7 @@ def run_stage(run: Stage, argv: list[str] | None = None, multirun_outputs: tuple
                 if distributed.is_main()
                 else contextlib.nullcontext()
             )
-        check_writable(cfg)
+        check_writable(cfg, stage_inputs(stage_name(run)))
         with tracked:
             metrics = run(cfg)
     except LmtuneError as err:
