@@ -87,6 +87,19 @@ def sweep(repo):
     return dest
 
 
+def background_repro(dest) -> subprocess.Popen:
+    """`dvc repro` in the copy, in its own process group (so a test can kill dvc and its stage)."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    return subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=dest,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def workspace_hash(dest) -> str:
     """The MLflow run identity of the configuration the copy's params.yaml holds."""
     from lmtune.config import load
@@ -373,15 +386,7 @@ def test_sigkill_during_finetune_then_repro_resumes_from_the_checkpoint(repo):
         "train.eval_every=50",
         cwd=dest,
     )
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    proc = subprocess.Popen(
-        ["dvc", "repro"],
-        cwd=dest,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = background_repro(dest)
     checkpoints = dest / "models/checkpoints"
     deadline = time.monotonic() + 120
     while not list(checkpoints.glob("step-*")) and time.monotonic() < deadline and proc.poll() is None:
@@ -404,15 +409,7 @@ def test_a_second_pipeline_is_refused_while_a_real_dvc_repro_runs(repo):
     long = ["experiment=smoke", "train.max_steps=400", "train.checkpoint_every=400", "train.eval_every=400"]
     sh(sys.executable, "-m", "lmtune.cli.params", "--force", *long, cwd=dest)
     before = (dest / "params.yaml").read_text()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    proc = subprocess.Popen(
-        ["dvc", "repro"],
-        cwd=dest,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = background_repro(dest)
     try:
         rwlock, deadline = dest / ".dvc/tmp/rwlock", time.monotonic() + 120
         while "models/adapter" not in (rwlock.read_text() if rwlock.exists() else ""):

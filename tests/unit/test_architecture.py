@@ -48,33 +48,14 @@ def test_no_import_cycles():
         visit(module, [module])
 
 
+PARTS = {
+    f"lmtune.{name}" for name in ("base", "data", "model", "train", "evaluate", "export", "track", "cli")
+}
 RULES = [
     ("lmtune.config", {"*"}),  # the schema stands alone
-    (
-        "lmtune.base",
-        {
-            "lmtune.data",
-            "lmtune.model",
-            "lmtune.train",
-            "lmtune.evaluate",
-            "lmtune.export",
-            "lmtune.track",
-            "lmtune.cli",
-        },
-    ),  # the base is built from its own code only
-    (
-        "lmtune.data",
-        {
-            "lmtune.base",
-            "lmtune.model",
-            "lmtune.train",
-            "lmtune.evaluate",
-            "lmtune.export",
-            "lmtune.track",
-            "lmtune.cli",
-        },
-    ),
-    ("lmtune.model", {"lmtune.base", "lmtune.train", "lmtune.evaluate", "lmtune.track", "lmtune.cli"}),
+    ("lmtune.base", PARTS - {"lmtune.base"}),  # the base is built from its own code only
+    ("lmtune.data", PARTS - {"lmtune.data"}),
+    ("lmtune.model", PARTS - {"lmtune.model", "lmtune.data", "lmtune.export"}),
     ("lmtune.evaluate", {"lmtune.track", "lmtune.cli"}),
     ("lmtune.export", {"lmtune.track", "lmtune.cli"}),
     ("lmtune.train", {"lmtune.track", "lmtune.cli"}),
