@@ -93,8 +93,8 @@ plots: setup  ## the loss curves as an HTML page that works offline (vega inline
 	cp .cache/dvc_plots/index.html metrics/plots.html
 	@echo "open metrics/plots.html"
 
-compare: setup  ## every finished run side by side: metrics/sweep.md + metrics/plots/*.png (logged to MLflow)
-	$(PY) -m lmtune.track.compare
+compare: setup  ## every finished run side by side: reports/sweep.md + reports/plots/*.png, logged to MLflow (OUT=metrics: the committed page)
+	$(PY) -m lmtune.track.compare $(if $(OUT),--out $(OUT))
 
 bench: setup  ## the usual QLoRA recipe vs lmtune, side by side (STEPS=10): metrics/bench.json, bench/RESULTS.md
 	$(PY) -m lmtune.cli.params --keep

@@ -84,6 +84,9 @@ class Model:
     name: str = MISSING
     source: str = one_of("gguf", "local", "hub", "tiny_random")
     path: str | None = MISSING
+    dependency: str = (
+        MISSING  # what DVC hashes for base: a local model's folder, else the code that builds it
+    )
     revision: str | None = MISSING
     gguf_package: str | None = MISSING
     gguf_file: str | None = MISSING
@@ -310,6 +313,12 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
         problems.append("data.validation_fraction + data.test_fraction: each must be > 0 and together < 1")
     if cfg.model.source in ("local", "hub") and not cfg.model.path:
         problems.append(f"model.path: required when model.source={cfg.model.source}")
+    elif cfg.model.source == "local" and cfg.model.dependency != cfg.model.path:
+        problems.append(
+            f"model.dependency={cfg.model.dependency}: must be model.path ({cfg.model.path}) for a local "
+            "model, so that DVC rebuilds models/base when that folder changes. `make params` sets it; "
+            f"with dvc exp run, add -S model.dependency={cfg.model.path}"
+        )
     if cfg.model.source == "tiny_random" and cfg.model.tiny is None:
         problems.append(
             "model.tiny: required when model.source=tiny_random (see conf/model/tiny_random.yaml)"

@@ -14,6 +14,7 @@ import pytest
 from repo_copy import BIN, ROOT, SECRET, copy_repo, free_port, git, sh, wait_until_healthy
 from safetensors.torch import load_file
 
+from lmtune.cli.pipeline import snapshot
 from lmtune.track import runs as tracking
 
 ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots of the UI test (git-ignored)
@@ -469,8 +470,11 @@ def test_queued_sweep_lands_in_the_one_store_and_compares(sweep):
         assert set(expected) <= set(run.data.metrics), set(expected) - set(run.data.metrics)
         assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 6
     assert not list((dest / ".dvc/tmp/exps").glob("**/mlflow.db"))  # no store left behind in a worker copy
+    committed = snapshot(dest / "metrics")
     sh(sys.executable, "-m", "lmtune.track.compare", cwd=dest)
-    table = (dest / "metrics/sweep.md").read_text()
+    assert snapshot(dest / "metrics") == committed  # the committed sweep page is rewritten only on request
+    assert "reports/" in sh("git", "check-ignore", "-v", "reports/sweep.md", cwd=dest).stdout
+    table = (dest / "reports/sweep.md").read_text()
     assert table.count("| tiny_random |") >= 3
     cells = [
         [c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("|")
@@ -478,7 +482,7 @@ def test_queued_sweep_lands_in_the_one_store_and_compares(sweep):
     wall = cells[0].index("wall s")  # every stage's wall time, summed per run
     assert all(float(row[wall]) > 0 for row in cells[2:] if "tiny_random" in row)
     for name in ("quality_vs_rank.png", "quality_vs_memory.png", "loss_curves.png"):
-        assert (dest / "metrics/plots" / name).read_bytes()[:4] == b"\x89PNG"
+        assert (dest / "reports/plots" / name).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_exp_apply_then_repro_reproduces_that_experiments_metrics(sweep):
@@ -661,3 +665,93 @@ def test_your_own_chat_data_trains_on_answers_is_judged_on_answers_and_versioned
     data.write_text(data.read_text().replace("It is", "That is"))
     changed = set(json.loads(sh("dvc", "status", "--json", cwd=dest).stdout))
     assert "prepare" in changed and "base" not in changed
+
+
+def test_a_local_model_folder_is_a_dependency_and_base_records_its_files(repo, tmp_path):
+    """model.source=local: DVC hashes the folder itself, so an edit there rebuilds models/base."""
+    dest, _ = repo
+    local = tmp_path / "my-model"
+    shutil.copytree(dest / "models/base", local)
+    sh(
+        sys.executable,
+        "-m",
+        "lmtune.cli.params",
+        "--force",
+        "experiment=smoke",
+        "model.source=local",
+        f"model.path={local}",
+        cwd=dest,
+    )
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.load(dest / "params.yaml").model.dependency == str(local)  # set by make params
+    sh("dvc", "repro", "base", cwd=dest)
+    assert json.loads(sh("dvc", "status", "--json", "base", cwd=dest).stdout) == {}
+    first = json.loads((dest / "models/base/source.json").read_text())["source_sha256"]
+    generation = json.loads((local / "generation_config.json").read_text())
+    (local / "generation_config.json").write_text(json.dumps({**generation, "temperature": 0.5}))
+    status = json.loads(sh("dvc", "status", "--json", "base", cwd=dest).stdout)
+    assert status == {"base": [{"changed deps": {str(local): "modified"}}]}
+    sh("dvc", "repro", "base", cwd=dest)
+    second = json.loads((dest / "models/base/source.json").read_text())["source_sha256"]
+    assert {name for name in first if first[name] != second[name]} == {"generation_config.json"}
+
+
+def test_a_copied_project_keeps_its_mlflow_artifacts_in_its_own_folder(repo, tmp_path):
+    """MLflow stores absolute artifact locations; a copy of the project must not write into the
+    original's mlartifacts/."""
+    dest, _ = repo
+    moved = tmp_path / "moved"
+    shutil.copytree(dest, moved, symlinks=True)
+    synced = sh(sys.executable, "-m", "lmtune.track.runs", cwd=moved)
+    assert "the project was copied or moved" in synced.stderr
+    run_id = synced.stdout.split()[2]
+    import mlflow
+
+    here = mlflow.MlflowClient(f"sqlite:///{moved / 'mlflow.db'}")
+    assert here.get_experiment_by_name("lmtune").artifact_location == (moved / "mlartifacts").as_uri()
+    assert here.get_run(run_id).info.artifact_uri.startswith((moved / "mlartifacts").as_uri())
+    assert (moved / "mlartifacts" / run_id / "artifacts/base/source.json").is_file()
+    original = mlflow.MlflowClient(f"sqlite:///{dest / 'mlflow.db'}")
+    assert original.get_experiment_by_name("lmtune").artifact_location == (dest / "mlartifacts").as_uri()
+    again = sh(sys.executable, "-m", "lmtune.track.runs", cwd=moved)
+    assert "copied or moved" not in again.stderr  # rewritten once
+
+
+def test_dvc_exp_run_without_the_profile_of_the_last_run_is_refused_with_the_command(repo):
+    """After a smoke run, `dvc exp run -S lora.r=5` would compose the full default (DVC knows only
+    the -S values): the first stage stops before any work and names the command that keeps smoke."""
+    dest, _ = repo
+    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", cwd=dest)
+    refused = sh("dvc", "exp", "run", "-S", "lora.r=5", cwd=dest, check=False)
+    said = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "without experiment=smoke" in said, said[-2000:]
+    assert "dvc exp run -S experiment=smoke -S lora.r=5" in said and "Traceback" not in said
+
+
+def test_a_smoke_run_leaves_the_workspace_results_alone(repo):
+    """`make run ARGS=experiment=smoke` where the workspace holds the default: a DVC experiment in a
+    temporary copy; params.yaml, dvc.lock and metrics/ here do not change, MLflow has its run."""
+    dest, _ = repo
+    sh(sys.executable, "-m", "lmtune.cli.params", "--force", cwd=dest)  # the workspace: the default
+    before = {
+        **snapshot(dest / "metrics"),
+        **{p: p.read_bytes() for p in (dest / "params.yaml", dest / "dvc.lock")},
+    }
+    smoke = sh(sys.executable, "-m", "lmtune.cli.pipeline", "experiment=smoke", "lora.r=6", cwd=dest)
+    assert "run as a DVC experiment in a temporary copy" in smoke.stdout
+    after = {
+        **snapshot(dest / "metrics"),
+        **{p: p.read_bytes() for p in (dest / "params.yaml", dest / "dvc.lock")},
+    }
+    assert after == before
+    shown = json.dumps(json.loads(sh("dvc", "exp", "show", "--json", cwd=dest).stdout))
+    assert '"r": 6' in shown
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{dest / 'mlflow.db'}")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("lmtune").experiment_id], "params.`lora.r` = '6'"
+    )
+    assert len(runs) == 1 and runs[0].data.tags.get("dvc_experiment")
+    assert runs[0].info.status == "FINISHED" and "eval.merged.perplexity" in runs[0].data.metrics

@@ -114,17 +114,23 @@ def test_a_q8_0_export_of_the_real_model_scores_the_test_split_as_transformers_d
     assert abs(perplexity["ours"] / perplexity["theirs"] - 1) < 0.01, perplexity
 
 
-def test_register_promote_and_another_process_loads_the_champion(shipped):
+def test_register_promote_and_a_process_in_another_folder_loads_the_champion(shipped, tmp_path):
     out = sh(sys.executable, "-m", "lmtune.track.registry", "register", cwd=shipped).stdout
     assert f"registered {NAME} version 1" in out
     out = sh(sys.executable, "-m", "lmtune.track.registry", "promote", cwd=shipped).stdout
     assert f"models:/{NAME}@champion is version 1" in out
+    uri = re.search(r"MLFLOW_TRACKING_URI=(\S+)", out)[1]  # the setting promote tells the user
+    assert uri == f"sqlite:///{shipped / 'mlflow.db'}"
     load = (
-        "import mlflow, sys; mlflow.set_tracking_uri('sqlite:///mlflow.db');"
+        "import mlflow, sys;"
         f"m = mlflow.pyfunc.load_model('models:/{NAME}@champion');"
         "print(m.metadata.run_id); print(repr(m.predict(['To be, or not to be'], params={'max_new_tokens': 8})))"
     )
-    run_id, prediction = sh(sys.executable, "-c", load, cwd=shipped).stdout.strip().splitlines()[-2:]
+    elsewhere = tmp_path / "service"  # a service in another folder, outside the repository
+    elsewhere.mkdir()
+    loaded = sh(sys.executable, "-c", load, cwd=elsewhere, env={"MLFLOW_TRACKING_URI": uri})
+    run_id, prediction = loaded.stdout.strip().splitlines()[-2:]
+    assert list(elsewhere.iterdir()) == []  # no stray store made there
     assert prediction.startswith("['To be, or not to be") and len(prediction) > len("['To be, or not to be']")
     check = (
         "import mlflow; c = mlflow.MlflowClient('sqlite:///mlflow.db');"

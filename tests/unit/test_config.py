@@ -244,3 +244,30 @@ def test_a_stage_override_of_a_group_or_an_unknown_key_says_where_it_belongs(tmp
     with pytest.raises(ConfigError, match=r"has no key 'lora.rank'"):
         load(["lora.rank=8"])
     assert load(["lora.r=8", "data.files=[a.jsonl]"]).lora.r == 8
+
+
+@pytest.mark.parametrize(
+    ("last", "overrides", "refused"),
+    [
+        ("smoke", ["lora.r=5"], True),  # the profile dropped: DVC composed the full default
+        ("smoke", ["experiment=smoke", "lora.r=5", "train.max_steps=100"], False),
+        ("smoke", ["experiment=sweep", "lora.r=5"], False),  # another profile, chosen on purpose
+        (None, ["lora.r=5"], False),  # the last run used the default
+    ],
+)
+def test_dvc_exp_run_must_keep_the_profile_of_the_last_run(tmp_path, monkeypatch, last, overrides, refused):
+    from lmtune.cli.params import check_profile_kept, record_profile
+
+    record_profile([f"experiment={last}"] if last else [], root=tmp_path)
+    cfg = compose_conf(overrides, conf_dir=CONF)
+    params = tmp_path / "params.yaml"
+    OmegaConf.save(cfg, params)  # as DVC writes it: no lmtune header
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-1")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    if refused:
+        with pytest.raises(ConfigError, match=r"dvc exp run -S experiment=smoke -S lora.r=5\. To vary"):
+            check_profile_kept(cfg, params, CONF)
+    else:
+        check_profile_kept(cfg, params, CONF)
+    write_params(cfg, params, overrides, force=True)  # composed by lmtune: never questioned
+    check_profile_kept(cfg, params, CONF)

@@ -194,8 +194,14 @@ def test_missing_and_unwatched_files_are_named(tmp_path):
     with pytest.raises(DataError, match=r"nope\.jsonl matches no file"):
         load_rows(files_cfg(tmp_path, "a.jsonl", '{"text": "x"}\n', files=[str(tmp_path / "nope.jsonl")]))
     outside = files_cfg(tmp_path, "a.jsonl", '{"text": "x"}\n', dir=str(tmp_path / "watched"))
-    with pytest.raises(DataError, match=r"outside data\.dir=.*watched.*Move \(or link\) it"):
+    with pytest.raises(
+        DataError, match=r"outside data\.dir=.*watched.*Move it \(or put a link to it\) under"
+    ):
         load_rows(outside)
+    (tmp_path / "watched").mkdir()
+    (tmp_path / "watched/link.jsonl").symlink_to(tmp_path / "a.jsonl")  # DVC hashes what it points at
+    linked = OmegaConf.merge(outside, {"files": [str(tmp_path / "watched/link.jsonl")]})
+    assert [r["text"] for r in load_rows(linked)[0]] == ["x"]
 
 
 def test_chat_rows_from_messages_or_prompt_and_response(tmp_path):
@@ -213,6 +219,52 @@ def test_chat_rows_from_messages_or_prompt_and_response(tmp_path):
     rows = [r["messages"] for r in load_rows(cfg)[0]]
     assert rows[0][0] == {"role": "system", "content": "Be brief."}
     assert rows[1] == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+
+
+def test_alpaca_and_sharegpt_files_become_conversations_that_learn_only_the_answers(tmp_path, tiny_seqs):
+    alpaca = [
+        {"instruction": "Translate to French.", "input": f"word {i}", "output": f"mot {i}"} for i in range(30)
+    ] + [{"instruction": "Say hello.", "input": "", "output": "Hello."}]
+    cfg = files_cfg(tmp_path, "a.jsonl", "".join(json.dumps(x) + "\n" for x in alpaca), format="chat")
+    rows = load_rows(cfg)[0]
+    assert rows[0]["messages"] == [
+        {"role": "user", "content": "Translate to French.\n\nword 0"},  # the input is part of the prompt
+        {"role": "assistant", "content": "mot 0"},
+    ]
+    assert rows[-1]["messages"][0] == {"role": "user", "content": "Say hello."}  # no empty input appended
+    parts = split(rows, seed=0, validation_fraction=0.1, test_fraction=0.1)
+    assert sum(map(len, parts.values())) == 31 and all(parts.values())  # one instruction, 31 prompts
+    sharegpt = {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "to be or"},
+            {"from": "gpt", "value": "not to be"},
+        ]
+    }
+    cfg = files_cfg(tmp_path, "s.json", json.dumps([sharegpt]), format="chat")
+    messages = load_rows(cfg)[0][0]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    _, tokenizer = tiny_seqs
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    )
+    seq = chat_sequence(messages, tokenizer)
+    learned = tokenizer.decode([t for t, m in zip(seq, seq.mask, strict=True) if m])
+    assert "not to be" in learned and "to be or" not in learned and "Be brief" not in learned
+    bad = files_cfg(
+        tmp_path, "b.jsonl", json.dumps({"conversations": [{"from": "bot", "value": "x"}]}), format="chat"
+    )
+    with pytest.raises(DataError, match=r"b\.jsonl:1: .*from: human\|gpt\|system"):
+        load_rows(bad)
+
+
+def test_one_prompt_for_every_conversation_is_named_as_such():
+    rows = [
+        {"messages": [{"role": "user", "content": "Same?"}, {"role": "assistant", "content": str(i)}]}
+        for i in range(40)
+    ]
+    with pytest.raises(DataError, match=r"only 1 distinct prompts among 40 conversations.*Alpaca"):
+        split(rows, seed=0, validation_fraction=0.1, test_fraction=0.1)
 
 
 def test_the_hub_offline_fails_at_once_saying_so(monkeypatch):

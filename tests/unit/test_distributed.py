@@ -66,8 +66,12 @@ def test_two_processes_train_as_one_does_with_the_same_global_batch(workspace):
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5  # fp32: reduction order only
     assert {p.name for p in (one / "adapter").iterdir()} == {p.name for p in (two / "adapter").iterdir()}
+    one_json, two_json = (json.loads((run / "metrics/train.json").read_text()) for run in (one, two))
     assert (
-        json.loads((two / "metrics/train.json").read_text())["train_tokens"]
-        == json.loads((one / "metrics/train.json").read_text())["train_tokens"]
-    )  # every passage counted once, by the process that read it
+        two_json["train_tokens"] == one_json["train_tokens"]
+    )  # every passage once, by the process that read it
+    assert (one_json["processes"], two_json["processes"]) == (1, 2)
+    assert one_json["global_batch_passages"] == two_json["global_batch_passages"]  # 4 x 2 x 1 = 4 x 1 x 2
+    for run in (one_json, two_json):  # global tokens over the wall time of the steps, for 1 and N alike
+        assert run["tokens_per_second"] == pytest.approx(run["train_tokens"] / run["train_seconds"])
     assert not (two / "ckpt").exists()

@@ -91,6 +91,12 @@ def _from_pretrained(cfg: DictConfig):
         ) from None
     commit = getattr(model.config, "_commit_hash", None)
     origin = {"origin": f"{cfg.source}:{cfg.path}", "revision": cfg.revision or commit, "sha256": None}
+    if cfg.source == "local":  # the source itself, not only the converted copy, is on record
+        origin["source_sha256"] = {
+            f.relative_to(cfg.path).as_posix(): sha256_file(f)
+            for f in sorted(Path(cfg.path).rglob("*"))
+            if f.is_file()
+        }
     return model, tokenizer, origin
 
 

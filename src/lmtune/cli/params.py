@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmtune import LmtuneError
 from lmtune.cli.lock import pipeline_lock
-from lmtune.config import PARAMS_FILE, ConfigError, validate
+from lmtune.config import PARAMS_FILE, ConfigError, flatten, validate
 
 HEADER = "# composed from conf/ by `make params`; overrides: {overrides}; body sha256: {sha}"
 _HEADER_RE = (
@@ -52,6 +53,8 @@ def compose_conf(overrides: list[str] | None = None, conf_dir: Path | None = Non
                 "see conf/config.yaml for every key"
             ) from None
         raise ConfigError(f"conf/ with overrides {overrides}: {err}") from None
+    if cfg.model.source == "local" and not any(o.startswith("model.dependency=") for o in overrides):
+        cfg.model.dependency = cfg.model.path  # DVC hashes the folder: an edit there rebuilds base
     try:
         return validate(cfg, source=f"conf/config.yaml + {overrides}")
     except ConfigError as err:
@@ -158,6 +161,74 @@ def check_kept(path: Path) -> DictConfig:
     return load(root=path.resolve().parent) if path.name == PARAMS_FILE else validate(OmegaConf.load(path))
 
 
+PROFILE_FILE = Path(".dvc") / "tmp" / "lmtune-profile.json"  # the profile of the last make run/params
+
+
+def profile_of(overrides: list[str] | None) -> str | None:
+    """The conf/experiment profile an override list picks (experiment=smoke → smoke), or None."""
+    picked = [o.split("=", 1)[1] for o in overrides or [] if o.startswith("experiment=")]
+    return picked[-1] if picked and picked[-1] not in ("null", "") else None
+
+
+def record_profile(overrides: list[str], root: Path = Path(".")) -> None:
+    """Remember the profile the user ran last, for `dvc exp run`, which composes conf/ from scratch."""
+    path = root / PROFILE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"experiment": profile_of(overrides), "overrides": overrides}))
+
+
+def _profile_keys(conf_dir: Path) -> dict[str, dict]:
+    """Each profile in conf/experiment → the keys it sets and their values."""
+    profiles = {}
+    for path in sorted((conf_dir / "experiment").glob("*.yaml")):
+        values = OmegaConf.to_container(OmegaConf.load(path))
+        values.pop("defaults", None)
+        profiles[path.stem] = flatten(values)
+    return profiles
+
+
+def check_profile_kept(
+    cfg: DictConfig, params_file: Path = Path(PARAMS_FILE), conf_dir: Path | None = None
+) -> None:
+    """Under `dvc exp run`: refuse a params.yaml composed without the profile the user ran last.
+
+    DVC composes conf/ with only the -S values given, so `dvc exp run -S lora.r=4` after
+    `make run ARGS=experiment=smoke` would silently run the full default. A profile counts as
+    chosen when most of the keys it sets hold its values; if none is, and the last `make run` or
+    `make params` used one, the stage stops before any work with the command that keeps it.
+    """
+    if not os.environ.get("DVC_EXP_NAME") or read_header(params_file)[0] is not None:
+        return  # not an experiment, or params.yaml composed by lmtune itself
+    marker = Path(os.environ.get("DVC_ROOT", ".")) / PROFILE_FILE
+    try:
+        last = json.loads(marker.read_text()).get("experiment")
+    except (OSError, ValueError):
+        return
+    conf_dir = conf_dir or params_file.resolve().parent / "conf"
+    if not last or not (conf_dir / "experiment" / f"{last}.yaml").exists():
+        return
+    flat = flatten(cfg)
+    for keys in _profile_keys(conf_dir).values():
+        if keys and sum(flat.get(k) == v for k, v in keys.items()) * 2 > len(keys):
+            return  # a profile was chosen (-S experiment=...)
+    default = flatten(compose_conf([], conf_dir))
+    given = [
+        f"-S {k}={_override_value(v)}"
+        for k, v in flat.items()
+        if k in default and default[k] != v and k != "model.dependency"
+    ]
+    raise ConfigError(
+        f"dvc exp run composed conf/ without experiment={last}, the profile your last `make run` or "
+        f"`make params` used (DVC composes only the -S values it is given). To vary that profile: "
+        f"dvc exp run -S experiment={last} {' '.join(given)}".rstrip()
+        + ". To vary the full default instead, run `make params` first."
+    )
+
+
+def _override_value(value) -> str:
+    return json.dumps(value) if isinstance(value, list) else ("null" if value is None else str(value))
+
+
 def update(args: list[str], force: bool = False, keep: bool = False) -> DictConfig:
     """Compose conf/ (with `args`) into params.yaml and return it, validated. Callers hold the
     pipeline lock (lmtune.cli.lock).
@@ -168,6 +239,7 @@ def update(args: list[str], force: bool = False, keep: bool = False) -> DictConf
     if keep and not args:
         args = read_header(Path(PARAMS_FILE))[0] or []
     cfg = compose_conf(args)
+    record_profile(args)
     try:
         write_params(cfg, Path(PARAMS_FILE), args, force=force)
     except ParamsModified:

@@ -1,5 +1,7 @@
 """`make run`: params.yaml brought up to date with conf/, `dvc repro`, then every stage's numbers in
 this configuration's MLflow run; and, when a stage fails, the metrics DVC removed put back.
+`make run ARGS=experiment=smoke` in a workspace holding another profile runs as a DVC experiment in a
+temporary copy instead, so a quick look never overwrites the results committed there.
 
     python -m lmtune.cli.pipeline [key=value ...]
 
@@ -44,7 +46,13 @@ def main(argv: list[str]) -> int:
         return 2
 
 
+SCRATCH_PROFILES = ("smoke",)  # a first look: never written over the workspace's results
+
+
 def _run(argv: list[str]) -> int:
+    here = params.profile_of(params.read_header(Path(params.PARAMS_FILE))[0])
+    if params.profile_of(argv) in SCRATCH_PROFILES and here != params.profile_of(argv):
+        return _run_apart(argv)
     cfg = params.update(argv, keep=True)  # composed and validated once, here
     saved = snapshot(Path(cfg.paths.metrics))
     try:
@@ -62,6 +70,29 @@ def _run(argv: list[str]) -> int:
     # stages DVC skipped after the last one that ran: their numbers too
     print(f"MLflow run {tracking.sync(cfg).run_id} holds every stage's metrics")
     return 0
+
+
+def _run_apart(argv: list[str]) -> int:
+    """The smoke profile as a DVC experiment in a temporary copy (`dvc exp run --temp`): params.yaml,
+    dvc.lock and metrics/ here keep describing the results they hold. Its stages log into the same
+    MLflow store (DVC tells them the original root); `dvc exp apply` brings its outputs here."""
+    params.compose_conf(argv)  # composed and validated before anything runs
+    params.record_profile(argv)
+    print(
+        f"{' '.join(argv)}: run as a DVC experiment in a temporary copy, so params.yaml, dvc.lock and "
+        "metrics/ here stay as they are",
+        flush=True,
+    )
+    try:
+        code = subprocess.call(["dvc", "exp", "run", "--temp", *(f"--set-param={a}" for a in argv)])
+    except KeyboardInterrupt:
+        code = 130
+    if code == 0:
+        print(
+            "see it with `dvc exp show` and `make ui`; `dvc exp apply <name>` puts its params, "
+            "dvc.lock, metrics and models into this workspace"
+        )
+    return code
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from lmtune import LmtuneError
+from lmtune.cli.params import check_profile_kept
 from lmtune.config import PARAMS_FILE, ConfigError, load, validate
 from lmtune.track import runs as tracking
 from lmtune.train import distributed
@@ -78,6 +79,7 @@ def run_stage(run: Stage, argv: list[str] | None = None, multirun_outputs: tuple
                 if distributed.is_main()
                 else contextlib.nullcontext()
             )
+            check_profile_kept(cfg)
         check_writable(cfg, stage_inputs(stage_name(run)))
         with tracked:
             metrics = run(cfg)

@@ -47,6 +47,13 @@ def split(
     n_val = max(1, round(len(order) * validation_fraction))
     n_test = max(1, round(len(order) * test_fraction))
     if len(order) - n_val - n_test < 1:
+        if len(order) < len(rows):  # conversations grouped by prompt
+            raise DataError(
+                f"only {len(order)} distinct prompts among {len(rows)} conversations: too few for "
+                "train/validation/test, since conversations with the same prompt stay in one split "
+                "(a test prompt is never trained on). Give each example its own prompt (Alpaca: its "
+                "'input' is part of the prompt), or add data"
+            )
         raise DataError(
             f"only {len(order)} examples: too few for train/validation/test; add data (a .txt "
             "file holds one passage per block of lines, blocks separated by a blank line)"

@@ -158,10 +158,12 @@ def data_files(cfg: DictConfig) -> list[Path]:
                 "experiment (make sweep) only files git or DVC track exist: commit it, or `dvc add` it"
             )
         for path in matches:
-            if watched not in path.resolve().parents:
+            # a link inside the folder is watched too: DVC hashes what a link points at
+            if watched not in Path(os.path.abspath(path)).parents and watched not in path.resolve().parents:
                 raise DataError(
                     f"data.files: {path} is outside data.dir={cfg.dir}, the folder DVC watches: an edit "
-                    f"to it would not rerun prepare. Move (or link) it under {cfg.dir}/"
+                    f"to it would not rerun prepare. Move it (or put a link to it) under {cfg.dir}/, or "
+                    "set data.dir to the folder that holds it"
                 )
             if path.suffix.lower() not in LOADERS:
                 raise DataError(f"{path}: unsupported file type '{path.suffix}'; use {', '.join(LOADERS)}")
@@ -232,6 +234,48 @@ def _hub(cfg: DictConfig):
         ) from None
 
 
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+
+
+def _is_alpaca(record: dict, cfg: DictConfig) -> bool:
+    """Alpaca's instruction/input/output, read as such unless other prompt/response fields are set."""
+    return (
+        "instruction" in record
+        and "output" in record
+        and cfg.prompt_column in ("prompt", "instruction")
+        and cfg.prompt_column not in record.keys() - {"instruction"}
+    )
+
+
+def _alpaca(record: dict) -> list[dict]:
+    """instruction + input (when there is one) → the user turn; output → the answer. The input is
+    never dropped: a file of one instruction over many inputs is many different prompts."""
+    instruction, extra, output = record["instruction"], record.get("input") or "", record["output"]
+    if not all(isinstance(v, str) for v in (instruction, extra, output)):
+        raise ValueError("Alpaca's 'instruction', 'input' and 'output' must be text")
+    prompt = f"{instruction.strip()}\n\n{extra.strip()}" if extra.strip() else instruction.strip()
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+
+
+def _sharegpt(turns: list) -> list[dict]:
+    """ShareGPT's conversations of {from: human|gpt|system, value} → messages."""
+    messages = []
+    for turn in turns:
+        role = SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        if role is None or not isinstance(turn.get("value"), str):
+            raise ValueError(
+                "'conversations' (ShareGPT) must be a list of {from: human|gpt|system, value: text}"
+            )
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
 def _row(record: dict, cfg: DictConfig) -> dict:
     """A record of the user's data → {"text"} or {"messages"}; ValueError says what is wrong."""
     if cfg.format == "text":
@@ -255,15 +299,20 @@ def _row(record: dict, cfg: DictConfig) -> dict:
                 f"'{cfg.messages_column}' must be a list of {{role: system|user|assistant, content: text}}"
             )
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    elif _is_alpaca(record, cfg):
+        messages = _alpaca(record)
     elif cfg.prompt_column in record and cfg.response_column in record:
         prompt, response = record[cfg.prompt_column], record[cfg.response_column]
         if not isinstance(prompt, str) or not isinstance(response, str):
             raise ValueError(f"'{cfg.prompt_column}' and '{cfg.response_column}' must both be text")
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    elif isinstance(record.get("conversations"), list):
+        messages = _sharegpt(record["conversations"])
     else:
         raise ValueError(
-            f"neither '{cfg.messages_column}' nor '{cfg.prompt_column}'+'{cfg.response_column}' fields "
-            f"(fields: {sorted(record)}); set data.messages_column or data.prompt_column/response_column"
+            f"neither '{cfg.messages_column}' nor '{cfg.prompt_column}'+'{cfg.response_column}' fields, nor "
+            f"Alpaca's instruction+output or ShareGPT's conversations (fields: {sorted(record)}); set "
+            "data.messages_column or data.prompt_column/response_column"
         )
     if not messages or messages[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in messages):
         raise ValueError(

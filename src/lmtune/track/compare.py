@@ -33,6 +33,7 @@ COLUMNS = {  # column → (source, key); "metric_sum" adds up every metric whose
     "ROUGE-L": ("metric", "eval.merged.rougeL"),
     "BLEU": ("metric", "eval.merged.bleu"),
     "peak GiB": ("metric", "train.peak_memory_gib"),
+    "procs": ("metric", "train.processes"),  # tokens/s is of all processes together
     "tokens/s": ("metric", "train.tokens_per_second"),
     "adapter MB": ("metric", "train.adapter_mb"),
     "train s": ("metric", "train.train_seconds"),
@@ -80,6 +81,8 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "-"
+        if value.is_integer() and abs(value) >= 1:  # counts logged as MLflow floats
+            return str(int(value))
         return f"{value:.3f}" if abs(value) < 1 else f"{value:.1f}"
     return "-" if value is None else str(value)
 
@@ -102,7 +105,11 @@ def table(frame: pd.DataFrame, failed: list[dict]) -> str:
     if failed:
         lines += ["## Failed or unfinished runs", ""]
         lines += [f"- {f['run']} ({f['experiment'] or 'no DVC experiment'}): {f['status']}" for f in failed]
-    lines += ["", "Plots: metrics/plots/quality_vs_rank.png, quality_vs_memory.png, loss_curves.png", ""]
+    lines += [
+        "",
+        "Plots: plots/quality_vs_rank.png, quality_vs_memory.png, loss_curves.png (beside this page)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -168,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--uri", help="default: the configured store (tracking.uri, MLFLOW_TRACKING_URI)")
     parser.add_argument("--experiment", help="default: the configured tracking.experiment")
-    parser.add_argument("--out", default="metrics")
+    # not metrics/: the sweep page committed there is a record, rewritten only when asked (--out metrics)
+    parser.add_argument("--out", default="reports", help="folder for sweep.md and plots/ (default: reports)")
     args = parser.parse_args(argv)
     if args.uri is None or args.experiment is None:
         from lmtune.config import load

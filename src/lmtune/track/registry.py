@@ -143,6 +143,7 @@ def main(argv: list[str]) -> int:
             version = register(cfg, name)
             print(
                 f"registered {name} version {version}: mlflow.pyfunc.load_model('models:/{name}/{version}')"
+                f" with MLFLOW_TRACKING_URI={tracking.tracking_uri(cfg)}"
             )
         else:
             lower = {"auto": None, "min": True, "max": False}[args.mode]
@@ -151,6 +152,11 @@ def main(argv: list[str]) -> int:
                 mark = f"  <- {CHAMPION}" if version == best else ""
                 print(f"  {name} v{version}: {args.metric} = {value}{mark}")
             print(f"models:/{name}@{CHAMPION} is version {best}")
+            uri = tracking.tracking_uri(cfg)  # absolute: MLflow's default is a store in the current folder
+            print(
+                f"load it from any folder with MLFLOW_TRACKING_URI={uri} (or mlflow.set_tracking_uri)"
+                f" and mlflow.pyfunc.load_model('models:/{name}@{CHAMPION}')"
+            )
     except LmtuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

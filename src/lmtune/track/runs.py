@@ -134,7 +134,57 @@ def client(uri: str | None = None):
     """An MlflowClient on `uri` (default: mlflow.db at the repo root)."""
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri=uri or default_uri())
+    uri = uri or default_uri()
+    follow_project(uri)
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+# (table, column) pairs of MLflow's schema that hold artifact locations
+_LOCATION_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("model_versions", "source"),
+    ("model_versions", "storage_location"),
+    ("logged_models", "artifact_location"),
+)
+
+
+def follow_project(uri: str) -> str | None:
+    """Point the default store's artifact locations at this project's mlartifacts/ when the project
+    was copied or moved; returns the old folder, or None when nothing pointed elsewhere.
+
+    MLflow records absolute artifact locations when a store is made and has no way to change them,
+    so a copied project would go on writing (and reading) artifacts in the original folder. Only the
+    default store (mlflow.db at the repo root) is rewritten: a shared store's locations are the team's.
+    """
+    import sqlite3
+
+    if uri != default_uri() or not Path(uri.removeprefix("sqlite:///")).exists():
+        return None
+    root = repo_root().resolve()
+    with contextlib.closing(sqlite3.connect(uri.removeprefix("sqlite:///"), timeout=30)) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "experiments" not in tables:
+            return None  # a new store: MLflow makes its tables, lmtune its experiment
+        here = (root / "mlartifacts").as_uri()
+        locations = [row[0] for row in db.execute("SELECT artifact_location FROM experiments")]
+        old = next((loc for loc in locations if loc and loc.endswith("/mlartifacts") and loc != here), None)
+        if old is None:
+            return None
+        with db:  # one transaction: every location or none
+            for table, column in _LOCATION_COLUMNS:
+                if table in tables:
+                    db.execute(
+                        f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                        f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                        (here, len(old) + 1, old, len(old) + 1, old + "/"),
+                    )
+    print(
+        f"note: this project's MLflow store pointed at {old} (the project was copied or moved); "
+        f"its artifacts are now read and written in {here}",
+        file=sys.stderr,
+    )
+    return old
 
 
 def _experiment_id(mlflow_client, name: str, uri: str) -> str:
@@ -258,6 +308,7 @@ def open_run(cfg: DictConfig, stage: str) -> StageRun:
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
     try:
+        follow_project(uri)
         mlflow_client = mlflow.MlflowClient(tracking_uri=uri)
         experiment_id = _experiment_id(mlflow_client, cfg.tracking.experiment, uri)
         found = mlflow_client.search_runs(

@@ -228,6 +228,10 @@ def train(
         "resumed_from_step": resumed_from,
         "final_train_loss": state["train_curve"][-1]["loss"],
         "final_val_loss": state["val_curve"][-1]["loss"],
+        # tokens and seconds of the global step (every process's passages, wall time of the step), so
+        # tokens/s means the same for 1 and N processes; per process it is tokens/s / processes
+        "processes": processes,
+        "global_batch_passages": tc.batch_size * tc.grad_accum * processes,
         "train_tokens": state["tokens"],
         "train_seconds": state["seconds"],
         "tokens_per_second": state["tokens"] / max(state["seconds"], 1e-9),
