@@ -12,7 +12,7 @@ export NO_MKDOCS_2_WARNING := 1
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help setup run params eval ui server test test-fast test-slow lint format docs clean bench gpu-check gpu-wheels sweep compare plots register promote chat
+.PHONY: help setup run params eval ui server test test-fast test-slow lint format docs clean bench gpu-check gpu-wheels sweep compare plots register promote chat serve
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ run: setup  ## run the whole pipeline (dvc repro) on the current params, then lo
 eval: setup  ## rerun only the eval stage through DVC
 	dvc repro --single-item --force eval
 	@cat metrics/eval.json
+
+serve: setup  ## the fine-tuned model behind an OpenAI-compatible API (llama.cpp) on http://127.0.0.1:8000/v1 (HOST=, PORT=, LMTUNE_API_KEY=)
+	$(PY) -m lmtune.cli.serve --host $(HOST) --port $(if $(filter command line environment,$(origin PORT)),$(PORT),8000)
 
 chat: setup  ## chat with the fine-tuned model in the terminal (ARGS=--compare: the base answers too)
 	$(PY) -m lmtune.cli.chat $(ARGS)

@@ -9,7 +9,9 @@ in llama.cpp, not in transformers). Metrics
 for text, ROUGE-1/2/L and BLEU of greedy continuations of each passage's first eval.prompt_tokens
 tokens against the next eval.reference_tokens; for conversations, exact match and answer F1 (and
 ROUGE, BLEU) of greedy answers to the test questions. Each with a 95% bootstrap interval, and each
-model's delta vs the base with its paired interval.
+model's delta vs the base with its paired interval. With eval.benchmarks, lm-evaluation-harness
+tasks on every model too (lmtune.evaluate.benchmarks), and eval.gate over them: the stage fails,
+after writing its results, when a post-training form loses too much against the merged model.
 """
 
 import sys
@@ -20,6 +22,7 @@ from lmtune.artifacts import write_json, write_text
 from lmtune.checkpoint import load_tokenizer
 from lmtune.cli.runner import run_stage
 from lmtune.data.sequences import read_prompts, read_sequences
+from lmtune.evaluate import benchmarks as lm_eval_tasks
 from lmtune.evaluate.generation import greedy_continuations
 from lmtune.evaluate.scores import (
     LIKELIHOOD_METRICS,
@@ -73,8 +76,12 @@ def run(cfg) -> dict:
             f"{e.prompt_tokens}; lower it, or add data"
         )
     chat = cfg.data.format == "chat"
-    functions, examples, speed = {}, {}, {}
+    manager = lm_eval_tasks.task_manager(cfg) if e.benchmarks else None
+    lm_eval_tasks.check_tasks(cfg, manager)  # before any model loads
+    functions, examples, speed, benchmarks = {}, {}, {}, {}
     n_ctx = max(max(map(len, seqs)), max(map(len, prompts)) + e.reference_tokens)  # for llama.cpp
+    if e.benchmarks:  # a task's documents may be longer than the test split's passages
+        n_ctx = max(n_ctx, 2048)
     for name, load in model_loaders(cfg, dtype, n_ctx).items():
         began = time.perf_counter()
         model = load()
@@ -82,6 +89,10 @@ def run(cfg) -> dict:
         if isinstance(model, GGUFModel):  # scored in llama.cpp, where a GGUF's users run it
             speed[name]["runtime"] = "llama.cpp"
             likelihood = model.likelihood_per_passage(seqs, desc=name)
+            if e.benchmarks:  # while the llama.cpp context is open
+                began = time.perf_counter()
+                benchmarks[name] = lm_eval_tasks.run_benchmarks(model, tokenizer, cfg, manager)
+                speed[name]["benchmark_seconds"] = time.perf_counter() - began
             began = time.perf_counter()
             continuations = model.greedy_continuations(
                 prompts, e.reference_tokens, tokenizer.eos_token_id, name
@@ -103,6 +114,10 @@ def run(cfg) -> dict:
         speed[name]["generated_tokens_per_second"] = sum(map(len, continuations)) / (
             time.perf_counter() - began
         )
+        if e.benchmarks and name not in benchmarks:
+            began = time.perf_counter()
+            benchmarks[name] = lm_eval_tasks.run_benchmarks(model, tokenizer, cfg, manager)
+            speed[name]["benchmark_seconds"] = time.perf_counter() - began
         predictions = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
         generation = generation_per_example(predictions, references, chat, e.metrics_source)
         functions[name] = metric_functions(likelihood, generation)
@@ -128,9 +143,23 @@ def run(cfg) -> dict:
         "device": str(device()),
     }
     metrics = {"models": scores, "speed": speed, "settings": settings}
+    if benchmarks:
+        metrics["benchmarks"] = lm_eval_tasks.with_deltas(benchmarks)
+        settings["benchmarks"] = {
+            "tasks": list(e.benchmarks),
+            "limit": e.benchmark_limit,
+            "engine": "lm-eval",
+        }
     write_json(Path(paths.metrics) / "eval.json", metrics)
     firsts = [refs[0] for refs in references[:3]]
-    write_text(Path(paths.metrics) / "eval.md", eval_markdown(scores, settings, firsts, examples, speed))
+    page = eval_markdown(scores, settings, firsts, examples, speed)
+    if benchmarks:
+        page += "\n" + "\n".join(lm_eval_tasks.markdown(benchmarks))
+    write_text(Path(paths.metrics) / "eval.md", page)
+    if failures := lm_eval_tasks.gate_failures(benchmarks, e.gate):  # after the results are written
+        raise EvaluationError(
+            "eval.gate failed: " + "; ".join(failures) + f". The results are in {paths.metrics}/eval.json"
+        )
     return {name: {m: round(v["value"], 4) for m, v in per.items()} for name, per in scores.items()}
 
 

@@ -184,6 +184,13 @@ class Quantize:
 
 
 @dataclass
+class Gate:
+    task: str = MISSING
+    metric: str = MISSING
+    max_drop: float = within(0)
+
+
+@dataclass
 class Eval:
     max_examples: int | None = within(1, nullable=True)
     generation_examples: int = positive()
@@ -193,6 +200,10 @@ class Eval:
     reference_tokens: int = positive()
     bootstrap_resamples: int = positive()
     metrics_source: str = one_of("local", "hub")
+    benchmarks: list[str] = MISSING  # lm-eval task names (lmtune.evaluate.benchmarks)
+    task_dir: str | None = MISSING
+    benchmark_limit: int | None = within(1, nullable=True)
+    gate: Gate | None = MISSING
 
 
 @dataclass
@@ -275,9 +286,10 @@ def _out_of_range(value, low, high, low_in, high_in, nullable) -> str | None:
 def _check_semantics(cfg: DictConfig, source: str) -> None:
     """Contradictions and out-of-range values the type system cannot see."""
     problems = []
+    left_out = lambda key: OmegaConf.select(cfg, key.rpartition(".")[0]) is None  # noqa: E731 - model.tiny, eval.gate
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
-        if OmegaConf.select(cfg, key.rpartition(".")[0]) is None:  # an optional section left out (model.tiny)
+        if left_out(key):
             continue
         if value not in allowed:
             problems.append(f"{key}={value!r}: allowed values are {', '.join(map(str, allowed))}")
@@ -286,6 +298,8 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
         if value is None or value <= 0:
             problems.append(f"{key}={value!r}: must be a positive integer")
     for key, bounds in RANGES.items():
+        if left_out(key):
+            continue
         if why := _out_of_range(OmegaConf.select(cfg, key), *bounds):
             problems.append(f"{key}={OmegaConf.select(cfg, key)!r}: {why}")
     if cfg.quant.qat and cfg.quant.bits != 16:

@@ -755,3 +755,29 @@ def test_a_smoke_run_leaves_the_workspace_results_alone(repo):
     )
     assert len(runs) == 1 and runs[0].data.tags.get("dvc_experiment")
     assert runs[0].info.status == "FINISHED" and "eval.merged.perplexity" in runs[0].data.metrics
+
+
+def test_benchmarks_run_on_every_model_and_a_gate_too_tight_fails_after_writing_them(repo):
+    """lm-eval's tasks through the eval stage: one row per (task, model) with an interval and the
+    delta vs base; a gate the int4 form cannot meet stops the stage, its results already written."""
+    dest, _ = repo
+    int4 = "quantize.method=int4_weight_only"
+    sh(sys.executable, "stages/quantize.py", int4, cwd=dest)
+    benchmarks = ["eval.benchmarks=[lmtune_test_bpb,lmtune_chatterbot_mc]", "eval.benchmark_limit=16"]
+    gate = "eval.gate={task: lmtune_test_bpb, metric: bits_per_byte, max_drop: 0.0}"
+    failed = sh(sys.executable, "stages/eval.py", int4, *benchmarks, gate, cwd=dest, check=False)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+    assert "eval.gate failed: merged_int4_weight_only loses" in failed.stderr
+    metrics = json.loads((dest / "metrics/eval.json").read_text())
+    assert set(metrics["benchmarks"]) == set(metrics["models"])  # every model the stage scores
+    for name, tasks in metrics["benchmarks"].items():
+        for task, metric in (("lmtune_test_bpb", "bits_per_byte"), ("lmtune_chatterbot_mc", "acc")):
+            entry = tasks[task][metric]
+            assert entry["low"] <= entry["value"] <= entry["high"]
+            assert (entry["delta_vs_base"] == 0) == (name == "base")
+    bpb = {
+        name: tasks["lmtune_test_bpb"]["bits_per_byte"]["value"]
+        for name, tasks in metrics["benchmarks"].items()
+    }
+    assert bpb["merged_int4_weight_only"] > bpb["merged"]  # what the gate saw
+    assert "| lmtune_chatterbot_mc | acc | merged |" in (dest / "metrics/eval.md").read_text()

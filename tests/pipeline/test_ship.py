@@ -7,8 +7,9 @@ import re
 import sys
 
 import pytest
-from repo_copy import copy_repo, sh
+from repo_copy import copy_repo, free_port, sh
 
+from lmtune.checkpoint import ModelError
 from lmtune.export.gguf import export_gguf
 from lmtune.export.llamacpp import GGUFModel
 
@@ -164,3 +165,108 @@ def test_chat_answers_a_prompt_given_on_standard_input(shipped):
     _, *pairs = re.split(r"^(base|fine-tuned)> ", rest, flags=re.MULTILINE)  # answers may span lines
     answers = dict(zip(pairs[::2], pairs[1::2], strict=True))
     assert list(answers) == ["base", "fine-tuned"] and all(a.strip() for a in answers.values())
+
+
+API_KEY = "lmtune-test-key"
+
+
+@pytest.fixture(scope="module")
+def served(shipped):
+    """`make serve`'s program on a free port of 127.0.0.1, with an API key."""
+    import os
+    import subprocess
+    import time
+    import urllib.request
+
+    port = free_port()
+    env = {**os.environ, "LMTUNE_API_KEY": API_KEY, "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lmtune.cli.serve", "--port", str(port)],
+        cwd=shipped,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url, deadline = f"http://127.0.0.1:{port}/v1", time.monotonic() + 180
+    while True:
+        try:
+            request = urllib.request.Request(f"{url}/models", headers={"Authorization": f"Bearer {API_KEY}"})
+            urllib.request.urlopen(request, timeout=5)
+            break
+        except OSError:
+            assert server.poll() is None, server.stdout.read()
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.5)
+    yield url, server
+    server.terminate()
+    server.wait(30)
+
+
+def test_make_serve_answers_the_openai_client_as_llama_cpp_does_in_process(shipped, served):
+    import concurrent.futures
+
+    import llama_cpp
+    import openai
+
+    url, _ = served
+    client = openai.OpenAI(base_url=url, api_key=API_KEY)
+    greedy = {"temperature": 0, "max_tokens": 16}
+    same = {"repeat_penalty": 1.0}  # llama.cpp's server and library differ in this default only
+    question = [{"role": "user", "content": "Who art thou?"}]
+    reply = client.chat.completions.create(model="smollm2_135m", messages=question, **greedy, extra_body=same)
+    answer = reply.choices[0].message.content
+    direct = llama_cpp.Llama(
+        model_path=str(shipped / "models/quantized/model.gguf"), n_ctx=2048, verbose=False
+    )
+    alone = direct.create_chat_completion(messages=question, **greedy, **same)["choices"][0]["message"][
+        "content"
+    ]
+    assert answer.strip() and answer == alone  # the same GGUF, chat template and greedy decoding
+    streamed = client.chat.completions.create(
+        model="smollm2_135m", messages=question, stream=True, **greedy, extra_body=same
+    )
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == answer
+    prompt = "To be, or not to be"
+    text = (
+        client.completions.create(model="smollm2_135m", prompt=prompt, **greedy, extra_body=same)
+        .choices[0]
+        .text
+    )
+    assert text.strip() and text == direct.create_completion(prompt, **greedy, **same)["choices"][0]["text"]
+
+    def ask(i: int) -> str:
+        asked = [{"role": "user", "content": f"Name a play, number {i}."}]
+        return (
+            client.chat.completions.create(model="smollm2_135m", messages=asked, max_tokens=8)
+            .choices[0]
+            .message.content
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert len(answers) == 8 and all(a.strip() for a in answers)
+    with pytest.raises(openai.BadRequestError) as malformed:  # 400, naming the field, as OpenAI answers
+        client.chat.completions.create(model="smollm2_135m", messages="not a list of turns")
+    assert "messages: Input should be a valid list" in str(malformed.value)
+    assert client.chat.completions.create(model="smollm2_135m", messages=question, max_tokens=4).choices
+    with pytest.raises(openai.AuthenticationError) as refused:
+        openai.OpenAI(base_url=url, api_key="wrong").models.list()
+    assert refused.value.status_code == 401
+
+
+def test_serve_exports_merged_to_a_gguf_once_when_quantize_made_none(shipped, tmp_path):
+    from lmtune.cli.serve import gguf_to_serve
+    from lmtune.config import load
+
+    cfg = load(root=shipped)
+    cfg.quantize.method = "int8_weight_only"  # as the default pipeline: models/quantized holds no GGUF
+    cfg.paths.merged = str(shipped / cfg.paths.merged)
+    exported = tmp_path / "serve/model.q8_0.gguf"
+    first = gguf_to_serve(cfg, exported)
+    assert first == exported and first.read_bytes()[:4] == b"GGUF"
+    made = first.stat().st_mtime_ns
+    assert gguf_to_serve(cfg, exported).stat().st_mtime_ns == made  # not exported again
+    with pytest.raises(ModelError, match=r"holds no model: run the pipeline first"):
+        cfg.paths.merged = str(tmp_path / "nothing")
+        gguf_to_serve(cfg, exported)

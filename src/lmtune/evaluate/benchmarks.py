@@ -1,0 +1,232 @@
+"""Benchmarks through lm-evaluation-harness, the same tasks and settings on every model the eval
+stage scores, and the quality gate over them.
+
+lmtune's own tasks (evaluate/tasks/, lm-eval's task YAML) run offline from what it ships:
+`lmtune_test_bpb` (bits per byte of the test split) and `lmtune_chatterbot_mc` (multiple choice
+from the chatterbot questions). `eval.task_dir` adds a folder of the user's own task YAMLs; lm-eval's
+named tasks (hellaswag, arc_easy, mmlu, ...) need their datasets from the hub, so network.
+Models in transformers run through lm-eval's HFLM; a GGUF runs in llama.cpp through `LlamaCppLM`,
+lm-eval's model interface over the same llama.cpp context the eval stage scores with.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from lm_eval.api.model import LM
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from lmtune.evaluate.scores import EvaluationError
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+SHIPPED = ("lmtune_test_bpb", "lmtune_chatterbot_mc")
+
+
+def task_manager(cfg: DictConfig):
+    from lm_eval.tasks import TaskManager
+
+    include = [str(TASKS_DIR), *([str(Path(cfg.eval.task_dir).resolve())] if cfg.eval.task_dir else [])]
+    return TaskManager(include_path=include, metadata={"processed": cfg.paths.processed})
+
+
+def check_tasks(cfg: DictConfig, manager=None) -> None:
+    """Every task named in eval.benchmarks exists, and offline none needs the hub: said in one line
+    before any model loads, not after minutes of retries."""
+    if not cfg.eval.benchmarks:
+        return
+    if cfg.eval.task_dir and not Path(cfg.eval.task_dir).is_dir():
+        raise EvaluationError(f"eval.task_dir={cfg.eval.task_dir}: no such folder of lm-eval task YAMLs")
+    manager = manager or task_manager(cfg)
+    known = set(manager.all_tasks)
+    for name in cfg.eval.benchmarks:
+        if name not in known:
+            import difflib
+
+            close = difflib.get_close_matches(name, known, n=3)
+            raise EvaluationError(
+                f"eval.benchmarks: no lm-eval task '{name}'"
+                + (f" (did you mean {', '.join(close)}?)" if close else "")
+                + f"; lmtune's own: {', '.join(SHIPPED)}; yours: a YAML in eval.task_dir"
+            )
+        if os.environ.get("HF_HUB_OFFLINE", "1") == "1" and _needs_hub(manager, name):
+            raise EvaluationError(
+                f"eval.benchmarks: task '{name}' reads its dataset from the Hugging Face hub, and "
+                "HF_HUB_OFFLINE=1. With network run with HF_HUB_OFFLINE=0; offline, use lmtune's own "
+                f"tasks ({', '.join(SHIPPED)}) or a task of yours in eval.task_dir"
+            )
+
+
+def _needs_hub(manager, name: str, depth: int = 0) -> bool:
+    """Whether a task, or any task of a group or tag, reads its dataset from the hub (not built by
+    a function of its own, nor read from local files)."""
+    entry = manager.task_index.get(name)
+    if entry is None or depth > 4:
+        return False
+    config = entry.cfg or {}
+    if entry.kind.name == "TAG":
+        members = [n for n, e in manager.task_index.items() if name in (e.tags or ())]
+    elif isinstance(config.get("task"), list):  # a group
+        members = [t if isinstance(t, str) else t.get("task", "") for t in config["task"]]
+    else:
+        if config.get("custom_dataset"):
+            return False
+        source = str(config.get("dataset_path", ""))
+        return source not in ("json", "csv", "parquet", "text", "arrow") and not Path(source).exists()
+    return any(_needs_hub(manager, member, depth + 1) for member in members)
+
+
+class LlamaCppLM(LM):
+    """lm-eval's model interface (log-likelihoods) over a GGUF in llama.cpp, with the tokenizer
+    training used; it encodes requests as lm-eval's HFLM does, so the numbers compare."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        bos = tokenizer.bos_token_id
+        self.prefix = [bos if bos is not None else tokenizer.eos_token_id]
+
+    def _encode(self, text: str) -> list[int]:
+        """As HFLM's tok_encode: the tokenizer's own special tokens (Llama-2's BOS), unless the text
+        already starts with the prefix token."""
+        if text.startswith(self.tokenizer.decode(self.prefix)):
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text)
+
+    def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        spaces = len(context) - len(context.rstrip())  # trailing spaces belong to the continuation
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole, start = self._encode(context + continuation), self._encode(context)
+        return (start or self.prefix), whole[len(start) :]
+
+    def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        ids = context + continuation
+        logits = self.model.logits(ids)[len(context) - 1 : len(ids) - 1]
+        logp = torch.log_softmax(logits, dim=-1)
+        target = torch.tensor(continuation)
+        return float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        return [self._score(*self._pair(*r.args)) for r in tqdm(requests, desc="llama.cpp: loglikelihood")]
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        return [self._score(self.prefix, self._encode(r.args[0]))[0] for r in requests]
+
+    def generate_until(self, requests):
+        raise EvaluationError("generative lm-eval tasks are not run on a GGUF; use log-likelihood tasks")
+
+
+def run_benchmarks(model, tokenizer, cfg: DictConfig, manager=None) -> dict:
+    """Every task of eval.benchmarks on one model (transformers, or a GGUFModel in llama.cpp) →
+    {task: {metric: {"value", "stderr", "low", "high"}}} with 95% intervals."""
+    import lm_eval
+
+    if hasattr(model, "logits") and hasattr(model, "llm"):  # lmtune.export.llamacpp.GGUFModel
+        lm = LlamaCppLM(model, tokenizer)
+    else:
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(
+            pretrained=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size, device=str(model.device)
+        )
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(cfg.eval.benchmarks),
+        task_manager=manager or task_manager(cfg),
+        limit=cfg.eval.benchmark_limit,
+        bootstrap_iters=cfg.eval.bootstrap_resamples,
+        log_samples=True,
+        random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed,
+        torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed,
+    )
+    scores = {}
+    for task, result in out["results"].items():
+        scores[task] = {}
+        for key, value in result.items():
+            metric, _, filter_name = key.partition(",")
+            if metric not in out["higher_is_better"][task] or not isinstance(value, int | float):
+                continue  # stderr entries, counts (sample_len), aliases
+            stderr = result.get(f"{metric}_stderr,{filter_name}")
+            entry = {"value": float(value), "higher_is_better": out["higher_is_better"][task].get(metric)}
+            if isinstance(stderr, int | float):
+                entry |= {
+                    "stderr": float(stderr),
+                    "low": value - 1.96 * stderr,
+                    "high": value + 1.96 * stderr,
+                }
+            elif metric == "bits_per_byte":  # lm-eval gives no stderr for a ratio: bootstrap the passages
+                entry |= _bits_per_byte_interval(out["samples"][task], cfg.eval.bootstrap_resamples, cfg.seed)
+            scores[task][metric] = entry
+    return scores
+
+
+def _bits_per_byte_interval(samples: list[dict], resamples: int, seed: int) -> dict:
+    """95% bootstrap interval of sum(-loglikelihood) / sum(bytes) / ln 2 over passages."""
+    pairs = np.array([s["bits_per_byte"] for s in samples], dtype=np.float64)  # (loglikelihood, bytes)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(pairs), size=(resamples, len(pairs)))
+    values = -pairs[picks, 0].sum(1) / pairs[picks, 1].sum(1) / math.log(2)
+    low, high = np.percentile(values, [2.5, 97.5])
+    return {"low": float(low), "high": float(high)}
+
+
+def with_deltas(benchmarks: dict[str, dict], reference: str = "base") -> dict:
+    """Each model's value minus the reference model's, per task and metric."""
+    for tasks in benchmarks.values():
+        for task, metrics in tasks.items():
+            for metric, entry in metrics.items():
+                entry["delta_vs_base"] = entry["value"] - benchmarks[reference][task][metric]["value"]
+    return benchmarks
+
+
+def gate_failures(benchmarks: dict[str, dict], gate) -> list[str]:
+    """eval.gate: which post-training forms of the merged model lose more than gate.max_drop on
+    gate.task / gate.metric against the merged model (a loss: lower where higher is better)."""
+    if gate is None:
+        return []
+    merged = benchmarks.get("merged", {}).get(gate.task, {}).get(gate.metric)
+    if merged is None:
+        raise EvaluationError(
+            f"eval.gate: no '{gate.metric}' of task '{gate.task}' on the merged model; the gate's task "
+            "must be in eval.benchmarks and the metric one it reports"
+        )
+    failures = []
+    for name, tasks in benchmarks.items():
+        if not name.startswith("merged_"):
+            continue
+        entry = tasks[gate.task][gate.metric]
+        lost = (
+            merged["value"] - entry["value"]
+            if entry["higher_is_better"]
+            else entry["value"] - merged["value"]
+        )
+        if lost > gate.max_drop:
+            failures.append(
+                f"{name} loses {lost:.4f} {gate.metric} on {gate.task} against merged "
+                f"({entry['value']:.4f} vs {merged['value']:.4f}; eval.gate.max_drop={gate.max_drop})"
+            )
+    return failures
+
+
+def markdown(benchmarks: dict[str, dict]) -> list[str]:
+    """The benchmark rows of eval.md: one per (task, metric, model), with interval and delta."""
+    lines = [
+        "## Benchmarks (lm-evaluation-harness)",
+        "",
+        "| task | metric | model | value | 95% interval | vs base |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, tasks in benchmarks.items():
+        for task, metrics in tasks.items():
+            for metric, e in metrics.items():
+                interval = f"[{e['low']:.4f}, {e['high']:.4f}]" if "low" in e else "-"
+                delta = "-" if name == "base" else f"{e['delta_vs_base']:+.4f}"
+                lines.append(f"| {task} | {metric} | {name} | {e['value']:.4f} | {interval} | {delta} |")
+    return [*lines, ""]
