@@ -761,23 +761,25 @@ def test_benchmarks_run_on_every_model_and_a_gate_too_tight_fails_after_writing_
     """lm-eval's tasks through the eval stage: one row per (task, model) with an interval and the
     delta vs base; a gate the int4 form cannot meet stops the stage, its results already written."""
     dest, _ = repo
-    int4 = "quantize.method=int4_weight_only"
-    sh(sys.executable, "stages/quantize.py", int4, cwd=dest)
+    int4 = ["quantize.method=int4_weight_only", "quantize.group_size=128"]  # one scale per row: coarse
+    sh(sys.executable, "stages/quantize.py", *int4, cwd=dest)
     benchmarks = ["eval.benchmarks=[lmtune_test_bpb,lmtune_chatterbot_mc]", "eval.benchmark_limit=16"]
     gate = "eval.gate={task: lmtune_test_bpb, metric: bits_per_byte, max_drop: 0.0}"
-    failed = sh(sys.executable, "stages/eval.py", int4, *benchmarks, gate, cwd=dest, check=False)
+    failed = sh(sys.executable, "stages/eval.py", *int4, *benchmarks, gate, cwd=dest, check=False)
+    metrics = json.loads((dest / "metrics/eval.json").read_text())
+    bpb = {
+        name: tasks["lmtune_test_bpb"]["bits_per_byte"]["value"]
+        for name, tasks in metrics["benchmarks"].items()
+    }
+    ppl = {name: m["perplexity"]["value"] for name, m in metrics["models"].items()}
+    quantized = json.loads((dest / "metrics/quantize.json").read_text())
+    assert bpb["merged_int4_weight_only"] > bpb["merged"], (bpb, ppl, quantized)  # what the gate must see
     assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
     assert "eval.gate failed: merged_int4_weight_only loses" in failed.stderr
-    metrics = json.loads((dest / "metrics/eval.json").read_text())
     assert set(metrics["benchmarks"]) == set(metrics["models"])  # every model the stage scores
     for name, tasks in metrics["benchmarks"].items():
         for task, metric in (("lmtune_test_bpb", "bits_per_byte"), ("lmtune_chatterbot_mc", "acc")):
             entry = tasks[task][metric]
             assert entry["low"] <= entry["value"] <= entry["high"]
             assert (entry["delta_vs_base"] == 0) == (name == "base")
-    bpb = {
-        name: tasks["lmtune_test_bpb"]["bits_per_byte"]["value"]
-        for name, tasks in metrics["benchmarks"].items()
-    }
-    assert bpb["merged_int4_weight_only"] > bpb["merged"]  # what the gate saw
     assert "| lmtune_chatterbot_mc | acc | merged |" in (dest / "metrics/eval.md").read_text()

@@ -149,3 +149,20 @@ def test_the_gate_fails_a_quantized_form_that_loses_too_much_against_merged():
         benchmarks.gate_failures(scores, gate("f1", 0.1))
     rows = benchmarks.markdown(benchmarks.with_deltas(scores))
     assert "| t | acc | merged_gguf_q4_k_m | 0.5500 | - | +0.0500 |" in rows
+
+
+def test_a_document_longer_than_the_context_is_one_clear_error(tiny_base, tmp_path):
+    mine = tmp_path / "tasks"
+    mine.mkdir()
+    data = tmp_path / "long.jsonl"
+    data.write_text('{"q": "Which?", "choices": ["short", "' + "word " * 2000 + '"], "label": 0}\n')
+    (mine / "long.yaml").write_text(
+        f"task: long_choices\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n"
+    )
+    cfg = cfg_for(tmp_path, "eval.benchmarks=[long_choices]", f"eval.task_dir={mine}")
+    with pytest.raises(
+        EvaluationError, match=r"a document of long_choices is longer than the model's context"
+    ):
+        benchmarks.run_benchmarks(load_full(tiny_base, torch.float32), load_tokenizer(tiny_base), cfg)

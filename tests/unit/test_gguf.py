@@ -7,7 +7,7 @@ import torch
 from conftest import ROOT, TEXTS
 from omegaconf import OmegaConf
 
-from lmtune.checkpoint import load_tokenizer
+from lmtune.checkpoint import ModelError, load_tokenizer
 from lmtune.cli.params import compose_conf
 from lmtune.config import Config, ConfigError
 from lmtune.evaluate.scores import likelihood_per_passage
@@ -152,3 +152,69 @@ def test_gguf_needs_a_tokenizer_llama_cpp_knows_said_at_composition():
         conf_dir=ROOT / "conf",
     )
     assert cfg.quantize.method == "gguf_q4_k_m"
+
+
+# families llama.cpp's converter turns into a GGUF, each checked in llama.cpp against transformers
+# (on the Llama-2-style SentencePiece tokenizer; families whose converter wants a byte-level BPE
+# with a known pre-tokenizer, OLMo-2, StableLM, StarCoder2, need such a tokenizer, not a new family)
+GGUF_FAMILIES = {
+    "Qwen2Config": {},
+    "Qwen3Config": {"head_dim": 16},
+    "Phi3Config": {},
+    "GemmaConfig": {"head_dim": 16},
+    "MixtralConfig": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "GraniteConfig": {"logits_scaling": 2.0},
+    "MistralConfig": {},
+}
+
+
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
+def test_gguf_export_of_other_families_runs_in_llama_cpp_as_transformers_does(llama2_style, tmp_path, family):
+    import json
+    import shutil
+
+    import transformers
+
+    tokenizer = load_tokenizer(llama2_style)
+    small = {
+        "vocab_size": json.loads((llama2_style / "config.json").read_text())["vocab_size"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    torch.manual_seed(0)
+    config = getattr(transformers, family)(**small, **GGUF_FAMILIES[family])
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "merged")
+    tokenizer.save_pretrained(tmp_path / "merged")
+    shutil.copy(llama2_style / "tokenizer.model", tmp_path / "merged")  # the SentencePiece model itself
+    metrics = export_gguf(tmp_path / "merged", tmp_path / GGUF_FILE, "f16")
+    assert metrics["tensor_types"]
+    ids = tokenizer(TEXTS[0])["input_ids"]
+    gguf = GGUFModel(tmp_path / GGUF_FILE, 256)
+    try:
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0]
+        assert (gguf.logits(ids) - expected).abs().max() < TOLERANCE["f16"][0] * expected.abs().max()
+    finally:
+        gguf.close()
+
+
+def test_a_family_the_converter_does_not_know_is_refused_in_its_words(llama2_style, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "unknown"
+    shutil.copytree(llama2_style, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchForCausalLM"]}))
+    with pytest.raises(
+        ModelError, match=r"llama.cpp's converter refused (.|\n)*Model NoSuchForCausalLM is not supported"
+    ):
+        export_gguf(folder, tmp_path / GGUF_FILE, "f16")

@@ -124,28 +124,27 @@ class LlamaCppLM(LM):
 def run_benchmarks(model, tokenizer, cfg: DictConfig, manager=None) -> dict:
     """Every task of eval.benchmarks on one model (transformers, or a GGUFModel in llama.cpp) →
     {task: {metric: {"value", "stderr", "low", "high"}}} with 95% intervals."""
-    import lm_eval
-
     if hasattr(model, "logits") and hasattr(model, "llm"):  # lmtune.export.llamacpp.GGUFModel
         lm = LlamaCppLM(model, tokenizer)
     else:
         from lm_eval.models.huggingface import HFLM
 
+        # log-softmax in fp32: in a bf16 model's own dtype a passage's summed log-likelihood is rounded
+        # to bf16's 8 bits (-150.0 for two different models), and variants could not be told apart
         lm = HFLM(
-            pretrained=model, tokenizer=tokenizer, batch_size=cfg.eval.batch_size, device=str(model.device)
+            pretrained=model,
+            tokenizer=tokenizer,
+            batch_size=cfg.eval.batch_size,
+            device=str(model.device),
+            softmax_dtype=torch.float32,
         )
-    out = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(cfg.eval.benchmarks),
-        task_manager=manager or task_manager(cfg),
-        limit=cfg.eval.benchmark_limit,
-        bootstrap_iters=cfg.eval.bootstrap_resamples,
-        log_samples=True,
-        random_seed=cfg.seed,
-        numpy_random_seed=cfg.seed,
-        torch_random_seed=cfg.seed,
-        fewshot_random_seed=cfg.seed,
-    )
+    try:
+        out = _evaluate(lm, cfg, manager)
+    except AssertionError:  # lm-eval's HFLM asserts that every continuation fits the context
+        raise EvaluationError(
+            f"eval.benchmarks: a document of {', '.join(cfg.eval.benchmarks)} is longer than the model's "
+            "context; drop that task or use a model with a longer context"
+        ) from None
     scores = {}
     for task, result in out["results"].items():
         scores[task] = {}
@@ -165,6 +164,23 @@ def run_benchmarks(model, tokenizer, cfg: DictConfig, manager=None) -> dict:
                 entry |= _bits_per_byte_interval(out["samples"][task], cfg.eval.bootstrap_resamples, cfg.seed)
             scores[task][metric] = entry
     return scores
+
+
+def _evaluate(lm, cfg: DictConfig, manager) -> dict:
+    import lm_eval
+
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(cfg.eval.benchmarks),
+        task_manager=manager or task_manager(cfg),
+        limit=cfg.eval.benchmark_limit,
+        bootstrap_iters=cfg.eval.bootstrap_resamples,
+        log_samples=True,  # per-passage numbers: the interval of bits per byte
+        random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed,
+        torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed,
+    )
 
 
 def _bits_per_byte_interval(samples: list[dict], resamples: int, seed: int) -> dict:

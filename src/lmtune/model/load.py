@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from lmtune.checkpoint import ModelError
 from lmtune.model.hardware import device, resolve_dtype
 
 
@@ -56,6 +57,41 @@ def keep_4bit_trainable(model) -> int:
     return count
 
 
+def left_unquantized(model) -> tuple[int, list[str]]:
+    """(decoder layers bitsandbytes quantized, the decoder's weights it left in 16 bits, named with
+    why). bitsandbytes replaces exactly torch.nn.Linear: a subclass (Falcon's FalconLinear) and
+    mixture-of-experts weights held as 3-D tensors (Mixtral, Qwen3-MoE, GPT-OSS) stay as they are."""
+    import bitsandbytes as bnb
+
+    quantized, left = 0, []
+    for name, module in model.get_decoder().named_modules():
+        if isinstance(module, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt):
+            quantized += 1
+        elif isinstance(module, torch.nn.Linear):
+            left.append(f"{name} ({type(module).__name__})")
+        elif any(p.dim() == 3 for p in module.parameters(recurse=False)):
+            left.append(f"{name} (experts as 3-D tensors)")
+    return quantized, left
+
+
+def check_quantized(model, bits: int, path: str | Path) -> None:
+    """quant.bits=4 or 8 means the decoder is quantized: none of it is an error (training would
+    silently run on the 16-bit base); a part left in 16 bits is said once."""
+    quantized, left = left_unquantized(model)
+    if not quantized:
+        raise ModelError(
+            f"quant.bits={bits}: bitsandbytes quantized no layer of {path}'s decoder ({', '.join(left[:3])}"
+            f"{', ...' if len(left) > 3 else ''}: it replaces torch.nn.Linear only), so training would run on "
+            "the 16-bit base. Say so with quant=none (LoRA on the 16-bit base)"
+        )
+    if left:
+        print(
+            f"note: quant.bits={bits}: {len(left)} of the decoder's weights stay in 16 bits, e.g. "
+            f"{'; '.join(left[:2])} (bitsandbytes replaces torch.nn.Linear only); {quantized} layers are {bits}-bit",
+            flush=True,
+        )
+
+
 def set_recompute(model, every_n_layers: int | None, offload: bool = False) -> None:
     """transformers' activation checkpointing on every n-th decoder layer (None: off); the others
     keep their activations. `offload` holds the checkpointed inputs in pinned host memory."""
@@ -87,6 +123,8 @@ def load_for_training(
         use_safetensors=True,
     )
     keep_4bit_trainable(model)
+    if quant.bits < 16:
+        check_quantized(model, quant.bits, path)
     if quant.get("qat"):
         from lmtune.model.qat import prepare_qat
 

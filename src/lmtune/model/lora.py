@@ -9,6 +9,9 @@ from omegaconf import DictConfig
 
 from lmtune.checkpoint import ModelError
 
+# the parts of a multimodal checkpoint (Gemma-3, Llava, Qwen-VL, ...) that are not its language model
+NOT_THE_LANGUAGE_MODEL = r".*(vision_tower|vision_model|visual|multi_modal_projector|audio_tower)\..*"
+
 
 def add_lora(model, lora: DictConfig, seed: int):
     from peft import LoraConfig, get_peft_model
@@ -22,11 +25,15 @@ def add_lora(model, lora: DictConfig, seed: int):
     target = lora.target_modules
     if not isinstance(target, str):
         target = list(target)
+    # all-linear on a multimodal checkpoint adapts the language model only (text is what trains);
+    # a list of module names is taken as given
+    multimodal = target == "all-linear" and getattr(model.config, "vision_config", None) is not None
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.lora_dropout,
         target_modules=target,
+        exclude_modules=NOT_THE_LANGUAGE_MODEL if multimodal else None,
         bias=lora.bias,
         task_type="CAUSAL_LM",
     )

@@ -18,6 +18,7 @@ from lmtune.model.hardware import device, resolve_dtype
 from lmtune.model.lora import lora_state
 from lmtune.train import TrainingError, distributed
 from lmtune.train.checkpoints import fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint
+from lmtune.train.exact_path import choose_exact_path
 from lmtune.train.kernels import packed_segments
 from lmtune.train.recompute import choose_recompute, recompute_name
 from lmtune.train.step import batch_maker, micro_batch_loss, prepare_model, to_device
@@ -97,6 +98,11 @@ def train(
     """Train the LoRA parameters of `model`; return metrics and the loss curves."""
     from transformers import get_cosine_schedule_with_warmup
 
+    cfg, attention, notes = choose_exact_path(model, cfg)  # a family the fast kernels would get wrong
+    for note in notes if distributed.is_main() else []:
+        print(f"note: {note}", flush=True)
+    if attention:
+        model.get_base_model().set_attn_implementation(attention)
     tc = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     accelerator = distributed.accelerator()  # one process, or several under DDP/FSDP: one path

@@ -6,6 +6,9 @@ import random
 from pathlib import Path
 
 DISTRACTORS = 3
+LONGEST_ANSWER = (
+    200  # characters: the corpus's paragraph-long answers would be chosen (or not) for their length
+)
 
 
 def test_split(processed: str = "data/processed", **_) -> dict:
@@ -18,7 +21,8 @@ def test_split(processed: str = "data/processed", **_) -> dict:
 
 
 def chatterbot_choices(seed: int = 0, **_) -> dict:
-    """Each first question of a chatterbot conversation with its answer and three other answers."""
+    """Each first question of a chatterbot conversation with its answer and three other answers
+    (answers of up to LONGEST_ANSWER characters)."""
     import datasets
 
     from lmtune.data.sources import chatterbot_conversations
@@ -26,7 +30,7 @@ def chatterbot_choices(seed: int = 0, **_) -> dict:
     pairs, seen = [], set()
     for row in chatterbot_conversations():
         question, answer = row["messages"][0]["content"], row["messages"][1]["content"]
-        if question not in seen:
+        if question not in seen and len(answer) <= LONGEST_ANSWER:
             seen.add(question)
             pairs.append((question, answer))
     rng = random.Random(seed)

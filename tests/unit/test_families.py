@@ -1,0 +1,208 @@
+"""Every model family lmtune trains, on tiny random models built in-process: the training step
+(packed rows, varlen or sdpa attention, the chunked loss, or the exact fallback the step picks for
+the family) gives transformers' loss on each passage alone, and the same LoRA gradients, in fp32.
+
+The families whose features the fast kernels lack (a sliding window shorter than a passage,
+soft-capping, sinks, latent attention with unequal heads, linear attention, a scaled head) are
+listed with the fallback they must take; the others must keep the fast path."""
+
+import pytest
+import torch
+import transformers
+from conftest import ROOT
+from omegaconf import OmegaConf
+
+from lmtune.cli.params import compose_conf
+from lmtune.model.lora import add_lora
+from lmtune.train.exact_path import choose_exact_path
+from lmtune.train.kernels import packed_segments
+from lmtune.train.step import collate_micro_batch, micro_batch_loss, prepare_model
+
+VOCAB, WINDOW = 96, 8  # passages up to 40 tokens: the window matters
+SMALL = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+# family → (config class, its own settings, what the step must fall back from: packing, chunked_loss)
+FAMILIES = {
+    "llama": ("LlamaConfig", {}, ()),
+    "qwen2": ("Qwen2Config", {}, ()),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}, ()),
+    "phi3": ("Phi3Config", {}, ()),
+    "gemma": ("GemmaConfig", {"head_dim": 16}, ()),
+    "olmo2": ("Olmo2Config", {}, ()),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}, ()),
+    "mistral": ("MistralConfig", {"sliding_window": WINDOW}, ("packing",)),
+    "starcoder2": ("Starcoder2Config", {"sliding_window": WINDOW}, ("packing",)),
+    "gemma2": (
+        "Gemma2Config",
+        {"head_dim": 16, "sliding_window": WINDOW, "attn_logit_softcapping": 50.0},
+        ("packing", "chunked_loss"),  # final_logit_softcapping too
+    ),
+    "granite": ("GraniteConfig", {"logits_scaling": 4.0}, ("chunked_loss",)),
+    "cohere": ("CohereConfig", {"logit_scale": 0.5}, ("chunked_loss",)),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        {
+            "q_lora_rank": 32,
+            "kv_lora_rank": 16,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+            "head_dim": 8,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "n_group": 1,
+            "topk_group": 1,
+            "moe_intermediate_size": 32,
+            "first_k_dense_replace": 1,
+            "num_key_value_heads": 4,  # latent attention has no grouped heads
+        },
+        ("packing",),
+    ),
+}
+
+
+def tiny_model(family: str):
+    name, own, _ = FAMILIES[family]
+    config = getattr(transformers, name)(**{**SMALL, **own})
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # its default attention
+
+
+def passages() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(1)
+    return [[1, *torch.randint(3, VOCAB, (n - 1,), generator=generator).tolist()] for n in (40, 23, 31, 12)]
+
+
+def with_lora(model, cfg):
+    model = add_lora(model, cfg.lora, cfg.seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: make the adapters do something
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+def reference(model, seqs):
+    """transformers' own loss on each passage alone, token-weighted, and its LoRA gradients."""
+    model.zero_grad()
+    total = sum(len(s) - 1 for s in seqs)
+    loss = sum(model(input_ids=torch.tensor([s]), labels=torch.tensor([s])).loss * (len(s) - 1) for s in seqs)
+    (loss / total).backward()
+    return float(loss / total), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("attention", ["varlen", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_training_step_equals_transformers_on_each_passage_alone(family, attention):
+    cfg = compose_conf(
+        ["experiment=smoke", f"train.attention={attention}", "train.pack_length=128", "data.max_length=40"],
+        conf_dir=ROOT / "conf",
+    )
+    cfg.lora.r = 4
+    model = with_lora(tiny_model(family), cfg)
+    expected_loss, expected = reference(model, passages())
+    exact, implementation, notes = choose_exact_path(model, cfg)
+    fallen = tuple(k for k in ("packing", "chunked_loss") if exact.train[k] != cfg.train[k])
+    assert fallen == FAMILIES[family][2]
+    assert len(notes) == (len(fallen) > 0) + (len(fallen) > 1)  # one line per fallback
+    if implementation:
+        model.get_base_model().set_attn_implementation(implementation)
+    model.zero_grad()
+    tc = exact.train
+    batch = collate_micro_batch(passages(), tc, pad_id=0)
+    prepare_model(model, tc)
+    segments = packed_segments(batch["position_ids"]) if "position_ids" in batch else None
+    loss = micro_batch_loss(model, batch, tc, segments)
+    loss.backward()
+    assert float(loss) == pytest.approx(expected_loss, rel=1e-5)
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert got.keys() == expected.keys() and got
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-4, msg=f"{family}: {name}")
+
+
+def test_a_fallback_says_why_in_one_line():
+    cfg = compose_conf(["experiment=smoke", "data.max_length=40"], conf_dir=ROOT / "conf")
+    cfg.lora.r = 4
+    _, implementation, notes = choose_exact_path(with_lora(tiny_model("gemma2"), cfg), cfg)
+    assert implementation == "eager"  # sdpa has no soft-capping
+    assert notes[0].startswith("gemma2: sliding-window attention (8 tokens, passages up to 40); soft-capped")
+    assert "train.packing=false" in notes[0] and "train.chunked_loss=false" in notes[1]
+    short = OmegaConf.merge(cfg, {"data": {"max_length": WINDOW}})  # no passage outgrows the window
+    assert choose_exact_path(with_lora(tiny_model("mistral"), cfg), short)[2] == []
+
+
+def saved(tmp_path, family: str, **own):
+    """A tiny model of a family (FAMILIES, or any config class by name) saved as a checkpoint."""
+    name, settings, _ = FAMILIES.get(family, (family, {}, ()))
+    config = getattr(transformers, name)(**{**SMALL, **settings, **own})
+    folder = tmp_path / family
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def test_4bit_means_4bit_or_it_says_what_is_not_and_why(tmp_path, capsys):
+    from lmtune.checkpoint import ModelError
+    from lmtune.model.load import left_unquantized, load_for_training
+
+    quant = compose_conf(["quant=nf4", "quant.bnb_4bit_compute_dtype=fp32"], conf_dir=ROOT / "conf").quant
+    llama = load_for_training(saved(tmp_path, "llama"), quant, False)
+    assert left_unquantized(llama) == (14, [])  # 7 linear layers x 2 decoder layers, all 4-bit
+    assert "note:" not in capsys.readouterr().out
+    load_for_training(saved(tmp_path, "mixtral"), quant, False)
+    said = capsys.readouterr().out
+    assert "stay in 16 bits, e.g. layers.0.mlp.experts (experts as 3-D tensors)" in said
+    falcon = {k: v for k, v in SMALL.items() if k not in ("intermediate_size", "num_key_value_heads")}
+    folder = tmp_path / "falcon"
+    transformers.AutoModelForCausalLM.from_config(transformers.FalconConfig(**falcon)).save_pretrained(folder)
+    with pytest.raises(
+        ModelError,
+        match=r"quantized no layer of .*falcon's decoder \(h.0.self_attention.query_key_value \(FalconLinear\)",
+    ):
+        load_for_training(folder, quant, False)
+
+
+def test_lora_on_a_multimodal_checkpoint_adapts_its_language_model_only():
+    text = {k: v for k, v in SMALL.items() if k != "tie_word_embeddings"} | {"head_dim": 16}
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 28,
+        "patch_size": 14,
+    }
+    config = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_index=95,
+        boi_token_index=93,
+        eoi_token_index=94,
+    )
+    cfg = compose_conf(["experiment=smoke"], conf_dir=ROOT / "conf")
+    cfg.lora.r = 4
+    adapted = {
+        n
+        for n, _ in add_lora(transformers.Gemma3ForConditionalGeneration(config), cfg.lora, 0).named_modules()
+        if n.endswith("lora_A")
+    }
+    assert adapted and all(".language_model." in n for n in adapted)  # no adapter on the vision tower
+    assert any("q_proj" in n for n in adapted) and any("down_proj" in n for n in adapted)
+    cfg.lora.target_modules = ["q_proj"]  # asked for by name: taken as given, vision tower included
+    named = {
+        n
+        for n, _ in add_lora(transformers.Gemma3ForConditionalGeneration(config), cfg.lora, 0).named_modules()
+        if n.endswith("lora_A")
+    }
+    assert any(".vision_tower." in n for n in named)
