@@ -777,7 +777,7 @@ def test_benchmarks_run_on_every_model_and_a_gate_too_tight_fails_after_writing_
     assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
     assert "eval.gate failed: merged_int4_weight_only loses" in failed.stderr
     assert set(metrics["benchmarks"]) == set(metrics["models"])  # every model the stage scores
-    for name, tasks in metrics["benchmarks"].items():
+    for tasks in metrics["benchmarks"].values():
         for task, metric in (("lmtune_test_bpb", "bits_per_byte"), ("lmtune_chatterbot_mc", "acc")):
             entry, base = tasks[task][metric], metrics["benchmarks"]["base"][task][metric]
             assert entry["low"] <= entry["value"] <= entry["high"]
