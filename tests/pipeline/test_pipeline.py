@@ -738,7 +738,9 @@ def test_a_smoke_run_leaves_the_workspace_results_alone(repo):
         **snapshot(dest / "metrics"),
         **{p: p.read_bytes() for p in (dest / "params.yaml", dest / "dvc.lock")},
     }
-    smoke = sh(sys.executable, "-m", "lmtune.cli.pipeline", "experiment=smoke", "lora.r=6", cwd=dest)
+    smoke = sh(
+        sys.executable, "-m", "lmtune.cli.pipeline", "experiment=smoke", "lora.r=7", cwd=dest
+    )  # a rank no other test runs
     assert "run as a DVC experiment in a temporary copy" in smoke.stdout
     after = {
         **snapshot(dest / "metrics"),
@@ -746,12 +748,12 @@ def test_a_smoke_run_leaves_the_workspace_results_alone(repo):
     }
     assert after == before
     shown = json.dumps(json.loads(sh("dvc", "exp", "show", "--json", cwd=dest).stdout))
-    assert '"r": 6' in shown
+    assert '"r": 7' in shown
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{dest / 'mlflow.db'}")
     runs = client.search_runs(
-        [client.get_experiment_by_name("lmtune").experiment_id], "params.`lora.r` = '6'"
+        [client.get_experiment_by_name("lmtune").experiment_id], "params.`lora.r` = '7'"
     )
     assert len(runs) == 1 and runs[0].data.tags.get("dvc_experiment")
     assert runs[0].info.status == "FINISHED" and "eval.merged.perplexity" in runs[0].data.metrics
