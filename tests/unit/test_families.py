@@ -32,6 +32,16 @@ SMALL = {
     "eos_token_id": 2,
     "tie_word_embeddings": False,
 }
+# one linear-attention layer, then one full-attention layer (Qwen3-Next, Qwen3.5)
+HYBRID_LINEAR = {
+    "head_dim": 16,
+    "layer_types": ["linear_attention", "full_attention"],
+    "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+}
 # family → (config class, its own settings, what the step must fall back from: packing, chunked_loss)
 FAMILIES = {
     "llama": ("LlamaConfig", {}, ()),
@@ -57,14 +67,8 @@ FAMILIES = {
     ),
     "qwen3_next": (
         "Qwen3NextConfig",
-        {
-            "head_dim": 16,
-            "layer_types": ["linear_attention", "full_attention"],
-            "linear_conv_kernel_dim": 4,
-            "linear_key_head_dim": 16,
-            "linear_value_head_dim": 16,
-            "linear_num_key_heads": 2,
-            "linear_num_value_heads": 4,
+        HYBRID_LINEAR
+        | {
             "num_experts": 4,
             "num_experts_per_tok": 2,
             "moe_intermediate_size": 32,
@@ -72,19 +76,7 @@ FAMILIES = {
         },
         ("packing",),
     ),
-    "qwen3_5": (
-        "Qwen3_5TextConfig",
-        {
-            "head_dim": 16,
-            "layer_types": ["linear_attention", "full_attention"],
-            "linear_conv_kernel_dim": 4,
-            "linear_key_head_dim": 16,
-            "linear_value_head_dim": 16,
-            "linear_num_key_heads": 2,
-            "linear_num_value_heads": 4,
-        },
-        ("packing",),
-    ),
+    "qwen3_5": ("Qwen3_5TextConfig", HYBRID_LINEAR, ("packing",)),
     "mistral": ("MistralConfig", {"sliding_window": WINDOW}, ("packing",)),
     "starcoder2": ("Starcoder2Config", {"sliding_window": WINDOW}, ("packing",)),
     "gemma2": (
