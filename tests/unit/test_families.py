@@ -2,9 +2,11 @@
 (packed rows, varlen or sdpa attention, the chunked loss, or the exact fallback the step picks for
 the family) gives transformers' loss on each passage alone, and the same LoRA gradients, in fp32.
 
-The families whose features the fast kernels lack (a sliding window shorter than a passage,
-soft-capping, sinks, latent attention with unequal heads, linear attention, a scaled head) are
-listed with the fallback they must take; the others must keep the fast path."""
+The families cover what the packed kernels must implement (a sliding window shorter than a
+passage, soft-capped attention and output logits, sinks, latent attention with unequal head sizes,
+a scaled head); each lists the attention paths under which it must fall back to padded batches
+(linear attention everywhere, soft-capping and sinks under sdpa). Every other case keeps packing
+and the chunked loss."""
 
 import pytest
 import torch
@@ -42,7 +44,7 @@ HYBRID_LINEAR = {
     "linear_num_key_heads": 2,
     "linear_num_value_heads": 4,
 }
-# family → (config class, its own settings, what the step must fall back from: packing, chunked_loss)
+# family → (config class, its own settings, the attention paths under which it must train unpacked)
 FAMILIES = {
     "llama": ("LlamaConfig", {}, ()),
     "qwen2": ("Qwen2Config", {}, ()),
@@ -57,13 +59,13 @@ FAMILIES = {
         {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
         (),
     ),
-    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": WINDOW}, ("packing",)),
-    "olmo3": ("Olmo3Config", {"sliding_window": WINDOW}, ("packing",)),
-    "cohere2": ("Cohere2Config", {"sliding_window": WINDOW, "logit_scale": 0.5}, ("packing", "chunked_loss")),
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": WINDOW}, ()),
+    "olmo3": ("Olmo3Config", {"sliding_window": WINDOW}, ()),
+    "cohere2": ("Cohere2Config", {"sliding_window": WINDOW, "logit_scale": 0.5}, ()),
     "gpt_oss": (
         "GptOssConfig",
         {"head_dim": 16, "sliding_window": WINDOW, "num_local_experts": 4, "num_experts_per_tok": 2},
-        ("packing",),  # sinks too
+        ("sdpa",),  # sinks
     ),
     "qwen3_next": (
         "Qwen3NextConfig",
@@ -74,18 +76,23 @@ FAMILIES = {
             "moe_intermediate_size": 32,
             "shared_expert_intermediate_size": 32,
         },
-        ("packing",),
+        ("varlen", "sdpa"),
     ),
-    "qwen3_5": ("Qwen3_5TextConfig", HYBRID_LINEAR, ("packing",)),
-    "mistral": ("MistralConfig", {"sliding_window": WINDOW}, ("packing",)),
-    "starcoder2": ("Starcoder2Config", {"sliding_window": WINDOW}, ("packing",)),
+    "qwen3_5": ("Qwen3_5TextConfig", HYBRID_LINEAR, ("varlen", "sdpa")),
+    "mistral": ("MistralConfig", {"sliding_window": WINDOW}, ()),
+    "starcoder2": ("Starcoder2Config", {"sliding_window": WINDOW}, ()),
     "gemma2": (
         "Gemma2Config",
-        {"head_dim": 16, "sliding_window": WINDOW, "attn_logit_softcapping": 50.0},
-        ("packing", "chunked_loss"),  # final_logit_softcapping too
+        {
+            "head_dim": 16,
+            "sliding_window": WINDOW,
+            "attn_logit_softcapping": 0.1,
+            "final_logit_softcapping": 0.5,
+        },
+        ("sdpa",),  # soft-capped attention
     ),
-    "granite": ("GraniteConfig", {"logits_scaling": 4.0}, ("chunked_loss",)),
-    "cohere": ("CohereConfig", {"logit_scale": 0.5}, ("chunked_loss",)),
+    "granite": ("GraniteConfig", {"logits_scaling": 4.0}, ()),
+    "cohere": ("CohereConfig", {"logit_scale": 0.5}, ()),
     "deepseek_v3": (
         "DeepseekV3Config",
         {
@@ -103,7 +110,7 @@ FAMILIES = {
             "first_k_dense_replace": 1,
             "num_key_value_heads": 4,  # latent attention has no grouped heads
         },
-        ("packing",),
+        (),
     ),
 }
 
@@ -149,8 +156,8 @@ def test_the_training_step_equals_transformers_on_each_passage_alone(family, att
     expected_loss, expected = reference(model, passages())
     exact, implementation, notes = choose_exact_path(model, cfg)
     fallen = tuple(k for k in ("packing", "chunked_loss") if exact.train[k] != cfg.train[k])
-    assert fallen == FAMILIES[family][2]
-    assert len(notes) == (len(fallen) > 0) + (len(fallen) > 1)  # one line per fallback
+    assert fallen == (("packing",) if attention in FAMILIES[family][2] else ())
+    assert len(notes) == len(fallen)  # one line per fallback
     if implementation:
         model.get_base_model().set_attn_implementation(implementation)
     model.zero_grad()
@@ -167,15 +174,59 @@ def test_the_training_step_equals_transformers_on_each_passage_alone(family, att
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-4, msg=f"{family}: {name}")
 
 
-def test_a_fallback_says_why_in_one_line():
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss", "mistral", "deepseek_v3"])
+def test_validation_on_padded_batches_through_the_varlen_model_is_transformers_loss(family):
+    """Validation batches are padded, not packed: the model set up for packed varlen training must
+    score them as transformers does (soft-capping and sinks included, where sdpa has neither)."""
+    from lmtune.train.loop import validation_loss
+
+    cfg = compose_conf(["experiment=smoke", "train.attention=varlen"], conf_dir=ROOT / "conf")
+    cfg.lora.r = 4
+    model = with_lora(tiny_model(family), cfg)
+    expected, _ = reference(model, passages())
+    prepare_model(model, cfg.train)
+    assert model.config._attn_implementation == "lmtune_varlen"
+    with torch.no_grad():
+        assert validation_loss(model, passages(), batch_size=4, batches=1, pad_id=0) == pytest.approx(
+            expected, rel=1e-5
+        )
+
+
+def test_a_fallback_says_why_in_one_line(monkeypatch):
     cfg = compose_conf(["experiment=smoke", "data.max_length=40"], conf_dir=ROOT / "conf")
     cfg.lora.r = 4
-    _, implementation, notes = choose_exact_path(with_lora(tiny_model("gemma2"), cfg), cfg)
-    assert implementation == "eager"  # sdpa has no soft-capping
-    assert notes[0].startswith("gemma2: sliding-window attention (8 tokens, passages up to 40); soft-capped")
-    assert "train.packing=false" in notes[0] and "train.chunked_loss=false" in notes[1]
-    short = OmegaConf.merge(cfg, {"data": {"max_length": WINDOW}})  # no passage outgrows the window
-    assert choose_exact_path(with_lora(tiny_model("mistral"), cfg), short)[2] == []
+    gemma2 = with_lora(tiny_model("gemma2"), cfg)
+    assert choose_exact_path(gemma2, OmegaConf.merge(cfg, {"train": {"attention": "varlen"}}))[1:] == (
+        None,
+        [],
+    )
+    exact, implementation, notes = choose_exact_path(
+        gemma2, OmegaConf.merge(cfg, {"train": {"attention": "sdpa"}})
+    )
+    assert implementation == "eager" and not exact.train.packing  # sdpa has no soft-capping
+    assert notes == [
+        "gemma2: soft-capped attention logits (transformers' sdpa has no cap): packed rows would attend "
+        "wrongly, so this model trains on padded batches with transformers' own attention "
+        "(train.packing=false); train.attention=varlen packs it exactly"
+    ]
+    padded = OmegaConf.merge(cfg, {"train": {"packing": False}})  # the user's own choice
+    assert choose_exact_path(gemma2, padded)[1:] == ("eager", [])
+    notes = choose_exact_path(with_lora(tiny_model("qwen3_5"), cfg), cfg)[2]
+    assert (
+        notes[0].startswith("qwen3_5_text: linear_attention layers: packed rows")
+        and "varlen packs" not in notes[0]
+    )
+
+    # a head that does more than the chunked loss knows is caught by comparing logits, not assumed
+    import lmtune.train.exact_path as exact_path
+
+    monkeypatch.setattr(exact_path, "head_transform", lambda config: (1.0, None))  # Granite's scaling unknown
+    exact, _, notes = choose_exact_path(with_lora(tiny_model("granite"), cfg), cfg)
+    assert not exact.train.chunked_loss and exact.train.packing
+    assert notes[0].startswith(
+        "granite: the output head computes logits the chunked loss does not (they differ by"
+    )
+    assert notes[0].endswith("so this model's loss is transformers' own (train.chunked_loss=false)")
 
 
 def saved(tmp_path, family: str, **own):

@@ -32,18 +32,24 @@ def packed(lengths):
     return position_ids, kernels.packed_segments(position_ids)
 
 
-@pytest.mark.parametrize("kv_heads", [8, 2])
-def test_flash_varlen_equals_the_per_passage_path_on_the_card(kv_heads):
-    """torch's varlen kernel (one call) against SDPA per passage, bf16, forward and gradients."""
-    assert kernels.use_flash_varlen(torch.zeros(1, 8, 4, 64, device="cuda", dtype=torch.bfloat16))
+@pytest.mark.parametrize(
+    "kv_heads, window, value_dim", [(8, None, 64), (2, None, 64), (2, 128, 64), (8, None, 32)]
+)
+def test_flash_varlen_equals_the_per_passage_path_on_the_card(kv_heads, window, value_dim):
+    """torch's varlen kernel (one call) against SDPA per passage, bf16, forward and gradients; with
+    grouped heads, a sliding window, and value heads smaller than query/key heads (latent attention)."""
+    card = torch.zeros(1, 8, 4, 64, device="cuda", dtype=torch.bfloat16)
+    if window and not kernels.use_flash_varlen(card, window, None, None):
+        pytest.skip("this torch's varlen_attn has no window_size")
+    assert kernels.use_flash_varlen(card, None, None, None)
     torch.manual_seed(0)
     _, segments = packed([300, 1, 77, 647])
-    q = torch.randn(1, 8, 1025, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k, v = (
-        torch.randn(1, kv_heads, 1025, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        for _ in range(2)
+    q, k = (
+        torch.randn(1, heads, 1025, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for heads in (8, kv_heads)
     )
-    grad = torch.randn(1, 1025, 8, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, kv_heads, 1025, value_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(1, 1025, 8, value_dim, device="cuda", dtype=torch.bfloat16)
 
     class Attention:
         is_causal, training = True, True
@@ -53,9 +59,11 @@ def test_flash_varlen_equals_the_per_passage_path_on_the_card(kv_heads):
         for t in (q, k, v):
             t.grad = None
         use = kernels.use_flash_varlen
-        kernels.use_flash_varlen = (lambda query: True) if flash else (lambda query: False)
+        kernels.use_flash_varlen = lambda query, *features, flash=flash: flash
         try:
-            out, _ = kernels.varlen_attention(Attention(), q, k, v, None, scaling=0.125, **segments)
+            out, _ = kernels.varlen_attention(
+                Attention(), q, k, v, None, scaling=0.125, sliding_window=window, **segments
+            )
         finally:
             kernels.use_flash_varlen = use
         out.backward(grad)

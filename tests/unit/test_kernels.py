@@ -25,55 +25,67 @@ def packed_position_ids(lengths_per_row):
     return torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths_per_row])
 
 
-def block_causal_mask(position_ids):
+def block_causal_mask(position_ids, window=None):
     passage = (position_ids == 0).cumsum(1)
     length = position_ids.shape[1]
     same = passage[:, :, None] == passage[:, None, :]
-    return (same & torch.ones(length, length, dtype=torch.bool).tril())[:, None]
+    distance = torch.arange(length)[:, None] - torch.arange(length)
+    seen = (distance >= 0) & (distance < window) if window else distance >= 0
+    return (same & seen)[:, None]
 
 
-def assert_varlen_equals_the_block_diagonal_mask(scaling: float) -> None:
-    """varlen_attention's output and q/k/v gradients against SDPA with a block-diagonal causal mask:
-    two packed rows, passages that straddle the 32-token groups, one of a single token, grouped
-    query heads."""
+def assert_varlen_equals_the_block_diagonal_mask(scaling: float, window=None, value_dim=16) -> None:
+    """varlen_attention's output and q/k/v gradients against SDPA with a block-diagonal causal mask
+    (and a sliding window): two packed rows, passages that straddle the 32-token groups, one of a
+    single token, grouped query heads, value heads of their own size as in latent attention."""
     torch.manual_seed(0)
     position_ids = packed_position_ids([[40, 1, 23, 32], [96]])
-    q = torch.randn(2, 6, 96, 16, requires_grad=True)
-    k, v = (torch.randn(2, 2, 96, 16, requires_grad=True) for _ in range(2))
-    grad = torch.randn(2, 96, 6, 16)
+    q, k = torch.randn(2, 6, 96, 16, requires_grad=True), torch.randn(2, 2, 96, 16, requires_grad=True)
+    v = torch.randn(2, 2, 96, value_dim, requires_grad=True)
+    grad = torch.randn(2, 96, 6, value_dim)
 
-    out, _ = varlen_attention(Attention(), q, k, v, None, scaling=scaling, **packed_segments(position_ids))
+    segments = packed_segments(position_ids)
+    out, _ = varlen_attention(Attention(), q, k, v, None, scaling=scaling, sliding_window=window, **segments)
     out.backward(grad)
     got = [out.detach(), q.grad, k.grad, v.grad]
     for t in (q, k, v):
         t.grad = None
     ref = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=block_causal_mask(position_ids), scale=scaling, enable_gqa=True
+        q, k, v, attn_mask=block_causal_mask(position_ids, window), scale=scaling, enable_gqa=True
     ).transpose(1, 2)
     ref.backward(grad)
     for mine, theirs in zip(got, [ref.detach(), q.grad, k.grad, v.grad], strict=True):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
 
 
-def test_varlen_attention_equals_a_block_diagonal_causal_mask_with_gradients():
-    assert_varlen_equals_the_block_diagonal_mask(scaling=0.25)
+@pytest.mark.parametrize("window", [None, 5])
+def test_varlen_attention_equals_a_block_diagonal_causal_mask_with_gradients(window):
+    assert_varlen_equals_the_block_diagonal_mask(scaling=0.25, window=window, value_dim=8 if window else 16)
 
 
 def reference_varlen_attn(
     q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=None, is_causal=None, enable_gqa=False
 ):
-    """torch's varlen_attn contract in plain SDPA, one passage at a time: [T, H, D] in and out."""
-    assert window_size == (-1, 0) or is_causal is True  # asked for causal attention, either way
+    """torch's varlen_attn contract in plain SDPA, one passage at a time: [T, H, D] in and out;
+    window_size (left, 0) lets a token see itself and `left` tokens before it."""
+    assert window_size is None or window_size[1] == 0 or is_causal is True  # causal, either way
+    assert q.shape[-1] == k.shape[-1] == v.shape[-1]  # one head size: latent attention's v is padded
     assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k)
     bounds = cu_q.tolist()
     assert max_q == max_k == max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
     assert enable_gqa or k.shape[1] == q.shape[1]  # without the flag, heads must be repeated
+    left = window_size[0] if window_size and window_size[0] >= 0 else None
+
+    def mask(n):
+        distance = torch.arange(n)[:, None] - torch.arange(n)
+        return (distance >= 0) & (distance <= left) if left is not None else distance >= 0
+
     pieces = [
         F.scaled_dot_product_attention(
             q[a:b].transpose(0, 1),
             k[a:b].transpose(0, 1),
             v[a:b].transpose(0, 1),
-            is_causal=True,
+            attn_mask=mask(b - a),
             scale=scale,
             enable_gqa=enable_gqa,
         ).transpose(0, 1)
@@ -82,11 +94,14 @@ def reference_varlen_attn(
     return torch.cat(pieces)
 
 
-@pytest.mark.parametrize("torch_has", ["window_size+gqa+scale", "is_causal"])  # torch >= 2.11, torch 2.10
-def test_the_cuda_path_hands_torch_varlen_kernel_all_passages_in_its_layout(monkeypatch, torch_has):
+@pytest.mark.parametrize(
+    "torch_has, window", [("window_size+gqa+scale", None), ("window_size+gqa+scale", 5), ("is_causal", None)]
+)  # torch >= 2.11, torch 2.10
+def test_the_cuda_path_hands_torch_varlen_kernel_all_passages_in_its_layout(monkeypatch, torch_has, window):
     """The card's path (one varlen_attn call for every passage) against the block-diagonal mask,
-    with the kernel played by SDPA on the CPU: layouts, boundaries, causality, grouped heads. The
-    real kernel runs in tests/unit/test_gpu_training.py."""
+    with the kernel played by SDPA on the CPU: layouts, boundaries, causality, the sliding window,
+    grouped heads, latent attention's own value size. The real kernel runs in
+    tests/unit/test_gpu_training.py."""
     causal = {"window_size": (-1, 0)} if torch_has != "is_causal" else {"is_causal": True}
     options = {
         "fn": reference_varlen_attn,
@@ -95,9 +110,27 @@ def test_the_cuda_path_hands_torch_varlen_kernel_all_passages_in_its_layout(monk
         "scale": torch_has != "is_causal",
     }
     monkeypatch.setattr(kernels, "_flash_varlen_options", lambda: options)
-    monkeypatch.setattr(kernels, "use_flash_varlen", lambda query: True)
+    monkeypatch.setattr(kernels, "use_flash_varlen", lambda query, *features: True)
     # scale 0.2, not the kernel's default 1/sqrt(16) = 0.25, so a lost scale would show
-    assert_varlen_equals_the_block_diagonal_mask(scaling=0.2)
+    assert_varlen_equals_the_block_diagonal_mask(scaling=0.2, window=window, value_dim=8 if window else 16)
+
+
+def test_the_cuda_path_is_taken_only_for_what_torch_kernel_has(monkeypatch):
+    monkeypatch.setattr(kernels, "_flash_varlen_options", lambda: {"causal": {"window_size": (-1, 0)}})
+    card = torch.empty(1, 2, 4, 16, dtype=torch.bfloat16, device="meta")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: self.device.type == "meta"))
+    assert kernels.use_flash_varlen(card, None, None, None) and kernels.use_flash_varlen(
+        card, 4096, None, None
+    )
+    assert not kernels.use_flash_varlen(card, None, 50.0, None)  # soft-capping: the per-passage path
+    assert not kernels.use_flash_varlen(card, None, None, torch.zeros(2))  # sinks: the per-passage path
+    assert not kernels.use_flash_varlen(card.float(), None, None, None)
+    monkeypatch.setattr(
+        kernels, "_flash_varlen_options", lambda: {"causal": {"is_causal": True}}
+    )  # torch 2.10
+    assert kernels.use_flash_varlen(card, None, None, None) and not kernels.use_flash_varlen(
+        card, 4096, None, None
+    )
 
 
 def test_packed_segments_are_built_on_the_host_with_the_longest_as_a_number():
@@ -118,8 +151,10 @@ def test_varlen_attention_without_passage_boundaries_is_transformers_sdpa():
     torch.testing.assert_close(mine, theirs)
 
 
-@pytest.mark.parametrize("chunk", [7, 64])
-def test_chunked_cross_entropy_equals_the_full_loss_and_its_gradient(chunk):
+@pytest.mark.parametrize(
+    "chunk, scale, softcap", [(7, 1.0, None), (64, 1.0, None), (7, 0.25, None), (7, 1.0, 2.0)]
+)
+def test_chunked_cross_entropy_equals_the_full_loss_and_its_gradient(chunk, scale, softcap):
     torch.manual_seed(0)
     hidden = torch.randn(3, 20, 8, requires_grad=True)
     weight = torch.randn(50, 8)
@@ -127,11 +162,13 @@ def test_chunked_cross_entropy_equals_the_full_loss_and_its_gradient(chunk):
     labels[0, :5] = -100  # unscored positions
     labels[2, 11:] = -100
 
-    mine = chunked_cross_entropy(hidden, weight, labels, chunk)
+    mine = chunked_cross_entropy(hidden, weight, labels, chunk, scale=scale, softcap=softcap)
     (2 * mine).backward()
     got = hidden.grad
     hidden.grad = None
-    logits = hidden @ weight.T
+    logits = (hidden @ weight.T) * scale
+    if softcap:  # as Gemma-2's head; logits of about +-3 (up to +-10) against a cap of 2: it bites
+        logits = torch.tanh(logits / softcap) * softcap
     theirs = F.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100)
     (2 * theirs).backward()
     torch.testing.assert_close(mine, theirs)

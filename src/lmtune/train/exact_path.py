@@ -1,27 +1,26 @@
 """Which of lmtune's training paths are exact for a given model, and the fallback where one is not.
 
-Packed rows with per-passage (varlen) attention and the chunked loss are written for the plain
-causal attention and plain output head most families share (Llama, Qwen2/3, Phi-3, Gemma, OLMo-2,
-SmolLM3, GPT-NeoX, Mixtral, ...). Some families add what those kernels do not implement:
+lmtune's packed varlen attention (train.attention=varlen) implements what the families add to
+plain causal attention: a sliding window (Mistral, Gemma-2/3, StarCoder2, OLMo-3, Cohere-2,
+GPT-OSS), soft-capped logits (Gemma-2), attention sinks (GPT-OSS) and value heads unlike the
+query/key heads (DeepSeek's latent attention). The chunked loss applies the family's logit scale
+(Granite `logits_scaling`, Cohere `logit_scale`) and cap (Gemma-2 `final_logit_softcapping`), and
+is checked against the model's own logits once before training, so a head that does anything else
+is caught rather than assumed.
 
-- a sliding window shorter than a passage (Mistral, Gemma-2/3, StarCoder2, OLMo-3, Cohere-2,
-  GPT-OSS): varlen attention would let every token see the whole passage;
-- soft-capped attention logits (Gemma-2): neither varlen nor sdpa caps them;
-- attention sinks (GPT-OSS): an extra logit per head the kernels do not add;
-- multi-head latent attention whose value heads differ from its query/key heads (DeepSeek-V2/V3);
-- linear-attention layers (Qwen3.5, Qwen3-Next): no per-passage reset of their state in a packed row;
-- a scaled or soft-capped output head (Granite `logits_scaling`, Cohere `logit_scale`): the chunked
-  loss multiplies hidden states by the plain head weight.
-
-For those the step falls back, with one line saying why, to what transformers computes itself:
-padded batches (train.packing=false) with the model's own attention (eager where sdpa lacks a
-feature), or transformers' own loss (train.chunked_loss=false). Validation goes through the same
-model, so it uses the same path. tests/unit/test_families.py checks each family against
-transformers' loss on each passage alone.
+What is left falls back, with one line saying why, to what transformers computes itself: padded
+batches (train.packing=false) with the model's own attention (eager where sdpa lacks a feature), or
+transformers' own loss (train.chunked_loss=false):
+- linear-attention layers (Qwen3.5, Qwen3-Next): their recurrent state does not restart at a
+  passage boundary inside a packed row (only flash-linear-attention's kernels take boundaries);
+- under train.attention=sdpa, transformers' sdpa on packed rows has no soft-capping and no sinks
+  (Gemma-2, GPT-OSS); its masks do keep passages apart and apply sliding windows.
+tests/unit/test_families.py checks each family against transformers' loss on each passage alone.
 """
 
 from __future__ import annotations
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -30,62 +29,82 @@ def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def packing_problems(config, longest_passage: int, has_sinks: bool) -> list[str]:
-    """What packed varlen attention would compute wrong for this model, in words."""
+def packing_problems(config, has_sinks: bool, attention: str) -> list[str]:
+    """What packed rows would compute wrong for this model under train.attention, in words."""
     text = _text_config(config)
     layer_types = set(getattr(text, "layer_types", None) or [])
     problems = []
-    window = getattr(text, "sliding_window", None)
-    sliding = getattr(text, "use_sliding_window", True) is not False and (
-        not layer_types or "sliding_attention" in layer_types
-    )
-    if window and sliding and window < longest_passage:
-        problems.append(f"sliding-window attention ({window} tokens, passages up to {longest_passage})")
-    if getattr(text, "attn_logit_softcapping", None):
-        problems.append("soft-capped attention logits")
-    if has_sinks:
-        problems.append("attention sinks")
-    value, query = getattr(text, "v_head_dim", None), getattr(text, "qk_head_dim", None)
-    if value and query and value != query:
-        problems.append(f"latent attention with value heads of {value} and query/key heads of {query}")
-    if layer_types - {"full_attention", "sliding_attention"}:
-        problems.append(f"{', '.join(sorted(layer_types - {'full_attention', 'sliding_attention'}))} layers")
+    if other := layer_types - {"full_attention", "sliding_attention"}:
+        problems.append(f"{', '.join(sorted(other))} layers")
+    if attention == "sdpa":
+        if getattr(text, "attn_logit_softcapping", None):
+            problems.append("soft-capped attention logits (transformers' sdpa has no cap)")
+        if has_sinks:
+            problems.append("attention sinks (transformers' sdpa has none)")
     return problems
 
 
-def head_problems(config) -> list[str]:
-    """What the chunked loss (plain head weight times hidden states) would get wrong."""
+def head_transform(config) -> tuple[float, float | None]:
+    """(scale, cap) of the family's output logits: logits = cap * tanh(scale * h W^T / cap), as
+    Granite (1 / logits_scaling), Cohere (logit_scale) and Gemma-2 (final_logit_softcapping) do."""
     text = _text_config(config)
-    problems = []
-    if getattr(text, "logits_scaling", 1.0) not in (None, 1.0):
-        problems.append(f"output logits divided by logits_scaling={text.logits_scaling}")
-    if getattr(text, "logit_scale", 1.0) not in (None, 1.0):
-        problems.append(f"output logits scaled by logit_scale={text.logit_scale}")
-    if getattr(text, "final_logit_softcapping", None):
-        problems.append("soft-capped output logits")
-    return problems
+    scale = 1.0
+    if getattr(text, "logits_scaling", None):
+        scale /= text.logits_scaling
+    if getattr(text, "logit_scale", None):
+        scale *= text.logit_scale
+    return scale, getattr(text, "final_logit_softcapping", None)
+
+
+@torch.no_grad()
+def head_mismatch(model, scale: float, softcap: float | None, tokens: int = 8) -> float:
+    """How far the model's own logits are from what the chunked loss computes from its last hidden
+    state (relative to their largest magnitude), on a few tokens: 0 where the head is plain W h
+    with the known scale and cap, large where the family's head does something else."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    weight = base.get_output_embeddings().weight
+    was_training, attention = base.training, base.config._attn_implementation
+    # no dropout, so both forwards see one network; eager, which every family's attention has
+    base.eval()
+    base.set_attn_implementation("eager")
+    try:
+        ids = ((torch.arange(tokens, device=weight.device) * 7 + 3) % weight.shape[0])[None]
+        logits = base(input_ids=ids, use_cache=False).logits.float()
+        hidden = base.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        mine = ((hidden * scale) @ weight.to(hidden.dtype).T).float()
+        if softcap:
+            mine = torch.tanh(mine / softcap) * softcap
+    finally:
+        base.set_attn_implementation(attention)
+        base.train(was_training)
+    return float((logits - mine).abs().max() / logits.abs().max().clamp(min=1e-6))
 
 
 def choose_exact_path(model, cfg: DictConfig) -> tuple[DictConfig, str | None, list[str]]:
     """(the config training runs with, an attention implementation to set or None, notes to print).
     The config is cfg itself when every configured kernel is exact for this model."""
-    config = model.config
+    config, text = model.config, _text_config(model.config)
     has_sinks = any(name.endswith("sinks") for name, _ in model.named_parameters())
-    tc, notes, attention = cfg.train, [], None
-    changes = {}
-    if tc.packing and (problems := packing_problems(config, cfg.data.max_length, has_sinks)):
+    tc, notes, changes = cfg.train, [], {}
+    if tc.packing and (problems := packing_problems(config, has_sinks, tc.attention)):
         changes["packing"] = False
+        varlen_packs = not packing_problems(config, has_sinks, "varlen")
         notes.append(
             f"{config.model_type}: {'; '.join(problems)}: packed rows would attend wrongly, so this "
             "model trains on padded batches with transformers' own attention (train.packing=false)"
+            + ("; train.attention=varlen packs it exactly" if varlen_packs else "")
         )
-    if getattr(_text_config(config), "attn_logit_softcapping", None) or has_sinks:
-        attention = "eager"  # transformers' sdpa path has neither soft-capping nor sinks
-    if tc.chunked_loss and (problems := head_problems(config)):
+    packed_varlen = tc.packing and not changes and tc.attention == "varlen"
+    # transformers' sdpa path has neither soft-capping nor sinks: padded batches take eager
+    needs_eager = getattr(text, "attn_logit_softcapping", None) or has_sinks
+    attention = "eager" if needs_eager and not packed_varlen else None
+    # 5 % of the largest logit: far above 16-bit rounding, far below any scale or cap left out
+    if tc.chunked_loss and (gap := head_mismatch(model, *head_transform(config))) > 0.05:
         changes["chunked_loss"] = False
         notes.append(
-            f"{config.model_type}: {'; '.join(problems)}: the chunked loss would drop it, so this "
-            "model's loss is transformers' own (train.chunked_loss=false)"
+            f"{config.model_type}: the output head computes logits the chunked loss does not (they "
+            f"differ by {gap:.0%} of the largest), so this model's loss is transformers' own "
+            "(train.chunked_loss=false)"
         )
     if not changes:
         return cfg, attention, notes

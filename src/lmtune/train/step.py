@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from lmtune.data.batching import batch_indices, collate, collate_rows, pack
 from lmtune.model.hardware import device
+from lmtune.train.exact_path import head_transform
 from lmtune.train.kernels import chunked_cross_entropy, packed_segments, register_varlen_attention
 
 
@@ -52,8 +53,9 @@ def prepare_model(model, tc: DictConfig) -> None:
 def micro_batch_loss(model, batch: dict, tc: DictConfig, segments: dict | None = None) -> torch.Tensor:
     """Mean next-token loss of one micro-batch. Packed rows pass their passage boundaries
     (`segments`, from packed_segments on the host batch) down to the attention; with
-    train.chunked_loss a frozen plain head computes its loss in chunks. No KV cache: with one,
-    transformers ignores the packed positions and rows attend across."""
+    train.chunked_loss a frozen plain head computes its loss in chunks (with the family's logit
+    scale or cap). No KV cache: with one, transformers ignores the packed positions and rows
+    attend across."""
     extra = segments or {}
     if segments is None and "position_ids" in batch:
         extra = packed_segments(batch["position_ids"].cpu())
@@ -66,8 +68,9 @@ def micro_batch_loss(model, batch: dict, tc: DictConfig, segments: dict | None =
     base = model.get_base_model()
     head = base.get_output_embeddings()
     plain_head = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
-    if tc.chunked_loss and plain_head and getattr(base.config, "final_logit_softcapping", None) is None:
+    if tc.chunked_loss and plain_head:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         hidden = base.base_model(**inputs, use_cache=False, **extra).last_hidden_state
-        return chunked_cross_entropy(hidden, head.weight, batch["labels"])
+        scale, softcap = head_transform(base.config)
+        return chunked_cross_entropy(hidden, head.weight, batch["labels"], scale=scale, softcap=softcap)
     return model(**batch, use_cache=False, **extra).loss
