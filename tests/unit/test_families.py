@@ -239,7 +239,6 @@ def saved(tmp_path, family: str, **own):
 
 
 def test_4bit_means_4bit_or_it_says_what_is_not_and_why(tmp_path, capsys):
-    from lmtune.checkpoint import ModelError
     from lmtune.model.load import left_unquantized, load_for_training
 
     quant = compose_conf(["quant=nf4", "quant.bnb_4bit_compute_dtype=fp32"], conf_dir=ROOT / "conf").quant
@@ -249,14 +248,39 @@ def test_4bit_means_4bit_or_it_says_what_is_not_and_why(tmp_path, capsys):
     load_for_training(saved(tmp_path, "mixtral"), quant, False)
     said = capsys.readouterr().out
     assert "stay in 16 bits, e.g. layers.0.mlp.experts (experts as 3-D tensors)" in said
+    # Falcon's FalconLinear is a torch.nn.Linear subclass bitsandbytes would leave alone: built plain
     falcon = {k: v for k, v in SMALL.items() if k not in ("intermediate_size", "num_key_value_heads")}
     folder = tmp_path / "falcon"
-    transformers.AutoModelForCausalLM.from_config(transformers.FalconConfig(**falcon)).save_pretrained(folder)
+    reference_model = transformers.AutoModelForCausalLM.from_config(transformers.FalconConfig(**falcon))
+    reference_model.save_pretrained(folder)
+    assert left_unquantized(load_for_training(folder, quant, False)) == (8, [])  # qkv, dense, 2 MLP x 2
+    assert "note:" not in capsys.readouterr().out
+    from lmtune.model.load import load_full
+
+    full = load_full(folder, torch.float32)
+    ids = torch.tensor([[1, 5, 9, 33, 60]])
+    with torch.no_grad():  # the plain layers compute what Falcon's own do
+        torch.testing.assert_close(full(input_ids=ids).logits, reference_model.eval()(input_ids=ids).logits)
+    assert type(transformers.models.falcon.modeling_falcon.FalconAttention(full.config).dense).__name__ == (
+        "FalconLinear"
+    )  # the swap holds only while lmtune loads
+    from lmtune.export.quantize import load_quantized, quantize
+
+    quantize(folder, tmp_path / "int8", "int8_weight_only", torch.float32)  # the default post-training form
+    with torch.no_grad():
+        int8 = load_quantized(tmp_path / "int8", torch.float32)(input_ids=ids).logits
+    torch.testing.assert_close(int8, full(input_ids=ids).logits, atol=0.05, rtol=0.05)
+
+
+def test_a_decoder_bitsandbytes_did_not_quantize_is_an_error_before_training(tmp_path):
+    from lmtune.checkpoint import ModelError
+    from lmtune.model.load import check_quantized, load_full
+
+    folder = saved(tmp_path, "llama")
     with pytest.raises(
-        ModelError,
-        match=r"quantized no layer of .*falcon's decoder \(h.0.self_attention.query_key_value \(FalconLinear\)",
+        ModelError, match=r"quant.bits=4: bitsandbytes quantized no layer of .*layers.0.self_attn"
     ):
-        load_for_training(folder, quant, False)
+        check_quantized(load_full(folder, torch.float32), 4, folder)
 
 
 def test_lora_on_a_multimodal_checkpoint_adapts_its_language_model_only():

@@ -10,6 +10,7 @@ import torch
 from lmtune.checkpoint import ModelError
 from lmtune.config import QUANTIZE_METHODS
 from lmtune.model.hardware import device
+from lmtune.model.load import from_pretrained
 from lmtune.model.qat import int4_weight_config
 
 GGUF_FILE = "model.gguf"
@@ -55,7 +56,7 @@ def quantize(
             "quantize_seconds": time.perf_counter() - began,
             **{k: v for k, v in metrics.items() if k != "format"},
         }
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TorchAoConfig
+    from transformers import BitsAndBytesConfig, TorchAoConfig
 
     if method == "bnb_nf4":  # the QLoRA storage format, for serving with bitsandbytes (CUDA; CPU works too)
         config = BitsAndBytesConfig(
@@ -66,12 +67,8 @@ def quantize(
         )
     else:
         config = TorchAoConfig(quant_type=torchao_config(method, group_size))
-    model = AutoModelForCausalLM.from_pretrained(
-        merged_dir,
-        dtype=dtype,
-        quantization_config=config,
-        device_map={"": str(device())},
-        use_safetensors=True,
+    model = from_pretrained(
+        merged_dir, dtype=dtype, quantization_config=config, device_map={"": str(device())}
     )
     model.save_pretrained(out_dir, safe_serialization=True)
     return {
@@ -89,9 +86,4 @@ def load_quantized(path: str | Path, dtype: torch.dtype, n_ctx: int = 512):
         from lmtune.export.llamacpp import GGUFModel
 
         return GGUFModel(path / GGUF_FILE, n_ctx)
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, device_map={"": str(device())}, use_safetensors=True
-    )
-    return model.eval()
+    return from_pretrained(path, dtype=dtype, device_map={"": str(device())}).eval()

@@ -3,6 +3,8 @@ generation, or with its adapter unmerged."""
 
 from __future__ import annotations
 
+import importlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -12,12 +14,39 @@ from lmtune.checkpoint import ModelError
 from lmtune.model.hardware import device, resolve_dtype
 
 
-def load_full(path: str | Path, dtype: torch.dtype, on: torch.device | None = None):
-    """The model in plain 16/32-bit, safetensors only, no remote code, on `on` (default: device())."""
+# Subclasses of torch.nn.Linear in transformers that compute exactly what it computes (Falcon's:
+# input @ weight.T + bias). bitsandbytes replaces torch.nn.Linear by exact type, and torchao's
+# tensors do not survive their forward, so lmtune builds these models with plain Linear layers.
+SAME_AS_LINEAR = {"transformers.models.falcon.modeling_falcon": "FalconLinear"}
+
+
+@contextmanager
+def _plain_linear_layers():
+    swapped = []
+    for module_name, name in SAME_AS_LINEAR.items():
+        module = importlib.import_module(module_name)
+        swapped.append((module, name, getattr(module, name)))
+        setattr(module, name, torch.nn.Linear)
+    try:
+        yield
+    finally:
+        for module, name, original in swapped:
+            setattr(module, name, original)
+
+
+def from_pretrained(path: str | Path, **kwargs):
+    """transformers' AutoModelForCausalLM.from_pretrained, safetensors only, with the layers of
+    SAME_AS_LINEAR built as torch.nn.Linear (same weights, same numbers), so that quantization
+    reaches them."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    return model.to(on or device()).eval()
+    with _plain_linear_layers():
+        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+
+
+def load_full(path: str | Path, dtype: torch.dtype, on: torch.device | None = None):
+    """The model in plain 16/32-bit, safetensors only, no remote code, on `on` (default: device())."""
+    return from_pretrained(path, dtype=dtype).to(on or device()).eval()
 
 
 def quantization_config(quant: DictConfig, compute_dtype: torch.dtype, shardable: bool = False):
@@ -59,8 +88,9 @@ def keep_4bit_trainable(model) -> int:
 
 def left_unquantized(model) -> tuple[int, list[str]]:
     """(decoder layers bitsandbytes quantized, the decoder's weights it left in 16 bits, named with
-    why). bitsandbytes replaces exactly torch.nn.Linear: a subclass (Falcon's FalconLinear) and
-    mixture-of-experts weights held as 3-D tensors (Mixtral, Qwen3-MoE, GPT-OSS) stay as they are."""
+    why). bitsandbytes replaces exactly torch.nn.Linear: a subclass of it (other than those
+    SAME_AS_LINEAR makes plain) and mixture-of-experts weights held as 3-D tensors (Mixtral,
+    Qwen3-MoE, GPT-OSS) stay as they are."""
     import bitsandbytes as bnb
 
     quantized, left = 0, []
@@ -112,15 +142,12 @@ def load_for_training(
     """The frozen base as configured (4-bit, 8-bit or plain), ready for LoRA (and for FSDP to
     shard). gradient_checkpointing=auto starts with every layer recomputed: training measures
     what fits before the first step (lmtune.train.loop.choose_recompute)."""
-    from transformers import AutoModelForCausalLM
-
     compute_dtype = resolve_dtype(quant.bnb_4bit_compute_dtype)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = from_pretrained(
         path,
         dtype=compute_dtype,
         quantization_config=quantization_config(quant, compute_dtype, shardable),
         device_map={"": str(device())},
-        use_safetensors=True,
     )
     keep_4bit_trainable(model)
     if quant.bits < 16:
