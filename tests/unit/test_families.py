@@ -139,25 +139,26 @@ def reference(model, seqs):
     """transformers' own loss on each passage alone, token-weighted, and its LoRA gradients."""
     model.zero_grad()
     total = sum(len(s) - 1 for s in seqs)
-    loss = sum(model(input_ids=torch.tensor([s]), labels=torch.tensor([s])).loss * (len(s) - 1) for s in seqs)
-    (loss / total).backward()
-    return float(loss / total), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    ids = [torch.tensor([s], device=model.device) for s in seqs]
+    loss = sum(model(input_ids=i, labels=i).loss.float() * (i.shape[1] - 1) for i in ids) / total
+    loss.backward()
+    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("attention", ["varlen", "sdpa"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_the_training_step_equals_transformers_on_each_passage_alone(family, attention):
+def family_cfg(attention: str):
     cfg = compose_conf(
         ["experiment=smoke", f"train.attention={attention}", "train.pack_length=128", "data.max_length=40"],
         conf_dir=ROOT / "conf",
     )
     cfg.lora.r = 4
-    model = with_lora(tiny_model(family), cfg)
-    expected_loss, expected = reference(model, passages())
+    return cfg
+
+
+def lmtune_step(model, cfg):
+    """The training step as finetune runs it: the exact path for the family, packed rows, the
+    configured attention and loss. (loss, LoRA gradients, what fell back, the notes said)."""
     exact, implementation, notes = choose_exact_path(model, cfg)
     fallen = tuple(k for k in ("packing", "chunked_loss") if exact.train[k] != cfg.train[k])
-    assert fallen == (("packing",) if attention in FAMILIES[family][2] else ())
-    assert len(notes) == len(fallen)  # one line per fallback
     if implementation:
         model.get_base_model().set_attn_implementation(implementation)
     model.zero_grad()
@@ -165,10 +166,23 @@ def test_the_training_step_equals_transformers_on_each_passage_alone(family, att
     batch = collate_micro_batch(passages(), tc, pad_id=0)
     prepare_model(model, tc)
     segments = packed_segments(batch["position_ids"]) if "position_ids" in batch else None
+    batch = {k: v.to(model.device) for k, v in batch.items()}
     loss = micro_batch_loss(model, batch, tc, segments)
     loss.backward()
-    assert float(loss) == pytest.approx(expected_loss, rel=1e-5)
-    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return float(loss), grads, fallen, notes
+
+
+@pytest.mark.parametrize("attention", ["varlen", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_training_step_equals_transformers_on_each_passage_alone(family, attention):
+    cfg = family_cfg(attention)
+    model = with_lora(tiny_model(family), cfg)
+    expected_loss, expected = reference(model, passages())
+    loss, got, fallen, notes = lmtune_step(model, cfg)
+    assert fallen == (("packing",) if attention in FAMILIES[family][2] else ())
+    assert len(notes) == len(fallen)  # one line per fallback
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
     assert got.keys() == expected.keys() and got
     for name in got:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-4, msg=f"{family}: {name}")

@@ -72,6 +72,31 @@ def test_flash_varlen_equals_the_per_passage_path_on_the_card(kv_heads, window, 
         torch.testing.assert_close(mine, theirs, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "family", ["llama", "mistral", "gemma3_text", "gemma2", "gpt_oss", "deepseek_v3", "cohere"]
+)
+def test_every_family_trains_exactly_on_the_card(family, dtype):
+    """tests/unit/test_families.py on the card: in fp32 the per-passage SDPA path (windows as a
+    mask), in bf16 torch's flash varlen kernel where it applies (soft-capping and sinks per
+    passage), against transformers' loss on each passage alone."""
+    from test_families import FAMILIES, family_cfg, lmtune_step, passages, reference, tiny_model, with_lora
+
+    cfg = family_cfg("varlen")
+    model = with_lora(tiny_model(family).to("cuda", dtype), cfg)
+    expected_loss, expected = reference(model, passages())
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        loss, got, fallen, _ = lmtune_step(model, cfg)
+    assert fallen == (("packing",) if "varlen" in FAMILIES[family][2] else ())
+    exact = dtype == torch.float32
+    assert loss == pytest.approx(expected_loss, rel=1e-4 if exact else 2e-2)
+    for name, grad in got.items():
+        error = (grad.float() - expected[name].float()).norm() / expected[name].float().norm().clamp(
+            min=1e-12
+        )
+        assert error < (1e-3 if exact else 5e-2), f"{family} {dtype}: {name} off by {float(error):.1e}"
+
+
 def test_the_attention_never_waits_for_the_card():
     """No host synchronisation inside the varlen attention (the old per-passage path read the
     boundaries back from the card in every layer): torch raises on any sync in this block."""

@@ -13,7 +13,6 @@ from omegaconf import DictConfig
 from lmtune.checkpoint import ModelError
 from lmtune.model.hardware import device, resolve_dtype
 
-
 # Subclasses of torch.nn.Linear in transformers that compute exactly what it computes (Falcon's:
 # input @ weight.T + bias). bitsandbytes replaces torch.nn.Linear by exact type, and torchao's
 # tensors do not survive their forward, so lmtune builds these models with plain Linear layers.
