@@ -44,6 +44,11 @@ def packing_problems(config, has_sinks: bool, attention: str) -> list[str]:
     return problems
 
 
+def plain_head(head) -> bool:
+    """A head the chunked loss can take: a torch.nn.Linear without bias (its weight times h)."""
+    return type(head) is torch.nn.Linear and head.bias is None
+
+
 def head_transform(config) -> tuple[float, float | None]:
     """(scale, cap) of the family's output logits: logits = cap * tanh(scale * h W^T / cap), as
     Granite (1 / logits_scaling), Cohere (logit_scale) and Gemma-2 (final_logit_softcapping) do."""
@@ -98,10 +103,9 @@ def choose_exact_path(model, cfg: DictConfig) -> tuple[DictConfig, str | None, l
     # transformers' sdpa path has neither soft-capping nor sinks: padded batches take eager
     needs_eager = getattr(text, "attn_logit_softcapping", None) or has_sinks
     attention = "eager" if needs_eager and not packed_varlen else None
-    head = model.get_output_embeddings()
-    plain_head = type(head) is torch.nn.Linear and head.bias is None  # what the chunked loss serves
     # 5 % of the largest logit: far above 16-bit rounding, far below any scale or cap left out
-    if tc.chunked_loss and plain_head and (gap := head_mismatch(model, *head_transform(config))) > 0.05:
+    head = plain_head(model.get_output_embeddings())
+    if tc.chunked_loss and head and (gap := head_mismatch(model, *head_transform(config))) > 0.05:
         changes["chunked_loss"] = False
         notes.append(
             f"{config.model_type}: the output head computes logits the chunked loss does not (they "

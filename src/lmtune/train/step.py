@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from lmtune.data.batching import batch_indices, collate, collate_rows, pack
 from lmtune.model.hardware import device
-from lmtune.train.exact_path import head_transform
+from lmtune.train.exact_path import head_transform, plain_head
 from lmtune.train.kernels import chunked_cross_entropy, packed_segments, register_varlen_attention
 
 
@@ -67,8 +67,7 @@ def micro_batch_loss(model, batch: dict, tc: DictConfig, segments: dict | None =
         return model(**batch, use_cache=False, **extra).loss
     base = model.get_base_model()
     head = base.get_output_embeddings()
-    plain_head = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
-    if tc.chunked_loss and plain_head:
+    if tc.chunked_loss and plain_head(head) and not head.weight.requires_grad:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         hidden = base.base_model(**inputs, use_cache=False, **extra).last_hidden_state
         scale, softcap = head_transform(base.config)
