@@ -11,11 +11,13 @@ LLAMA_CPP=0.3.36
 test -x $PY || python3 -m venv $VENV
 $PY -m pip install -q --upgrade pip
 # torch first, its build chosen on purpose: where nvidia-smi sees a GPU, PyPI's default wheel (CUDA);
-# elsewhere the CPU wheel from PyTorch's CPU index (PyPI's Linux wheel would bring GBs of CUDA libraries)
+# elsewhere the CPU wheel (from PyTorch's CPU index unless pip already finds one locally) (PyPI's Linux wheel would bring GBs of CUDA libraries)
 if nvidia-smi -L >/dev/null 2>&1; then
     $PY -m pip install -q torch==2.13.0
 else
-    $PY -m pip install -q "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+    # a CPU wheel that pip already finds (a local wheel folder or mirror) first: no other index to reach
+    $PY -m pip install -q "torch==2.13.0+cpu" 2>/dev/null ||
+        $PY -m pip install -q "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
 fi
 $PY -c "import torch; c = torch.version.cuda; print('installed torch', torch.__version__, f'(CUDA {c} build)' if c else '(CPU build)')"
 # everything else is constrained to that torch (==2.13.0 matches 2.13.0+cpu): no second download

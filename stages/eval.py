@@ -9,9 +9,10 @@ in llama.cpp, not in transformers). Metrics
 for text, ROUGE-1/2/L and BLEU of greedy continuations of each passage's first eval.prompt_tokens
 tokens against the next eval.reference_tokens; for conversations, exact match and answer F1 (and
 ROUGE, BLEU) of greedy answers to the test questions. Each with a 95% bootstrap interval, and each
-model's delta vs the base with its paired interval. With eval.benchmarks, lm-evaluation-harness
-tasks on every model too (lmtune.evaluate.benchmarks), and eval.gate over them: the stage fails,
-after writing its results, when a post-training form loses too much against the merged model.
+model's delta vs the base with its paired interval. Then lm-evaluation-harness tasks
+(eval.benchmarks; lmtune.evaluate.benchmarks) on the models of eval.benchmark_models (by default
+the merged and the quantized model), and eval.gate over them: the stage fails, after writing its
+results, when the quantized model loses too much against the merged one.
 """
 
 import sys
@@ -41,16 +42,21 @@ from lmtune.model.load import load_base_with_adapter, load_for_training, load_fu
 
 
 def model_loaders(cfg, dtype, n_ctx: int) -> dict:
+    """name → (role in EVAL_MODELS, loader), in the order the stage scores them."""
     paths = cfg.paths
-    loaders = {"base": lambda: load_full(paths.base, dtype)}
+    loaders = {"base": ("base", lambda: load_full(paths.base, dtype))}
     if cfg.quant.bits < 16 or cfg.quant.qat:  # the base as training saw it, alone and with the adapter
         label = f"qat_{cfg.quant.qat}" if cfg.quant.qat else f"{cfg.quant.bits}bit"
-        loaders[f"base_{label}"] = lambda: load_for_training(paths.base, cfg.quant, False)
-        loaders[f"base_{label}_adapter"] = lambda: load_base_with_adapter(
-            paths.base, paths.adapter, dtype, quant=cfg.quant
+        loaders[f"base_{label}"] = ("quantized_base", lambda: load_for_training(paths.base, cfg.quant, False))
+        loaders[f"base_{label}_adapter"] = (
+            "adapter",
+            lambda: load_base_with_adapter(paths.base, paths.adapter, dtype, quant=cfg.quant),
         )
-    loaders["merged"] = lambda: load_full(paths.merged, dtype)
-    loaders[f"merged_{cfg.quantize.method}"] = lambda: load_quantized(paths.quantized, dtype, n_ctx)
+    loaders["merged"] = ("merged", lambda: load_full(paths.merged, dtype))
+    loaders[f"merged_{cfg.quantize.method}"] = (
+        "quantized",
+        lambda: load_quantized(paths.quantized, dtype, n_ctx),
+    )
     return loaders
 
 
@@ -80,16 +86,18 @@ def run(cfg) -> dict:
     lm_eval_tasks.check_tasks(cfg, manager)  # before any model loads
     functions, examples, speed, benchmarks = {}, {}, {}, {}
     n_ctx = max(max(map(len, seqs)), max(map(len, prompts)) + e.reference_tokens)  # for llama.cpp
-    if e.benchmarks:  # a task's documents may be longer than the test split's passages
+    # a benchmark's documents may be longer than the test split's passages
+    if e.benchmarks and "quantized" in e.benchmark_models:
         n_ctx = max(n_ctx, 2048)
-    for name, load in model_loaders(cfg, dtype, n_ctx).items():
+    for name, (role, load) in model_loaders(cfg, dtype, n_ctx).items():
+        benchmarked = bool(e.benchmarks) and role in e.benchmark_models
         began = time.perf_counter()
         model = load()
         speed[name] = {"load_seconds": time.perf_counter() - began}
         if isinstance(model, GGUFModel):  # scored in llama.cpp, where a GGUF's users run it
             speed[name]["runtime"] = "llama.cpp"
             likelihood = model.likelihood_per_passage(seqs, desc=name)
-            if e.benchmarks:  # while the llama.cpp context is open
+            if benchmarked:  # while the llama.cpp context is open
                 began = time.perf_counter()
                 benchmarks[name] = lm_eval_tasks.run_benchmarks(model, tokenizer, cfg, manager)
                 speed[name]["benchmark_seconds"] = time.perf_counter() - began
@@ -114,7 +122,7 @@ def run(cfg) -> dict:
         speed[name]["generated_tokens_per_second"] = sum(map(len, continuations)) / (
             time.perf_counter() - began
         )
-        if e.benchmarks and name not in benchmarks:
+        if benchmarked and name not in benchmarks:
             began = time.perf_counter()
             benchmarks[name] = lm_eval_tasks.run_benchmarks(model, tokenizer, cfg, manager)
             speed[name]["benchmark_seconds"] = time.perf_counter() - began
@@ -148,6 +156,7 @@ def run(cfg) -> dict:
         settings["benchmarks"] = {
             "tasks": list(e.benchmarks),
             "limit": e.benchmark_limit,
+            "models": list(benchmarks),
             "engine": "lm-eval",
         }
     write_json(Path(paths.metrics) / "eval.json", metrics)

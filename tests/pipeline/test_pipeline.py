@@ -765,7 +765,11 @@ def test_benchmarks_run_on_every_model_and_a_gate_too_tight_fails_after_writing_
     dest, _ = repo
     int4 = ["quantize.method=int4_weight_only", "quantize.group_size=128"]  # one scale per row: coarse
     sh(sys.executable, "stages/quantize.py", *int4, cwd=dest)
-    benchmarks = ["eval.benchmarks=[lmtune_test_bpb,lmtune_chatterbot_mc]", "eval.benchmark_limit=16"]
+    benchmarks = [
+        "eval.benchmarks=[lmtune_test_bpb,lmtune_chatterbot_mc]",
+        "eval.benchmark_limit=16",
+        "eval.benchmark_models=[base,quantized_base,adapter,merged,quantized]",
+    ]
     gate = "eval.gate={task: lmtune_test_bpb, metric: bits_per_byte, max_drop: 0.0}"
     failed = sh(sys.executable, "stages/eval.py", *int4, *benchmarks, gate, cwd=dest, check=False)
     metrics = json.loads((dest / "metrics/eval.json").read_text())
@@ -783,5 +787,6 @@ def test_benchmarks_run_on_every_model_and_a_gate_too_tight_fails_after_writing_
         for task, metric in (("lmtune_test_bpb", "bits_per_byte"), ("lmtune_chatterbot_mc", "acc")):
             entry, base = tasks[task][metric], metrics["benchmarks"]["base"][task][metric]
             assert entry["low"] <= entry["value"] <= entry["high"]
-            assert entry["delta_vs_base"] == pytest.approx(entry["value"] - base["value"])
+            assert entry["delta"] == pytest.approx(entry["value"] - base["value"])
+            assert entry["delta_vs"] == "base"
     assert "| lmtune_chatterbot_mc | acc | merged |" in (dest / "metrics/eval.md").read_text()

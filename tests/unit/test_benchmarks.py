@@ -20,8 +20,19 @@ from lmtune.model.load import load_full
 
 @pytest.fixture(scope="module")
 def manager():
-    """lm-eval's task index (about 10 s: it reads every task YAML lm-eval ships)."""
-    return benchmarks.task_manager(compose_conf([], conf_dir=ROOT / "conf"))
+    """lm-eval's whole task index (about 10 s: it reads every task YAML lm-eval ships), as built
+    when eval.benchmarks names one of lm-eval's own tasks."""
+    return benchmarks.task_manager(
+        compose_conf(["eval.benchmarks=[hellaswag]", "eval.gate=null"], conf_dir=ROOT / "conf")
+    )
+
+
+def test_the_task_index_reads_lm_evals_own_tasks_only_when_one_is_named(tmp_path, manager):
+    own = benchmarks.task_manager(cfg_for(tmp_path, "eval.benchmarks=[lmtune_chatterbot_mc]"))
+    assert set(own.all_tasks) >= set(benchmarks.SHIPPED) and "hellaswag" not in own.all_tasks
+    assert {"hellaswag", *benchmarks.SHIPPED} <= set(
+        manager.all_tasks
+    )  # built for eval.benchmarks=[hellaswag]
 
 
 def cfg_for(tmp_path, *overrides):
@@ -60,6 +71,31 @@ def test_lm_eval_bits_per_byte_equals_a_direct_computation(tiny_base, tmp_path):
         scores["bits_per_byte"]["low"] <= scores["bits_per_byte"]["value"] <= scores["bits_per_byte"]["high"]
     )
     assert scores["bits_per_byte"]["higher_is_better"] is False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lmtunes_scorer_gives_lm_eval_the_log_likelihoods_hflm_computes(tiny_base, dtype):
+    """The benchmarks' log-likelihood step is eval's own scorer: per request the same log-likelihood
+    and greedy flag as lm-eval's HFLM, left truncation at the model's context included."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    tokenizer, model = load_tokenizer(tiny_base), load_full(tiny_base, dtype)
+    pairs = [
+        ("Question: who speaks?\nAnswer:", " HAMLET"),
+        ("To be, or", " not to be"),
+        (TEXTS[2] * 40, " day"),
+    ]
+    requests = [
+        Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)
+    ]
+    settings = {"pretrained": model, "tokenizer": tokenizer, "batch_size": 2, "softmax_dtype": torch.float32}
+    theirs = HFLM(**settings).loglikelihood(requests)
+    ours = benchmarks._scoring_hflm()(**settings).loglikelihood(requests)
+    assert len(tokenizer(pairs[2][0])["input_ids"]) > model.config.max_position_embeddings  # truncated
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for (mine, greedy), (reference, their_greedy) in zip(ours, theirs, strict=True):
+        assert mine == pytest.approx(reference, rel=tolerance) and greedy == their_greedy
 
 
 def test_a_gguf_in_llama_cpp_scores_the_tasks_as_transformers_does(tmp_path):
@@ -149,6 +185,11 @@ def test_the_gate_fails_a_quantized_form_that_loses_too_much_against_merged():
         benchmarks.gate_failures(scores, gate("f1", 0.1))
     rows = benchmarks.markdown(benchmarks.with_deltas(scores))
     assert "| t | acc | merged_gguf_q4_k_m | 0.5500 | - | +0.0500 |" in rows
+    assert rows[2] == "| task | metric | model | value | 95% interval | vs base |"
+    del scores["base"]  # eval.benchmark_models' default: the merged and quantized models only
+    rows = benchmarks.markdown(benchmarks.with_deltas(scores))
+    assert rows[2] == "| task | metric | model | value | 95% interval | vs merged |"
+    assert "| t | acc | merged_gguf_q4_k_m | 0.5500 | - | -0.0500 |" in rows
 
 
 def test_a_document_longer_than_the_context_is_one_clear_error(tiny_base, tmp_path):

@@ -156,3 +156,56 @@ def test_likelihood_per_passage_sums_to_the_totals(tiny_base, tiny_seqs):
     per = likelihood_per_passage(load_full(tiny_base, torch.float32), seqs, 4, tokenizer.pad_token_id)
     assert per["count"].tolist() == [len(s) - 1 for s in seqs]
     assert (per["hits"] <= per["count"]).all() and (per["nll"] > 0).all()
+
+
+def own_logits_scores(model, seqs):
+    """Each passage alone through the model's own logits (no padding, no separate head)."""
+    nll, hits = [], []
+    with torch.no_grad():
+        for seq in seqs:
+            logits = model(input_ids=torch.tensor([seq])).logits[0, :-1].float()
+            target = torch.tensor(seq[1:])
+            keep = torch.ones_like(target, dtype=torch.bool)
+            if getattr(seq, "mask", None) is not None:
+                keep = torch.tensor(seq.mask[1:]) == 1
+            nll.append(float(torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum")))
+            hits.append(int((logits.argmax(-1) == target)[keep].sum()))
+    return np.array(nll), np.array(hits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_separate_head_scores_every_passage_as_the_models_own_logits(tiny_base, tiny_seqs, dtype):
+    """Decoder on padded batches + head on the scored tokens only = each passage alone through the
+    model's own forward: per-passage NLL within rounding, the same top-1 hits; masked tokens
+    (conversations: answers only) are not scored."""
+    from lmtune.data.sequences import Sequence
+    from lmtune.evaluate import scores
+    from lmtune.model.load import load_full
+
+    seqs, tokenizer = tiny_seqs
+    masked = Sequence(seqs[0], mask=[0] * 10 + [1] * (len(seqs[0]) - 10))  # a prompt, then an answer
+    seqs = [masked, *seqs[1:9]]
+    model = load_full(tiny_base, dtype)
+    assert scores.separate_head(model) is not None  # the path under test
+    per = likelihood_per_passage(model, seqs, 4, tokenizer.pad_token_id)
+    nll, hits = own_logits_scores(model, seqs)
+    assert per["count"].tolist() == [len(seqs[0]) - 10, *[len(s) - 1 for s in seqs[1:]]]
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: padding changes the blocking
+    assert per["nll"] == pytest.approx(nll, rel=tolerance)
+    assert np.abs(per["hits"] - hits).sum() <= (0 if dtype == torch.float32 else 2)
+
+
+def test_a_head_that_does_more_than_scale_and_cap_is_scored_through_the_models_logits(
+    tiny_base, tiny_seqs, monkeypatch
+):
+    from lmtune.evaluate import scores
+    from lmtune.model.load import load_full
+
+    seqs, tokenizer = tiny_seqs
+    model = load_full(tiny_base, torch.float32)
+    expected = likelihood_per_passage(model, seqs[:6], 3, tokenizer.pad_token_id)
+    monkeypatch.setattr(scores, "head_transform", lambda config: (2.0, None))  # a scale the model lacks
+    assert scores.separate_head(model) is None
+    fallback = likelihood_per_passage(model, seqs[:6], 3, tokenizer.pad_token_id)
+    assert fallback["nll"] == pytest.approx(expected["nll"], rel=1e-5)
+    assert fallback["hits"].tolist() == expected["hits"].tolist()

@@ -109,10 +109,11 @@ def test_the_validation_check_fails_without_the_repack_guard(
     tiny_base, tiny_seqs, tmp_path, smoke_cfg, monkeypatch
 ):
     """The checks can fail: with bitsandbytes' CPU repack left on (bitsandbytes 0.49/0.50), the
-    first validation cuts the gradient of early adapters, and train() stops, naming them."""
+    first no-grad forward (the head check before training, as a validation would) cuts the gradient
+    of early adapters, and train() stops at the first step, naming them."""
     seqs, tokenizer = tiny_seqs
     monkeypatch.setattr(load, "keep_4bit_trainable", lambda model: 0)
-    with pytest.raises(TrainingError, match=r"step 2: \d+ LoRA matrices got no gradient .*layers\.0\."):
+    with pytest.raises(TrainingError, match=r"step 1: \d+ LoRA matrices got no gradient .*layers\.0\."):
         _train_with_and_without_validations(tiny_base, seqs, tokenizer, tmp_path, smoke_cfg)
 
 

@@ -21,17 +21,25 @@ from lm_eval.api.model import LM
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from lmtune.evaluate.scores import EvaluationError
+from lmtune.data.sequences import Sequence
+from lmtune.evaluate.scores import EvaluationError, likelihood_per_passage, separate_head
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 SHIPPED = ("lmtune_test_bpb", "lmtune_chatterbot_mc")
 
 
 def task_manager(cfg: DictConfig):
+    """lm-eval's task index over lmtune's tasks and eval.task_dir; lm-eval's own (thousands of
+    YAMLs, seconds to index) only when eval.benchmarks names a task outside lmtune's or there is
+    an eval.task_dir."""
     from lm_eval.tasks import TaskManager
 
     include = [str(TASKS_DIR), *([str(Path(cfg.eval.task_dir).resolve())] if cfg.eval.task_dir else [])]
-    return TaskManager(include_path=include, metadata={"processed": cfg.paths.processed})
+    metadata = {"processed": cfg.paths.processed}
+    own = TaskManager(include_path=include, include_defaults=False, metadata=metadata)
+    if not cfg.eval.task_dir and set(cfg.eval.benchmarks) <= set(own.all_tasks):
+        return own  # (a task_dir's groups may name lm-eval's tasks: the whole index then)
+    return TaskManager(include_path=include, metadata=metadata)
 
 
 def check_tasks(cfg: DictConfig, manager=None) -> None:
@@ -121,17 +129,51 @@ class LlamaCppLM(LM):
         raise EvaluationError("generative lm-eval tasks are not run on a GGUF; use log-likelihood tasks")
 
 
+def _scoring_hflm():
+    """lm-eval's HFLM with its log-likelihood step done by the eval stage's own scorer
+    (`likelihood_per_passage`: the decoder on padded batches, the head in fp32 on the scored tokens
+    only), so a benchmark costs what eval's perplexity pass costs per token. Requests are encoded,
+    truncated and ordered by HFLM itself, and generative tasks run through HFLM unchanged."""
+    from lm_eval.models.huggingface import HFLM
+
+    class ScoringHFLM(HFLM):
+        head_path = "auto"  # checked once per model, on the first request
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            if self.head_path == "auto":
+                self.head_path = separate_head(self.model)
+            seqs = []
+            for _, context, continuation in requests:
+                # HFLM's own checks; run_benchmarks turns a failed one into a clear error
+                assert context and continuation and len(continuation) <= self.max_length
+                whole = (context + continuation)[-(self.max_length + 1) :]  # HFLM's left truncation
+                scored = min(len(continuation), len(whole) - 1)
+                seqs.append(Sequence(whole, mask=[0] * (len(whole) - scored) + [1] * scored))
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            size = override_bs or self.batch_size
+            per = likelihood_per_passage(self.model, seqs, size, pad, "lm-eval", self.head_path)
+            answers = []
+            for (key, _, _), nll, hits, count in zip(
+                requests, per["nll"], per["hits"], per["count"], strict=True
+            ):
+                answer = (-float(nll), bool(hits == count))  # (log-likelihood, greedy)
+                if key is not None:  # lm-eval's request cache, as HFLM fills it
+                    self.cache_hook.add_partial("loglikelihood", key, answer)
+                answers.append(answer)
+            return answers
+
+    return ScoringHFLM
+
+
 def run_benchmarks(model, tokenizer, cfg: DictConfig, manager=None) -> dict:
     """Every task of eval.benchmarks on one model (transformers, or a GGUFModel in llama.cpp) →
     {task: {metric: {"value", "stderr", "low", "high"}}} with 95% intervals."""
     if hasattr(model, "logits") and hasattr(model, "llm"):  # lmtune.export.llamacpp.GGUFModel
         lm = LlamaCppLM(model, tokenizer)
     else:
-        from lm_eval.models.huggingface import HFLM
-
         # log-softmax in fp32: in a bf16 model's own dtype a passage's summed log-likelihood is rounded
         # to bf16's 8 bits (-150.0 for two different models), and variants could not be told apart
-        lm = HFLM(
+        lm = _scoring_hflm()(
             pretrained=model,
             tokenizer=tokenizer,
             batch_size=cfg.eval.batch_size,
@@ -193,12 +235,20 @@ def _bits_per_byte_interval(samples: list[dict], resamples: int, seed: int) -> d
     return {"low": float(low), "high": float(high)}
 
 
-def with_deltas(benchmarks: dict[str, dict], reference: str = "base") -> dict:
-    """Each model's value minus the reference model's, per task and metric."""
+def reference_model(benchmarks: dict[str, dict]) -> str:
+    """What deltas are taken against: the base where it ran the benchmarks, else the first model
+    that did (the merged model, under eval.benchmark_models' default)."""
+    return "base" if "base" in benchmarks else next(iter(benchmarks))
+
+
+def with_deltas(benchmarks: dict[str, dict]) -> dict:
+    """Each model's value minus the reference model's (`reference_model`), per task and metric."""
+    reference = reference_model(benchmarks)
     for tasks in benchmarks.values():
         for task, metrics in tasks.items():
             for metric, entry in metrics.items():
-                entry["delta_vs_base"] = entry["value"] - benchmarks[reference][task][metric]["value"]
+                entry["delta"] = entry["value"] - benchmarks[reference][task][metric]["value"]
+                entry["delta_vs"] = reference
     return benchmarks
 
 
@@ -236,13 +286,13 @@ def markdown(benchmarks: dict[str, dict]) -> list[str]:
     lines = [
         "## Benchmarks (lm-evaluation-harness)",
         "",
-        "| task | metric | model | value | 95% interval | vs base |",
+        f"| task | metric | model | value | 95% interval | vs {reference_model(benchmarks)} |",
         "|---|---|---|---|---|---|",
     ]
     for name, tasks in benchmarks.items():
         for task, metrics in tasks.items():
             for metric, e in metrics.items():
                 interval = f"[{e['low']:.4f}, {e['high']:.4f}]" if "low" in e else "-"
-                delta = "-" if name == "base" else f"{e['delta_vs_base']:+.4f}"
+                delta = "-" if name == reference_model(benchmarks) else f"{e['delta']:+.4f}"
                 lines.append(f"| {task} | {metric} | {name} | {e['value']:.4f} | {interval} | {delta} |")
     return [*lines, ""]

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from lmtune import LmtuneError
 from lmtune.data.batching import collate
 from lmtune.model.hardware import device
+from lmtune.model.head import head_logits, head_mismatch, head_transform
 
 LIKELIHOOD_METRICS = ("perplexity", "token_accuracy")
 TEXT_METRICS = ("rouge1", "rouge2", "rougeL", "bleu")  # of a generation against its reference
@@ -42,13 +43,47 @@ def generation_pairs(
     ]
 
 
+HEAD_CHUNK = 1024  # scored tokens per head matmul: [1024, vocab] fp32 logits at a time
+
+
+def separate_head(model) -> tuple | None:
+    """(decoder, head, scale, cap) when the model's logits are its head over the decoder's last
+    hidden state with the family's known scale and cap (checked on a few tokens), else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if head is None or not hasattr(base, "base_model") or base.base_model is base:
+        return None
+    scale, softcap = head_transform(base.config)
+    if head_mismatch(base, scale, softcap) > 1e-2:  # a head that does more than scale and cap
+        return None
+    return base.base_model, head, scale, softcap
+
+
+def _score_tokens(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: negative log-likelihood of the target and whether it is the top-1 prediction."""
+    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    return nll, logits.argmax(-1) == targets
+
+
 @torch.no_grad()
 def likelihood_per_passage(
-    model, seqs: list[list[int]], batch_size: int, pad_id: int, desc: str = "score"
+    model,
+    seqs: list[list[int]],
+    batch_size: int,
+    pad_id: int,
+    desc: str = "score",
+    head_path: tuple | None | str = "auto",
 ) -> dict[str, np.ndarray]:
     """Per passage: summed NLL, tokens predicted, top-1 hits. Each passage is scored on its own
-    from its first token (which is not itself predicted); padding is masked."""
+    from its first token (which is not itself predicted); padding is masked.
+
+    Where the head is separable (`separate_head`; head_path="auto" checks, a caller scoring one
+    model many times passes what it returned), the decoder runs on the batch and the head only on
+    the scored tokens, HEAD_CHUNK at a time: the same numbers as the model's own logits without a
+    [batch, length, vocab] fp32 tensor per batch. head_path=None: the model's own logits, whole
+    batch (the reference)."""
     model.eval()
+    separate = separate_head(model) if head_path == "auto" else head_path
     nll, hits, count = np.zeros(len(seqs)), np.zeros(len(seqs)), np.zeros(len(seqs))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # similar lengths share a batch
     for start in tqdm(
@@ -56,16 +91,28 @@ def likelihood_per_passage(
     ):
         rows = order[start : start + batch_size]
         batch = {k: v.to(device()) for k, v in collate([seqs[i] for i in rows], pad_id).items()}
-        logits = (
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        )
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         targets = batch["labels"][:, 1:]
         mask = targets != -100
-        token_nll = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), targets.clamp(min=0), reduction="none"
-        )
-        nll[rows] = (token_nll * mask).sum(1).cpu().numpy()
-        hits[rows] = ((logits.argmax(-1) == targets) & mask).sum(1).cpu().numpy()
+        row_of, wanted = mask.nonzero(as_tuple=True)[0], targets[mask]
+        if not len(wanted):  # nothing scored in this batch (prompts only)
+            token_nll, token_hit = torch.zeros(0, device=wanted.device), wanted.bool()
+        elif separate is None:  # the model's own logits, whole batch
+            logits = model(**inputs).logits[:, :-1][mask]
+            token_nll, token_hit = _score_tokens(logits.float(), wanted)
+        else:
+            decoder, head, scale, softcap = separate
+            hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][mask]
+            scored = [
+                _score_tokens(
+                    head_logits(head, hidden[i : i + HEAD_CHUNK], scale, softcap), wanted[i : i + HEAD_CHUNK]
+                )
+                for i in range(0, len(wanted), HEAD_CHUNK)
+            ]
+            token_nll, token_hit = (torch.cat(parts) for parts in zip(*scored, strict=True))
+        per_row = torch.zeros(len(rows), dtype=torch.float64, device=token_nll.device)
+        nll[rows] = per_row.index_add(0, row_of, token_nll.double()).cpu().numpy()
+        hits[rows] = torch.bincount(row_of[token_hit], minlength=len(rows)).cpu().numpy()
         count[rows] = mask.sum(1).cpu().numpy()
     return {"nll": nll, "hits": hits, "count": count}
 

@@ -230,9 +230,15 @@ def pipeline_metrics(metrics_dir: str | Path, files: set[str] | None = None) -> 
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue  # not produced (yet): a --multirun job, a stage that never ran
-        if prefix == "eval":  # per model: each metric's value, and its speed figures
+        if prefix == "eval":  # per model: each metric's value, its speed figures, its benchmarks
+            benchmarks = data.get("benchmarks", {})
             data = {
-                model: {m: v["value"] for m, v in per.items()} | data.get("speed", {}).get(model, {})
+                model: {m: v["value"] for m, v in per.items()}
+                | data.get("speed", {}).get(model, {})
+                | {
+                    task: {metric: entry["value"] for metric, entry in scores.items()}
+                    for task, scores in benchmarks.get(model, {}).items()
+                }
                 for model, per in data.get("models", {}).items()
             }
         numbers.update(_numbers(data, f"{prefix}."))

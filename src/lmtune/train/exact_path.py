@@ -20,18 +20,14 @@ tests/unit/test_families.py checks each family against transformers' loss on eac
 
 from __future__ import annotations
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-
-def _text_config(config):
-    """The language model's config (multimodal checkpoints nest it)."""
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+from lmtune.model.head import head_mismatch, head_transform, plain_head, text_config
 
 
 def packing_problems(config, has_sinks: bool, attention: str) -> list[str]:
     """What packed rows would compute wrong for this model under train.attention, in words."""
-    text = _text_config(config)
+    text = text_config(config)
     layer_types = set(getattr(text, "layer_types", None) or [])
     problems = []
     if other := layer_types - {"full_attention", "sliding_attention"}:
@@ -44,51 +40,10 @@ def packing_problems(config, has_sinks: bool, attention: str) -> list[str]:
     return problems
 
 
-def plain_head(head) -> bool:
-    """A head the chunked loss can take: a torch.nn.Linear without bias (its weight times h)."""
-    return type(head) is torch.nn.Linear and head.bias is None
-
-
-def head_transform(config) -> tuple[float, float | None]:
-    """(scale, cap) of the family's output logits: logits = cap * tanh(scale * h W^T / cap), as
-    Granite (1 / logits_scaling), Cohere (logit_scale) and Gemma-2 (final_logit_softcapping) do."""
-    text = _text_config(config)
-    scale = 1.0
-    if getattr(text, "logits_scaling", None):
-        scale /= text.logits_scaling
-    if getattr(text, "logit_scale", None):
-        scale *= text.logit_scale
-    return scale, getattr(text, "final_logit_softcapping", None)
-
-
-@torch.no_grad()
-def head_mismatch(model, scale: float, softcap: float | None, tokens: int = 8) -> float:
-    """How far the model's own logits are from what the chunked loss computes from its last hidden
-    state (relative to their largest magnitude), on a few tokens: 0 where the head is plain W h
-    with the known scale and cap, large where the family's head does something else."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    weight = base.get_output_embeddings().weight
-    was_training, attention = base.training, base.config._attn_implementation
-    # no dropout, so both forwards see one network; eager, which every family's attention has
-    base.eval()
-    base.set_attn_implementation("eager")
-    try:
-        ids = ((torch.arange(tokens, device=weight.device) * 7 + 3) % weight.shape[0])[None]
-        logits = base(input_ids=ids, use_cache=False).logits.float()
-        hidden = base.base_model(input_ids=ids, use_cache=False).last_hidden_state
-        mine = ((hidden * scale) @ weight.to(hidden.dtype).T).float()
-        if softcap:
-            mine = torch.tanh(mine / softcap) * softcap
-    finally:
-        base.set_attn_implementation(attention)
-        base.train(was_training)
-    return float((logits - mine).abs().max() / logits.abs().max().clamp(min=1e-6))
-
-
 def choose_exact_path(model, cfg: DictConfig) -> tuple[DictConfig, str | None, list[str]]:
     """(the config training runs with, an attention implementation to set or None, notes to print).
     The config is cfg itself when every configured kernel is exact for this model."""
-    config, text = model.config, _text_config(model.config)
+    config, text = model.config, text_config(model.config)
     has_sinks = any(name.endswith("sinks") for name, _ in model.named_parameters())
     tc, notes, changes = cfg.train, [], {}
     if tc.packing and (problems := packing_problems(config, has_sinks, tc.attention)):

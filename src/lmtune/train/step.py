@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from lmtune.data.batching import batch_indices, collate, collate_rows, pack
 from lmtune.model.hardware import device
-from lmtune.train.exact_path import head_transform, plain_head
+from lmtune.model.head import head_transform, plain_head
 from lmtune.train.kernels import chunked_cross_entropy, packed_segments, register_varlen_attention
 
 
