@@ -53,11 +53,15 @@ server: setup  ## an MLflow tracking server for a team on http://127.0.0.1:5000 
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --backend-store-uri $(or $(STORE),sqlite:///$(abspath mlflow-server.db)) \
 	  --artifacts-destination $(abspath mlartifacts-server) --host $(HOST) --port $(PORT) --workers 1
 
-test: setup  ## the test suite (unit + smoke pipeline), offline, CPU
-	$(PY) -m pytest -m "not slow and not gpu" -q
+# one pytest worker per core (pytest-xdist); a test file stays on one worker, so a module's
+# pipeline fixtures are built once; every run prints its slowest tests
+XDIST = -n $(or $(WORKERS),auto) --dist loadfile
+
+test: setup  ## the test suite (unit + smoke pipeline), offline, CPU, one worker per core (WORKERS=1: serial)
+	$(PY) -m pytest -m "not slow and not gpu" -q $(XDIST)
 
 test-fast: setup  ## the unit tests only (no pipeline run), a few minutes
-	$(PY) -m pytest tests/unit -m "not slow and not gpu" -q
+	$(PY) -m pytest tests/unit -m "not slow and not gpu" -q $(XDIST)
 
 test-slow: setup  ## long checks on the real default model
 	$(PY) -m pytest -m slow -q

@@ -11,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots of the UI test (git-ignored)
 SECRET = "hf_never_log_this_0123456789"  # set as HF_TOKEN for every command the pipeline runs
 
 
@@ -61,3 +62,20 @@ def wait_until_healthy(url: str, process: subprocess.Popen, seconds: float = 60)
         except OSError:
             assert process.poll() is None and time.monotonic() < deadline, f"{url} did not come up"
             time.sleep(0.5)
+
+
+def restore(dest) -> None:
+    """The copy as the fixture left it (params, dvc.lock, metrics, your data, models from DVC's
+    cache), so that tests pass in any order. MLflow's store keeps every run."""
+    if sh("git", "status", "--porcelain", cwd=dest).stdout.strip():
+        sh("git", "checkout", "-q", "--", ".", cwd=dest)
+        sh("git", "clean", "-fdq", cwd=dest)
+    sh("dvc", "checkout", "--force", "-q", cwd=dest)
+
+
+def workspace_hash(dest) -> str:
+    """The MLflow run identity of the configuration the copy's params.yaml holds."""
+    from lmtune.config import load
+    from lmtune.track import runs as tracking
+
+    return tracking.params_hash(load(root=dest))

@@ -20,8 +20,10 @@ SHORT = [
     "train.warmup_steps=1",
     "train.eval_every=3",
     "data.max_samples=300",
-    "eval.max_examples=16",
+    "eval.max_examples=10",
     "eval.generation_examples=10",
+    "eval.reference_tokens=8",
+    "sample.max_new_tokens=16",
     "eval.benchmark_limit=20",  # the default benchmark and gate on merged and the GGUF, on a few questions
     "eval.gate.max_drop=1.0",  # Q4_K_M may lose a few of 20 answers: the gate runs, and passes
     "sample.num_prompts=2",
@@ -47,6 +49,10 @@ def test_the_default_pipeline_writes_a_q4_k_m_gguf_and_evaluate_runs_it_in_llama
     # measured 72.1 vs 69.0 (+4.4%): Q4_K_M costs a few percent; a layout or tokenizer error costs 10x
     assert abs(gguf["perplexity"]["value"] / merged["perplexity"]["value"] - 1) < 0.10
     assert "llama.cpp" in (shipped / "metrics/eval.md").read_text()
+    # the default benchmark, on the merged model and on the GGUF in llama.cpp, and the gate over it
+    assert set(scores["benchmarks"]) == {"merged", "merged_gguf_q4_k_m"}
+    accuracy = scores["benchmarks"]["merged_gguf_q4_k_m"]["lmtune_chatterbot_mc"]["acc"]
+    assert accuracy["delta_vs"] == "merged" and 0 <= accuracy["value"] <= 1
 
 
 def test_llama_cpp_tokenizes_the_test_split_as_transformers_and_knows_the_chat_format(shipped):
