@@ -103,9 +103,9 @@ plots: setup  ## the loss curves as an HTML page that works offline (vega inline
 compare: setup  ## every finished run side by side: reports/sweep.md + reports/plots/*.png, logged to MLflow (OUT=metrics: the committed page)
 	$(PY) -m lmtune.track.compare $(if $(OUT),--out $(OUT))
 
-bench: setup  ## the usual QLoRA recipe vs lmtune, side by side (STEPS=10): metrics/bench.json, bench/RESULTS.md
+bench: setup  ## the usual QLoRA recipe vs lmtune side by side (STEPS=10), eval's likelihood pass per model form: metrics/bench.json, bench/RESULTS.md
 	$(PY) -m lmtune.cli.params --keep
-	dvc repro prepare
+	dvc repro quantize
 	$(PY) bench/run.py --steps $(or $(STEPS),10)
 
 gpu-check:  ## the GPU half of the benchmark, on a CUDA machine: Llama-2-7B shape, random weights

@@ -1,6 +1,7 @@
 """`make bench`: the usual QLoRA recipe and lmtune's finetune, one after the other on this machine,
 same model, data, LoRA config, sequence length, batch and steps. Prints both sides and the ratios;
-writes metrics/bench.json and bench/RESULTS.md.
+then generation, and eval's likelihood pass on every model form (bench/likelihood.py); writes
+metrics/bench.json and bench/RESULTS.md.
 
     python bench/run.py --steps 10
 """
@@ -86,6 +87,12 @@ def main() -> None:
             [sys.executable, str(HERE / "generation.py"), "--out", out.name, *overrides], check=True, cwd=ROOT
         )
         generation = json.loads(Path(out.name).read_text())
+    print("== eval's likelihood pass: separate head vs whole-batch logits, every model form", flush=True)
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run(
+            [sys.executable, str(HERE / "likelihood.py"), "--out", out.name, *overrides], check=True, cwd=ROOT
+        )
+        likelihood = json.loads(Path(out.name).read_text())
     peak = matmul_gflops()
     baseline = rows[0]
     for row in rows:
@@ -104,6 +111,7 @@ def main() -> None:
         "model": params["model"]["name"],
         "sides": rows,
         "generation": generation,
+        "likelihood": likelihood,
     }
     (ROOT / "metrics").mkdir(exist_ok=True)
     (ROOT / "metrics" / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -116,6 +124,21 @@ def main() -> None:
             f"| {r['name']} | {r['steps']} | {r['useful_tokens']} | {r['useful_tokens_per_second']:.0f} | {r['step_seconds']:.1f} | "
             f"{r['peak_memory_gib']:.1f} | {r['val_perplexity']:.1f} | {r['speedup']:.2f}x | "
             f"{r['memory_ratio']:.2f}x | {r['share_of_matmul_peak']:.0%} |"
+        )
+    table += [
+        "",
+        f"Eval's likelihood pass ({likelihood['passages']} test sequences, {likelihood['dtype']}, the eval stage's "
+        f"batch; bf16 matmul in that run: {likelihood['matmul_bf16_gflops']:.0f} GFLOP/s):",
+        "",
+        "| model | tokens/s, whole-batch logits | tokens/s, separate head | speed-up | share of bf16 matmul peak "
+        "| perplexity apart | top-1 hits apart |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in likelihood["rows"]:
+        table.append(
+            f"| {r['model']} | {r['whole_logits_tokens_per_second']:.0f} | {r['tokens_per_second']:.0f} | "
+            f"{r['speedup']:.2f}x | {r['share_of_matmul_peak']:.0%} | {r['perplexity_relative_difference']:.1e} | "
+            f"{r['top1_hits_differing']} |"
         )
     text = "\n".join(table)
     print(text)

@@ -9,10 +9,13 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: a thread each, for
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # it and the stages it starts (no oversubscription)
 
+import shutil  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
+from repo_copy import copy_repo, git, sh  # noqa: E402
 
 from lmtune.cli.params import compose_conf
 from lmtune.config import Config  # noqa: E402
@@ -53,3 +56,29 @@ def tiny_seqs(tiny_base):
 
     tokenizer = load_tokenizer(tiny_base)
     return tokenize(TEXTS, tokenizer, 64), tokenizer
+
+
+# The pipeline tests' shared start: the smoke pipeline reproduced once per test process and copied
+# for each module that needs it, so that every module starts from the same committed state.
+
+
+@pytest.fixture(scope="session")
+def smoke_template(tmp_path_factory):
+    """A fresh copy of the repository (tracked and new files) with the smoke profile composed and
+    reproduced through DVC, and that state committed; with the output of that `dvc repro`."""
+    dest = copy_repo(tmp_path_factory.mktemp("smoke"))
+    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", cwd=dest)
+    repro = sh("dvc", "repro", cwd=dest)
+    git("add", "-A", cwd=dest)
+    git("commit", "-qm", "the smoke profile, reproduced", cwd=dest)
+    return dest, repro
+
+
+@pytest.fixture(scope="module")
+def repo(smoke_template, tmp_path_factory):
+    """This module's own copy of the reproduced smoke repository (git history, DVC cache, MLflow
+    store and all): what one module's tests do to it, no other module sees."""
+    template, repro = smoke_template
+    dest = tmp_path_factory.mktemp("repo") / "project"
+    shutil.copytree(template, dest, symlinks=True)
+    return dest, repro

@@ -484,3 +484,18 @@ def test_benchmarks_run_on_every_model_and_a_gate_too_tight_fails_after_writing_
             assert entry["delta"] == pytest.approx(entry["value"] - base["value"])
             assert entry["delta_vs"] == "base"
     assert "| lmtune_chatterbot_mc | acc | merged |" in (dest / "metrics/eval.md").read_text()
+
+
+def test_the_likelihood_benchmark_times_every_model_form_both_ways(repo, tmp_path):
+    """bench/likelihood.py (make bench's eval rows) on the smoke models: each transformers form of
+    the eval stage, the separate head against whole-batch logits, the same numbers."""
+    dest, _ = repo
+    out = tmp_path / "likelihood.json"
+    sh(sys.executable, "bench/likelihood.py", "--passages", "12", "--out", out, cwd=dest)
+    result = json.loads(out.read_text())
+    rows = {r["model"]: r for r in result["rows"]}
+    assert list(rows) == ["base", "base_4bit", "base_4bit_adapter", "merged", "merged_int8_weight_only"]
+    for row in rows.values():
+        assert row["tokens"] > 0 and row["tokens_per_second"] > 0 and row["share_of_matmul_peak"] > 0
+        assert row["perplexity_relative_difference"] < 1e-3, row
+    assert result["matmul_bf16_gflops"] > 0

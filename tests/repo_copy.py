@@ -9,7 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots of the UI test (git-ignored)
 SECRET = "hf_never_log_this_0123456789"  # set as HF_TOKEN for every command the pipeline runs
