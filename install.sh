@@ -11,11 +11,11 @@ LLAMA_CPP=0.3.36
 test -x $PY || python3 -m venv $VENV
 $PY -m pip install -q --upgrade pip
 # torch first, its build chosen on purpose: where nvidia-smi sees a GPU, PyPI's default wheel (CUDA);
-# elsewhere the CPU wheel (from PyTorch's CPU index unless pip already finds one locally) (PyPI's Linux wheel would bring GBs of CUDA libraries)
+# elsewhere the CPU wheel: one pip already finds (a local wheel folder or mirror), else PyTorch's CPU
+# index (PyPI's Linux wheel would bring GBs of CUDA libraries)
 if nvidia-smi -L >/dev/null 2>&1; then
     $PY -m pip install -q torch==2.13.0
 else
-    # a CPU wheel that pip already finds (a local wheel folder or mirror) first: no other index to reach
     $PY -m pip install -q "torch==2.13.0+cpu" 2>/dev/null ||
         $PY -m pip install -q "torch==2.13.0+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
 fi

@@ -20,25 +20,9 @@ from report import matmul_gflops
 from lmtune.checkpoint import load_tokenizer
 from lmtune.config import load
 from lmtune.data.sequences import read_sequences
+from lmtune.evaluate.forms import model_loaders
 from lmtune.evaluate.scores import likelihood_per_passage, separate_head
 from lmtune.model.hardware import resolve_dtype
-from lmtune.model.load import load_base_with_adapter, load_for_training, load_full
-
-
-def forms(cfg, dtype) -> dict:
-    """The transformers forms the eval stage scores, by their names in metrics/eval.json."""
-    from lmtune.export.quantize import load_quantized
-
-    paths, label = cfg.paths, f"{cfg.quant.bits}bit"
-    loaders = {"base": lambda: load_full(paths.base, dtype)}
-    if cfg.quant.bits < 16:
-        loaders[f"base_{label}"] = lambda: load_for_training(paths.base, cfg.quant, False)
-        loaders[f"base_{label}_adapter"] = lambda: load_base_with_adapter(
-            paths.base, paths.adapter, dtype, quant=cfg.quant
-        )
-    loaders["merged"] = lambda: load_full(paths.merged, dtype)
-    loaders[f"merged_{cfg.quantize.method}"] = lambda: load_quantized(paths.quantized, dtype)
-    return loaders
 
 
 def timed(model, seqs, batch_size, pad, head_path) -> tuple[dict, float]:
@@ -61,7 +45,7 @@ def main() -> None:
     peak = matmul_gflops()
     params = json.loads((Path(cfg.paths.base) / "source.json").read_text())["parameters"]
     rows = []
-    for name, loader in forms(cfg, dtype).items():
+    for name, (_, loader) in model_loaders(cfg, dtype).items():
         model = loader()
         if not isinstance(model, torch.nn.Module):  # a GGUF: scored in llama.cpp, not here
             continue

@@ -24,6 +24,7 @@ from lmtune.checkpoint import load_tokenizer
 from lmtune.cli.runner import run_stage
 from lmtune.data.sequences import read_prompts, read_sequences
 from lmtune.evaluate import benchmarks as lm_eval_tasks
+from lmtune.evaluate.forms import model_loaders
 from lmtune.evaluate.generation import greedy_continuations
 from lmtune.evaluate.scores import (
     LIKELIHOOD_METRICS,
@@ -36,28 +37,7 @@ from lmtune.evaluate.scores import (
     metric_functions,
 )
 from lmtune.export.llamacpp import GGUFModel
-from lmtune.export.quantize import load_quantized
 from lmtune.model.hardware import device, free_device_memory, resolve_dtype
-from lmtune.model.load import load_base_with_adapter, load_for_training, load_full
-
-
-def model_loaders(cfg, dtype, n_ctx: int) -> dict:
-    """name → (role in EVAL_MODELS, loader), in the order the stage scores them."""
-    paths = cfg.paths
-    loaders = {"base": ("base", lambda: load_full(paths.base, dtype))}
-    if cfg.quant.bits < 16 or cfg.quant.qat:  # the base as training saw it, alone and with the adapter
-        label = f"qat_{cfg.quant.qat}" if cfg.quant.qat else f"{cfg.quant.bits}bit"
-        loaders[f"base_{label}"] = ("quantized_base", lambda: load_for_training(paths.base, cfg.quant, False))
-        loaders[f"base_{label}_adapter"] = (
-            "adapter",
-            lambda: load_base_with_adapter(paths.base, paths.adapter, dtype, quant=cfg.quant),
-        )
-    loaders["merged"] = ("merged", lambda: load_full(paths.merged, dtype))
-    loaders[f"merged_{cfg.quantize.method}"] = (
-        "quantized",
-        lambda: load_quantized(paths.quantized, dtype, n_ctx),
-    )
-    return loaders
 
 
 def generation_set(cfg, tokenizer, seqs) -> tuple[list[list[int]], list[list[str]]]:

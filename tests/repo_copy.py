@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,3 +80,24 @@ def workspace_hash(dest) -> str:
     from lmtune.track import runs as tracking
 
     return tracking.params_hash(load(root=dest))
+
+
+@contextmanager
+def mlflow_serving(command: str, store: str, *options: str, env: dict | None = None):
+    """`mlflow ui` or `mlflow server` (one worker, no job runner) on a free port of 127.0.0.1 over
+    `store`; yields its URL once healthy, then stops it."""
+    port = free_port()
+    server = subprocess.Popen(
+        [BIN / "mlflow", command, "--backend-store-uri", store, *options]
+        + ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env={**(os.environ if env is None else env), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, server)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=20)

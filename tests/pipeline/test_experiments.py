@@ -3,13 +3,11 @@ conf/, experiments that share stages, a queued sweep run by two workers into one
 comparison and the MLflow UI in a browser, Hydra's multirun, and `make run` of another profile."""
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 
 import pytest
-from repo_copy import ARTIFACTS, BIN, free_port, restore, sh, wait_until_healthy, workspace_hash
+from repo_copy import ARTIFACTS, mlflow_serving, restore, sh, workspace_hash
 
 from lmtune.cli.pipeline import snapshot
 from lmtune.track import runs as tracking
@@ -177,29 +175,8 @@ def test_mlflow_ui_shows_the_sweep_runs_in_a_real_browser(repo, sweep):
     experiment = client.get_experiment_by_name("lmtune")
     sweep = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("dvc_experiment")]
     assert len(sweep) >= 2
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "ui",
-            "--backend-store-uri",
-            store,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    try:
-        wait_until_healthy(url, server)
+    with mlflow_serving("ui", store) as url:
         options = webdriver.ChromeOptions()
         options.binary_location = chromium
         for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
@@ -228,9 +205,6 @@ def test_mlflow_ui_shows_the_sweep_runs_in_a_real_browser(repo, sweep):
             browser.save_screenshot(str(ARTIFACTS / "mlflow_ui_run.png"))
         finally:
             browser.quit()
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
 
 
 def test_hydra_multirun_on_finetune_writes_each_job_apart(repo):

@@ -10,42 +10,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from repo_copy import BIN, copy_repo, free_port, git, sh, wait_until_healthy
+from repo_copy import BIN, copy_repo, free_port, git, mlflow_serving, sh
 
 
 def mlflow_server(store: str, home: Path):
     """`make server`'s command on a free port of 127.0.0.1; yields its URL, then stops it."""
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            BIN / "mlflow",
-            "server",
-            "--backend-store-uri",
-            store,
-            "--artifacts-destination",
-            str(home / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env={
-            "PATH": f"{BIN}:/usr/bin:/bin",
-            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-        },
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(url, process)
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    with mlflow_serving("server", store, "--artifacts-destination", str(home / "artifacts"), env=env) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")

@@ -283,16 +283,17 @@ def gate_failures(benchmarks: dict[str, dict], gate) -> list[str]:
 
 def markdown(benchmarks: dict[str, dict]) -> list[str]:
     """The benchmark rows of eval.md: one per (task, metric, model), with interval and delta."""
+    reference = reference_model(benchmarks)
     lines = [
         "## Benchmarks (lm-evaluation-harness)",
         "",
-        f"| task | metric | model | value | 95% interval | vs {reference_model(benchmarks)} |",
+        f"| task | metric | model | value | 95% interval | vs {reference} |",
         "|---|---|---|---|---|---|",
     ]
     for name, tasks in benchmarks.items():
         for task, metrics in tasks.items():
             for metric, e in metrics.items():
                 interval = f"[{e['low']:.4f}, {e['high']:.4f}]" if "low" in e else "-"
-                delta = "-" if name == reference_model(benchmarks) else f"{e['delta']:+.4f}"
+                delta = "-" if name == reference else f"{e['delta']:+.4f}"
                 lines.append(f"| {task} | {metric} | {name} | {e['value']:.4f} | {interval} | {delta} |")
     return [*lines, ""]
