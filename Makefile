@@ -82,18 +82,13 @@ clean:  ## remove pipeline outputs (not the venv, not mlflow.db)
 	rm -rf data/processed data/raw models/base models/adapter models/checkpoints models/merged models/quantized
 
 GRID ?= lora.r=4,8,16 quant.bits=4,16
+# the columns a sweep is read by: what it varies, and the headline numbers (dvc exp show has hundreds)
+SWEEP_COLUMNS = Experiment$$|Created$$|State$$|lora\.|quant\.|train\.max_steps$$|final_(train|val)_loss$$|peak_memory_gib$$|tokens_per_second$$|models\.merged\.perplexity\.value$$
 sweep: setup  ## queue and run a sweep on the sweep profile (GRID="lora.r=4,8,16 quant.bits=4,16"), one at a time
 	$(PY) -m lmtune.cli.params --validate-grid experiment=sweep $(GRID)
 	dvc exp run --queue -S experiment=sweep $(foreach g,$(GRID),-S '$(g)')
-	@# not `dvc exp run --run-all`: its queue worker can stop after one experiment and leave it waiting
-	@# forever (github.com/treeverse/dvc/issues/8165 and 10562); this loop restarts the worker until the queue is empty
-	dvc queue start -j $(or $(JOBS),1)
-	@while dvc queue status | grep -qE ' (Queued|Running)$$'; do sleep 15; \
-	  status=$$(dvc queue status); \
-	  if ! echo "$$status" | grep -qE ' Running$$' && echo "$$status" | grep -qE ' Queued$$'; then \
-	    echo "DVC's queue worker stopped with experiments queued: starting it again"; dvc queue start -j $(or $(JOBS),1); fi; \
-	done
-	dvc exp show --no-pager --md -A --only-changed | head -40
+	$(PY) -m lmtune.cli.sweep --jobs $(or $(JOBS),1); done=$$?; \
+	  dvc exp show --no-pager --md -A --only-changed --drop '.*' --keep '$(SWEEP_COLUMNS)'; exit $$done
 
 plots: setup  ## the loss curves as an HTML page that works offline (vega inlined from npm): metrics/plots.html
 	dvc plots show --html-template $$($(PY) -m lmtune.cli.plots) -o .cache/dvc_plots

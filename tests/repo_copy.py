@@ -16,13 +16,23 @@ ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots of the UI test (git-igno
 SECRET = "hf_never_log_this_0123456789"  # set as HF_TOKEN for every command the pipeline runs
 
 
-def sh(*cmd, cwd, check=True, env=None):
+def sh(*cmd, cwd, check=True, env=None, timeout=1500):
     """Run a command as the user would, offline, with a secret in the environment that must never be
-    logged; the user's own MLFLOW_TRACKING_URI is left out unless `env` sets one."""
+    logged; the user's own MLFLOW_TRACKING_URI is left out unless `env` sets one. A command still
+    running after `timeout` seconds fails the test with what it printed (a hang is a failure)."""
     full = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "HF_TOKEN": SECRET}
     full.pop("MLFLOW_TRACKING_URI", None)
     full.update(env or {})
-    result = subprocess.run([str(c) for c in cmd], cwd=cwd, env=full, capture_output=True, text=True)
+    try:
+        result = subprocess.run(
+            [str(c) for c in cmd], cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as err:
+        out = (err.stdout or b"")[-3000:], (err.stderr or b"")[-3000:]
+        out = [o.decode(errors="replace") if isinstance(o, bytes) else o for o in out]
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} still ran after {timeout} s:\n{out[0]}\n{out[1]}"
+        ) from None
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(map(str, cmd))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

@@ -209,3 +209,40 @@ def test_a_head_that_does_more_than_scale_and_cap_is_scored_through_the_models_l
     fallback = likelihood_per_passage(model, seqs[:6], 3, tokenizer.pad_token_id)
     assert fallback["nll"] == pytest.approx(expected["nll"], rel=1e-5)
     assert fallback["hits"].tolist() == expected["hits"].tolist()
+
+
+def test_the_sweep_page_ranks_only_runs_that_share_model_data_and_steps():
+    """Perplexities of different models, data or schedules are not comparable: each such group gets
+    its own table, best first within it."""
+    import pandas as pd
+
+    from lmtune.track.compare import table
+
+    rows = [
+        {"experiment": "a", "model": "llama2_7b", "data": "alpaca", "r": 8, "steps": 1000, "perplexity": 6.1},
+        {
+            "experiment": "b",
+            "model": "smollm2_135m",
+            "data": "shakespeare",
+            "r": 8,
+            "steps": 10,
+            "perplexity": 54.0,
+        },
+        {
+            "experiment": "c",
+            "model": "smollm2_135m",
+            "data": "shakespeare",
+            "r": 4,
+            "steps": 10,
+            "perplexity": 53.8,
+        },
+    ]
+    page = table(pd.DataFrame(rows).sort_values("perplexity"), failed=[])
+    sections = page.split("\n## ")[1:]
+    assert [s.splitlines()[0] for s in sections] == [
+        "llama2_7b on alpaca, 1000 steps",
+        "smollm2_135m on shakespeare, 10 steps",
+    ]
+    smollm = [line for line in sections[1].splitlines() if line.startswith("| ")][1:]
+    assert [line.split(" | ")[0] for line in smollm] == ["| c", "| b"]  # 53.8 before 54.0
+    assert "| llama2_7b |" not in page  # the group is the heading, not a column

@@ -171,3 +171,51 @@ def test_remote_code_is_off_by_default_everywhere():
     for option in (ROOT / "conf/model").glob("*.yaml"):
         cfg = compose_conf([f"model={option.stem}"], conf_dir=ROOT / "conf")
         assert cfg.model.trust_remote_code is False and cfg.model.allow_pickle is False
+
+
+def _queue_status(*rows: tuple[str, str]) -> str:
+    """`dvc queue status` as DVC prints it: a table of tasks, then the workers."""
+    lines = ["Task     Name         Created    Status"]
+    lines += [f"{i:07x}  {name}  10:23 AM   {state}" for i, (name, state) in enumerate(rows)]
+    return "\n".join(lines) + "\n\nWorker status: 0 active, 0 idle\n"
+
+
+def test_the_sweep_runner_restarts_a_stopped_worker_and_names_failures(monkeypatch, capsys):
+    """DVC's queue worker can exit with experiments still queued: the runner starts one again
+    (and only then says so); a failed point is named with its log command; an earlier sweep's
+    finished tasks are not counted."""
+    from lmtune.cli import sweep
+
+    states = iter(
+        [
+            _queue_status(("old-one", "Failed"), ("exp-a", "Running"), ("exp-b", "Queued")),
+            _queue_status(("old-one", "Failed"), ("exp-a", "Success"), ("exp-b", "Queued")),  # worker gone
+            _queue_status(("old-one", "Failed"), ("exp-a", "Success"), ("exp-b", "Running")),
+            _queue_status(("old-one", "Failed"), ("exp-a", "Success"), ("exp-b", "Failed")),
+        ]
+    )
+    starts = []
+
+    def fake_dvc(*args):
+        if args[:2] == ("queue", "status"):
+            return next(states)
+        starts.append(args)
+        return "Started '1' new experiments task queue worker.\n" if len(starts) == 1 else "Started '0' ..."
+
+    monkeypatch.setattr(sweep, "dvc", fake_dvc)
+    with pytest.raises(
+        sweep.SweepError, match=r"1 of 2 experiments failed: exp-b \(`dvc queue logs exp-b`\)"
+    ):
+        sweep.run_queue(jobs=1, poll=0)
+    assert starts == [("queue", "start", "-j", "1")]  # only when nothing ran and exp-b waited
+    out = capsys.readouterr().out
+    assert "sweep: 0/2 done, 1 running, 1 queued, 0 failed" in out
+    assert "sweep: 1/2 done, 0 running, 0 queued, 1 failed" in out and "Started '1'" in out
+
+
+def test_the_sweep_runner_gives_up_at_its_deadline_naming_what_waits(monkeypatch):
+    from lmtune.cli import sweep
+
+    monkeypatch.setattr(sweep, "dvc", lambda *args: _queue_status(("exp-a", "Running")))
+    with pytest.raises(sweep.SweepError, match=r"within 0 s; still waiting: exp-a \(Running\)"):
+        sweep.run_queue(jobs=1, timeout=0, poll=0)

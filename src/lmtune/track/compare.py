@@ -1,6 +1,7 @@
 """`make compare`: every finished pipeline run in the MLflow store, side by side.
 
-Writes metrics/sweep.md (a table, best first, failed runs listed) and PNG plots in
+Writes reports/sweep.md (one table per model, data and step count, since only runs that share
+them score the same test split on the same schedule; best first within each; failed runs listed) and PNG plots in
 metrics/plots/: quality vs LoRA rank for each bits value, quality vs peak memory (the trade-off
 being chosen), training loss curves overlaid. The plots are logged to MLflow in a run tagged
 `lmtune.kind=comparison`.
@@ -24,6 +25,7 @@ from lmtune.track import runs as tracking
 COLUMNS = {  # column → (source, key); "metric_sum" adds up every metric whose name starts with key
     "experiment": ("tag", "dvc_experiment"),
     "model": ("param", "model.name"),
+    "data": ("param", "data.name"),
     "r": ("param", "lora.r"),
     "bits": ("param", "quant.bits"),
     "steps": ("param", "train.max_steps"),
@@ -87,19 +89,26 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
+GROUP = ["model", "data", "steps"]  # runs comparable with each other: same test split, same schedule
+
+
 def table(frame: pd.DataFrame, failed: list[dict]) -> str:
     lines = ["# Sweep: every finished run, best merged perplexity first", ""]
     if frame.empty:
         lines.append("No finished runs yet.")
     else:
-        shown = [c for c in COLUMNS if c in frame.columns]
-        lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-        for _, row in frame.iterrows():
-            lines.append("| " + " | ".join(_fmt(row[c]) for c in shown) + " |")
+        shown = [c for c in COLUMNS if c in frame.columns and c not in GROUP]
+        for keys, group in frame.groupby(GROUP, dropna=False):
+            model, data, steps = map(_fmt, keys)
+            lines += [f"## {model} on {data}, {steps} steps", ""]
+            lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+            for _, row in group.iterrows():
+                lines.append("| " + " | ".join(_fmt(row[c]) for c in shown) + " |")
+            lines.append("")
         lines += [
-            "",
             "perplexity, token acc, ROUGE-L, BLEU: the merged model on the test split "
-            "(metrics/eval.md explains each); peak GiB: training peak memory.",
+            "(metrics/eval.md explains each); peak GiB: training peak memory. Runs of different "
+            "models, data or step counts are in separate tables: their numbers are not comparable.",
             "",
         ]
     if failed:
