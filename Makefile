@@ -83,7 +83,7 @@ clean:  ## remove pipeline outputs (not the venv, not mlflow.db)
 
 GRID ?= lora.r=4,8,16 quant.bits=4,16
 # the columns a sweep is read by: what it varies, and the headline numbers (dvc exp show has hundreds)
-SWEEP_COLUMNS = Experiment$$|Created$$|State$$|lora\.|quant\.|train\.max_steps$$|final_(train|val)_loss$$|peak_memory_gib$$|tokens_per_second$$|models\.merged\.perplexity\.value$$
+SWEEP_COLUMNS = Experiment$$|Created$$|State$$|lora\.r$$|quant\.bits$$|train\.max_steps$$|final_(train|val)_loss$$|peak_memory_gib$$|tokens_per_second$$|models\.merged\.perplexity\.value$$
 sweep: setup  ## queue and run a sweep on the sweep profile (GRID="lora.r=4,8,16 quant.bits=4,16"), one at a time
 	$(PY) -m lmtune.cli.params --validate-grid experiment=sweep $(GRID)
 	dvc exp run --queue -S experiment=sweep $(foreach g,$(GRID),-S '$(g)')
