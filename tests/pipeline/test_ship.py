@@ -227,7 +227,7 @@ def test_make_serve_answers_the_openai_client_as_llama_cpp_does_in_process(shipp
     reply = client.chat.completions.create(model="smollm2_135m", messages=question, **greedy, extra_body=same)
     answer = reply.choices[0].message.content
     direct = llama_cpp.Llama(
-        model_path=str(shipped / "models/quantized/model.gguf"), n_ctx=2048, verbose=False
+        model_path=str(shipped / "models/quantized/model.gguf"), n_ctx=0, verbose=False  # the model's, as served
     )
     alone = direct.create_chat_completion(messages=question, **greedy, **same)["choices"][0]["message"][
         "content"
@@ -266,6 +266,11 @@ def test_make_serve_answers_the_openai_client_as_llama_cpp_does_in_process(shipp
         client.chat.completions.create(model="smollm2_135m", messages="not a list of turns")
     assert "messages: Input should be a valid list" in str(malformed.value)
     assert client.chat.completions.create(model="smollm2_135m", messages=question, max_tokens=4).choices
+    with pytest.raises(openai.NotFoundError, match="this server serves 'smollm2_135m'"):  # a typo is noticed
+        client.chat.completions.create(model="smollm2-135m", messages=question)
+    for wrong in ({"max_tokens": -1}, {"temperature": -1}, {"messages": []}):
+        with pytest.raises(openai.BadRequestError, match=next(iter(wrong))):
+            client.chat.completions.create(**{"model": "smollm2_135m", "messages": question, **wrong})
     with pytest.raises(openai.AuthenticationError) as refused:
         openai.OpenAI(base_url=url, api_key="wrong").models.list()
     assert refused.value.status_code == 401

@@ -5,12 +5,16 @@
 Each line typed (or piped in) is a user turn; the reply streams token by token, rendered with the
 model's chat template and continuing the conversation. --compare answers each turn with the base
 model too, one after the other, each keeping its own history. Decoding follows `sample:` (its
-seed, sampling, temperature, top_p, repetition penalty). An empty line or end of input quits.
+seed, sampling, temperature, top_p, repetition penalty). Typed lines can be edited (readline); an
+empty line, Ctrl-D or Ctrl-C at the prompt quits; Ctrl-C during a reply stops that reply. Piped
+input skips blank lines and ends at end of input. When the conversation no longer fits the model's
+context with room for a reply, its oldest turns are dropped, and the chat says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import threading
 from pathlib import Path
@@ -39,38 +43,104 @@ class Chat:
             )
         self.model = load_full(path, resolve_dtype(cfg.sample.dtype))
 
-    def reply(self, text: str, out=sys.stdout) -> str:
-        """Stream the answer to `text` to `out` as it is generated; returns it."""
-        from transformers import TextIteratorStreamer
+    def context(self) -> int:
+        """Tokens the model attends over: its position table, else what its tokenizer declares."""
+        return getattr(self.model.config, "max_position_embeddings", None) or self.tokenizer.model_max_length
+
+    def prompt(self) -> torch.Tensor:
+        """The conversation rendered for a reply, its oldest exchanges dropped (with a note) while it
+        leaves less than sample.max_new_tokens of the context."""
+        room = self.context() - self.cfg.sample.max_new_tokens
+        dropped = 0
+        while True:
+            ids = self.tokenizer.apply_chat_template(
+                self.history, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )["input_ids"]
+            if ids.shape[1] <= room:
+                break
+            if len(self.history) <= 1:
+                self.history.clear()
+                raise LmtuneError(
+                    f"that message is {ids.shape[1]} tokens; with a {self.cfg.sample.max_new_tokens}-token "
+                    f"reply it does not fit the model's {self.context()}-token context: send a shorter one"
+                )
+            del self.history[:2]  # the oldest user turn and its answer
+            dropped += 2
+        if dropped:
+            print(
+                f"({self.label}: the {dropped} oldest turns no longer fit the model's context and were dropped)"
+            )
+        return ids
+
+    def reply(self, text: str, out=None) -> str:
+        """Stream the answer to `text` to `out` as it is generated; returns it. Ctrl-C stops the
+        reply where it is (what was said so far stays in the conversation)."""
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         from lmtune.evaluate.generation import decoding
         from lmtune.model.hardware import device
 
+        out = out or sys.stdout
         self.history.append({"role": "user", "content": text})
-        ids = self.tokenizer.apply_chat_template(
-            self.history, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"].to(device())
+        ids = self.prompt().to(device())
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = threading.Event()
+
+        class StopWhenAsked(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full(
+                    (input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device
+                )
+
         torch.manual_seed(self.cfg.seed)
         options = dict(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([StopWhenAsked()]),
             **decoding(self.cfg.sample, self.tokenizer.pad_token_id),
         )
         worker = threading.Thread(target=self.model.generate, kwargs=options)
         worker.start()
         out.write(f"{self.label}> ")
         pieces = []
-        for piece in streamer:
-            pieces.append(piece)
-            out.write(piece)
-            out.flush()
+        try:
+            for piece in streamer:
+                pieces.append(piece)
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            stop.set()
+            for piece in streamer:  # what was generated before generate() saw the stop
+                pieces.append(piece)
+            out.write(" [stopped]")
         worker.join()
         out.write("\n")
         answer = "".join(pieces).strip()
         self.history.append({"role": "assistant", "content": answer})
         return answer
+
+
+def turns(interactive: bool):
+    """The user's lines: typed at a `you>` prompt (editable, with history), or read from a pipe
+    (blank lines skipped, each echoed after `you>`). Ends at an empty typed line or end of input."""
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (input() then edits lines and recalls earlier ones)
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                print()
+                return
+            if not line:
+                return
+            yield line
+    else:
+        for line in sys.stdin:
+            if line.strip():
+                print(f"you> {line.strip()}")
+                yield line.strip()
 
 
 def main(argv: list[str]) -> int:
@@ -95,17 +165,17 @@ def main(argv: list[str]) -> int:
         return 2
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"chatting with {' and '.join(m.label for m in models)}; an empty line quits")
-    while True:
-        if interactive:
-            print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line.strip():
-            return 0
-        if not interactive:
-            print(f"you> {line.strip()}")
-        for model in models:
-            model.reply(line.strip())
+        print(f"chatting with {' and '.join(m.label for m in models)}; an empty line or Ctrl-D quits")
+    try:
+        for line in turns(interactive):
+            for model in models:
+                try:
+                    model.reply(line)
+                except LmtuneError as err:
+                    print(f"\n{model.label}: {err}", file=sys.stderr)
+    except KeyboardInterrupt:  # at the prompt: leave quietly
+        print()
+    return 0
 
 
 if __name__ == "__main__":
