@@ -227,7 +227,9 @@ def test_make_serve_answers_the_openai_client_as_llama_cpp_does_in_process(shipp
     reply = client.chat.completions.create(model="smollm2_135m", messages=question, **greedy, extra_body=same)
     answer = reply.choices[0].message.content
     direct = llama_cpp.Llama(
-        model_path=str(shipped / "models/quantized/model.gguf"), n_ctx=0, verbose=False  # the model's, as served
+        model_path=str(shipped / "models/quantized/model.gguf"),
+        n_ctx=0,
+        verbose=False,  # the model's, as served
     )
     alone = direct.create_chat_completion(messages=question, **greedy, **same)["choices"][0]["message"][
         "content"

@@ -279,3 +279,54 @@ def test_an_unwritable_output_folder_is_named_as_the_stages_output_not_its_input
     assert inputs == {"base", "processed"}
     with pytest.raises(ConfigError, match=r"^paths\.adapter=models/adapter: .*models is not writable"):
         runner.check_writable(smoke_cfg, inputs)
+
+
+@pytest.mark.parametrize("changed, fails", [("lora.r", True), ("sample.max_new_tokens", False)])
+def test_a_stage_whose_params_change_on_disk_while_it_runs_fails_naming_them(
+    tmp_path, monkeypatch, capsys, changed, fails
+):
+    """`git stash` under a running finetune: DVC would record the stashed params beside an adapter
+    made with others. The stage fails instead (DVC records nothing); a key it does not read may
+    change (the next run's edits)."""
+    import shutil
+
+    from lmtune.cli import runner
+
+    in_repo_copy(tmp_path, monkeypatch)
+    shutil.copy(CONF.parent / "dvc.yaml", tmp_path / "dvc.yaml")
+    monkeypatch.setattr(runner.tracking, "stage_run", lambda cfg, name: contextlib.nullcontext())
+    monkeypatch.setattr(runner, "stage_name", lambda run: "finetune")
+
+    def finetune(cfg):
+        text = Path("params.yaml").read_text()
+        key, value = changed.split(".")
+        Path("params.yaml").write_text(
+            re.sub(rf"(\n{key}:\n(?:  .*\n)*?  {value}:) .*", r"\1 2", text, count=1)
+        )
+        return {}
+
+    before = Path("params.yaml").read_text()
+    assert runner.run_stage(finetune, argv=[]) == (2 if fails else 0)
+    assert Path("params.yaml").read_text() != before  # the edit happened in both cases
+    err = capsys.readouterr().err
+    if fails:
+        assert "params.yaml changed while finetune ran (lora.r: 16 -> 2;" in err
+        assert "DVC does not record it" in err
+
+
+def test_the_recovery_advice_after_a_failed_dvc_repro_keeps_uncommitted_results(tmp_path):
+    """docs/troubleshooting.md's command puts back what DVC deleted, and nothing else."""
+    advice = (CONF.parent / "docs/troubleshooting.md").read_text()
+    (command,) = re.findall(r"After a plain `dvc repro`, `([^`]+)`", advice)
+    run = lambda *cmd: subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    (tmp_path / "metrics").mkdir()
+    for name in ("eval.json", "quantize.json"):
+        (tmp_path / "metrics" / name).write_text("committed")
+    run("git", "init", "-q")
+    run("git", "add", "-A")
+    run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "results")
+    (tmp_path / "metrics/quantize.json").write_text("this run's, not committed yet")
+    (tmp_path / "metrics/eval.json").unlink()  # DVC removed it before eval failed
+    subprocess.run(command.replace("\\|", "|"), shell=True, cwd=tmp_path, check=True)
+    assert (tmp_path / "metrics/eval.json").read_text() == "committed"
+    assert (tmp_path / "metrics/quantize.json").read_text() == "this run's, not committed yet"

@@ -37,6 +37,49 @@ def stage_inputs(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> set[str]:
     return {m[1] for d in deps if (m := re.fullmatch(r"\$\{paths\.(\w+)\}", str(d)))}
 
 
+def stage_params(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
+    """The params.yaml keys DVC records for a stage (its `params:` in dvc.yaml)."""
+    try:
+        return [str(k) for k in yaml.safe_load(dvc_yaml.read_text())["stages"][stage].get("params", [])]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return []
+
+
+def recorded_values(keys: list[str]) -> dict:
+    """What params.yaml holds now for `keys`, as DVC would read it for dvc.lock."""
+    try:
+        on_disk = OmegaConf.load(PARAMS_FILE)
+    except Exception:  # noqa: BLE001 - gone or unreadable: every key counts as changed
+        return {}
+    return {
+        key: OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(on_disk, key)}))["v"]
+        for key in keys
+    }
+
+
+def changed_under(stage: str, before: dict) -> str | None:
+    """params.yaml changed under a running stage (an edit, `git stash`, `git checkout`): which of
+    the stage's keys now differ from what it ran with, or None. DVC would record the new values in
+    dvc.lock beside outputs made with the old ones."""
+    now = recorded_values(list(before))
+    changed = [key for key in before if now.get(key) != before[key]]
+    if not changed:
+        return None
+    shown = []
+    for key in changed:
+        was, is_ = before[key], now.get(key)
+        if isinstance(was, dict) and isinstance(is_, dict):
+            inner = [k for k in {**was, **is_} if was.get(k) != is_.get(k)]
+            shown += [f"{key}.{k}: {was.get(k)!r} -> {is_.get(k)!r}" for k in inner]
+        else:
+            shown.append(f"{key}: {was!r} -> {is_!r}")
+    return (
+        f"params.yaml changed while {stage} ran ({', '.join(shown)}; a `git stash`, `git checkout` or an "
+        f"edit?). {stage} ran with the values it started with, so it fails here and DVC does not record "
+        "it: put params.yaml back and rerun, or rerun on the new values (make run)"
+    )
+
+
 def check_writable(cfg: DictConfig, inputs: set[str] = frozenset()) -> None:
     """Every folder the stage may write (or the nearest existing parent) must be writable before
     work starts; its inputs are only read, and a problem with them is not named as theirs."""
@@ -81,8 +124,11 @@ def run_stage(run: Stage, argv: list[str] | None = None, multirun_outputs: tuple
             )
             check_profile_kept(cfg)
         check_writable(cfg, stage_inputs(stage_name(run)))
+        started_with = recorded_values(stage_params(stage_name(run)))
         with tracked:
             metrics = run(cfg)
+            if changed := changed_under(stage_name(run), started_with):
+                raise ConfigError(changed)  # inside the MLflow run: it is marked failed
     except LmtuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

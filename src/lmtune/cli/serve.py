@@ -89,7 +89,9 @@ RANGES = {  # parameter → (lowest, highest) the OpenAI API accepts
 
 
 def _refusal(status: int, message: str, param: str | None, code: str | None = None) -> tuple[int, dict]:
-    return status, {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+    return status, {
+        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    }
 
 
 def request_error(path: str, body: bytes, served: str) -> tuple[int, dict] | None:
@@ -120,7 +122,9 @@ def request_error(path: str, body: bytes, served: str) -> tuple[int, dict] | Non
     for name in ("max_tokens", "max_completion_tokens"):
         value = request.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < lowest):
-            return _refusal(400, f"{name} must be an integer of at least {lowest}, or null; got {value!r}", name)
+            return _refusal(
+                400, f"{name} must be an integer of at least {lowest}, or null; got {value!r}", name
+            )
     for name, (low, high) in RANGES.items():
         value = request.get(name)
         if value is None:
