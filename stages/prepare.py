@@ -19,6 +19,7 @@ import pandas as pd
 from lmtune.artifacts import atomic_dir, write_json
 from lmtune.checkpoint import load_tokenizer
 from lmtune.cli.runner import run_stage
+from lmtune.config import MIN_EVAL_EXAMPLES
 from lmtune.data import DataError
 from lmtune.data.sequences import SPLITS, chat_prompt, chat_sequence, split, text_windows
 from lmtune.data.sources import load_rows
@@ -81,6 +82,12 @@ def run(cfg) -> dict:
                 raise DataError(
                     f"the {name} split is empty after tokenizing: every row is longer than "
                     f"data.max_length={d.max_length} tokens; raise it"
+                )
+            if name == "test" and len(records) < MIN_EVAL_EXAMPLES:
+                raise DataError(
+                    f"the test split holds {len(records)} examples ({len(splits[name])} of {len(rows)} rows at "
+                    f"data.test_fraction={d.test_fraction}); eval's bootstrap intervals need at least "
+                    f"{MIN_EVAL_EXAMPLES}: raise data.test_fraction or give more rows"
                 )
             frame = pd.DataFrame(records)
             frame.to_parquet(out / f"{name}.parquet", index=False)

@@ -193,10 +193,13 @@ class Gate:
     max_drop: float = within(0)
 
 
+MIN_EVAL_EXAMPLES = 10  # fewer test examples than this give no meaningful bootstrap interval
+
+
 @dataclass
 class Eval:
-    max_examples: int | None = within(1, nullable=True)
-    generation_examples: int = positive()
+    max_examples: int | None = within(MIN_EVAL_EXAMPLES, nullable=True)
+    generation_examples: int = within(MIN_EVAL_EXAMPLES)
     batch_size: int = positive()
     dtype: str = one_of(*DTYPE_NAMES)
     prompt_tokens: int = positive()

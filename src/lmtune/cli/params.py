@@ -56,7 +56,7 @@ def compose_conf(overrides: list[str] | None = None, conf_dir: Path | None = Non
     if cfg.model.source == "local" and not any(o.startswith("model.dependency=") for o in overrides):
         cfg.model.dependency = cfg.model.path  # DVC hashes the folder: an edit there rebuilds base
     try:
-        return validate(cfg, source=f"conf/config.yaml + {overrides}")
+        cfg = validate(cfg, source=f"conf/config.yaml + {overrides}")
     except ConfigError as err:
         for override in overrides:  # a list given without brackets: say how to write it
             key, _, value = override.partition("=")
@@ -65,6 +65,56 @@ def compose_conf(overrides: list[str] | None = None, conf_dir: Path | None = Non
                     f"{override}: {key} is a list; write {key}=[{value}] (in a shell: '{key}=[{value}]')"
                 ) from None
         raise
+    check_group_choices(cfg, overrides, conf_dir)
+    check_lora_width(cfg)
+    return cfg
+
+
+def _group_values(conf_dir: Path, group: str, choice: str) -> dict[str, object] | None:
+    """The flat key → value pairs a group option sets (a `_global_` one may set other sections)."""
+    path = conf_dir / group / f"{choice}.yaml"
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    body = OmegaConf.to_container(OmegaConf.create(text) or {}, resolve=False)
+    body.pop("defaults", None)
+    return flatten(body if "@package _global_" in text else {group: body})
+
+
+def check_group_choices(cfg: DictConfig, overrides: list[str], conf_dir: Path) -> None:
+    """Two group choices that set the same key (quant=qat_int4 also sets quantize.method): the later
+    one in the defaults list would win without a word. A profile's (experiment=) values win on
+    purpose and are not counted."""
+    chosen = {}
+    for override in overrides:
+        group, eq, choice = override.partition("=")
+        if eq and "." not in group and group != "experiment":
+            if (values := _group_values(conf_dir, group, choice)) is not None:
+                chosen[override] = values
+    composed = flatten(OmegaConf.to_container(cfg, resolve=False))
+    for override, values in chosen.items():
+        for key, value in values.items():
+            if composed.get(key, value) == value:
+                continue
+            others = [o for o, v in chosen.items() if o != override and v.get(key) == composed.get(key)]
+            if others:
+                raise ConfigError(
+                    f"{override} and {others[0]} both set {key} ({value!r} and {composed[key]!r}); "
+                    f"{others[0]} would win without a word. Drop one of the two"
+                )
+
+
+def check_lora_width(cfg: DictConfig) -> None:
+    """A rank wider than every layer fails in finetune, after base and prepare ran: here instead,
+    where the model's width can be had without loading it (lmtune.base.facts.width)."""
+    from lmtune.base.facts import width
+
+    wide = width(cfg.model, cfg.lora.r)
+    if wide is not None and cfg.lora.r > wide:
+        raise ConfigError(
+            f"lora.r={cfg.lora.r}: wider than every layer of {cfg.model.name} (hidden size {wide}); "
+            f"lower it (8 to 64 is usual)"
+        )
 
 
 def _did_you_mean(key: str, conf_dir: Path) -> str:

@@ -18,6 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+from omegaconf import OmegaConf
+
 from lmtune import LmtuneError
 from lmtune.cli import params
 from lmtune.cli.lock import pipeline_lock
@@ -37,6 +40,28 @@ def restore_missing(saved: dict[Path, bytes]) -> list[Path]:
     return missing
 
 
+def base_will_run(cfg, lock: Path = Path("dvc.lock")) -> bool:
+    """Whether `dvc repro` is about to rebuild models/base: its recorded params differ from these,
+    or there is no base."""
+    if not (Path(cfg.paths.base) / "config.json").is_file():
+        return True
+    try:
+        recorded = yaml.safe_load(lock.read_text())["stages"]["base"]["params"]["params.yaml"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return True
+    now = OmegaConf.to_container(cfg, resolve=True)
+    return any(recorded.get(key) != now.get(key) for key in ("seed", "model"))
+
+
+def check_base_obtainable(cfg) -> None:
+    """DVC deletes a stage's outputs before running it: a model the base stage cannot get (the hub
+    off, a package or folder missing) is refused here, while models/base is still there."""
+    from lmtune.base.facts import unavailable
+
+    if base_will_run(cfg) and (problem := unavailable(cfg.model)):
+        raise LmtuneError(f"{problem} (nothing ran; {cfg.paths.base} is as it was)")
+
+
 def main(argv: list[str]) -> int:
     try:
         with pipeline_lock():  # held from before params.yaml is written until the last MLflow sync
@@ -54,6 +79,7 @@ def _run(argv: list[str]) -> int:
     if params.profile_of(argv) in SCRATCH_PROFILES and here != params.profile_of(argv):
         return _run_apart(argv)
     cfg = params.update(argv, keep=True)  # composed and validated once, here
+    check_base_obtainable(cfg)
     saved = snapshot(Path(cfg.paths.metrics))
     try:
         code = subprocess.call(["dvc", "repro"])

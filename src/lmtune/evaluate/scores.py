@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmtune import LmtuneError
+from lmtune.config import MIN_EVAL_EXAMPLES
 from lmtune.data.batching import collate
 from lmtune.model.hardware import device
 from lmtune.model.head import head_logits, head_mismatch, head_transform
@@ -186,7 +187,7 @@ def bootstrap(
     baseline: str,
     resamples: int,
     seed: int,
-    min_examples: int = 10,
+    min_examples: int = MIN_EVAL_EXAMPLES,
 ) -> dict:
     """Point estimate, 95% percentile interval, and paired delta vs `baseline` for each metric.
 
