@@ -404,3 +404,29 @@ def test_conversations_read_as_text_and_a_header_only_csv_say_what_they_are(tmp_
         load_rows(files_cfg(tmp_path, "c.jsonl", chat + "\n"))
     with pytest.raises(DataError, match=r"no usable row .*the source is empty"):
         load_rows(files_cfg(tmp_path, "h.csv", "text\n"))
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("bom.jsonl", "\ufeff" + "".join(json.dumps({"text": f"passage {i}"}) + "\n" for i in range(3))),
+        ("bom.csv", "\ufefftext\n" + "".join(f"passage {i}\n" for i in range(3))),
+        ("bom.json", "\ufeff" + json.dumps([{"text": f"passage {i}"} for i in range(3)])),
+    ],
+)
+def test_a_byte_order_mark_is_read_past_not_refused(tmp_path, name, content):
+    """Windows editors start UTF-8 files with a byte-order mark; it is not part of the data."""
+    assert texts(files_cfg(tmp_path, name, content.encode("utf-8"))) == [f"passage {i}" for i in range(3)]
+
+
+def test_a_file_no_row_of_which_fits_the_settings_is_not_advised_to_skip_rows(tmp_path):
+    """Skipping bad rows would drop them all: the message names the setting instead."""
+    wrong = "".join(json.dumps({"body": f"passage {i}"}) + "\n" for i in range(5))
+    with pytest.raises(DataError) as refused:
+        load_rows(files_cfg(tmp_path, "a.jsonl", wrong))
+    says = str(refused.value)
+    assert "a.jsonl:1: no 'text' field (fields: ['body']); set data.text_column" in says
+    assert "No row of" in says and "on_bad_row=skip would drop every row" in says
+    one_bad = json.dumps({"body": "x"}) + "\n" + json.dumps({"text": "fine"}) + "\n"
+    with pytest.raises(DataError, match=r"Fix the row, or set data.on_bad_row=skip"):
+        load_rows(files_cfg(tmp_path, "b.jsonl", one_bad))

@@ -341,7 +341,9 @@ def test_a_test_split_too_small_for_eval_is_refused_at_prepare(tmp_path, tiny_ba
     own = tmp_path / "data/own"
     own.mkdir(parents=True)
     (own / "qa.jsonl").write_text(
-        "".join(json.dumps({"prompt": f"Question {i}?", "response": f"Answer {i}."}) + "\n" for i in range(80))
+        "".join(
+            json.dumps({"prompt": f"Question {i}?", "response": f"Answer {i}."}) + "\n" for i in range(80)
+        )
     )
     monkeypatch.chdir(tmp_path)
     cfg = compose_conf(
@@ -355,7 +357,9 @@ def test_a_test_split_too_small_for_eval_is_refused_at_prepare(tmp_path, tiny_ba
         ],
         conf_dir=CONF,
     )
-    with pytest.raises(LmtuneError, match=r"the test split holds 4 examples \(4 of 80 rows at data.test_fraction=0.05\)"):
+    with pytest.raises(
+        LmtuneError, match=r"the test split holds 4 examples \(4 of 80 rows at data.test_fraction=0.05\)"
+    ):
         prepare.run(cfg)
     assert not (tmp_path / cfg.paths.processed).exists()  # nothing half-made was kept
 

@@ -157,7 +157,8 @@ def test_tracking_failures_mid_run_only_warn(monkeypatch, capsys, tmp_path):
 def test_a_stage_that_fails_marks_its_run_failed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = cfg_with(tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
-    with pytest.raises(TrainingError), tracking.stage_run(cfg, "finetune"):
+    with pytest.raises(TrainingError), tracking.stage_run(cfg, "finetune") as run:
+        run.log_metrics({"train_loss": 2.5}, step=1)
         raise TrainingError("loss is nan")
     (run,) = tracking.client(cfg.tracking.uri).search_runs(
         [tracking.client(cfg.tracking.uri).get_experiment_by_name("lmtune").experiment_id]
@@ -165,6 +166,27 @@ def test_a_stage_that_fails_marks_its_run_failed(tmp_path, monkeypatch):
     assert run.info.status == "FAILED" and run.data.tags[tracking.PARAMS_HASH_TAG] == tracking.params_hash(
         cfg
     )
+
+
+def test_input_refused_before_any_work_leaves_no_failed_run_behind(tmp_path, monkeypatch):
+    """Trying data files one after another: each refused one would leave a FAILED run of its own.
+    A run the refusing stage opened and that holds no number is removed; an earlier stage's run
+    stays, marked FAILED."""
+    from lmtune.data import DataError
+
+    monkeypatch.chdir(tmp_path)
+    cfg = cfg_with(tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    mlflow_client = tracking.client(cfg.tracking.uri)
+    with pytest.raises(DataError), tracking.stage_run(cfg, "prepare"):
+        raise DataError("data/own/a.jsonl:1: no 'text' field")
+    experiment = mlflow_client.get_experiment_by_name("lmtune").experiment_id
+    assert mlflow_client.search_runs([experiment]) == []
+    with tracking.stage_run(cfg, "base"):
+        pass
+    with pytest.raises(DataError), tracking.stage_run(cfg, "prepare"):
+        raise DataError("data/own/a.jsonl:1: no 'text' field")
+    (run,) = mlflow_client.search_runs([experiment])
+    assert run.info.status == "FAILED" and "wall_seconds.base" in run.data.metrics
 
 
 def test_remote_code_is_off_by_default_everywhere():

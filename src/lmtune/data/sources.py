@@ -175,7 +175,7 @@ def _json_lines(path: Path) -> list[tuple[dict | ValueError, int]]:
     """A JSONL file line by line: (the record, or why the line is not one; its 1-based line number).
     Read here rather than by `datasets`, which fails a whole file on one broken line."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not data
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start}); convert it (iconv -t utf-8)") from None
     records: list[tuple[dict | ValueError, int]] = []
@@ -204,6 +204,8 @@ def _load_file(path: Path):
     if kind == "csv" and len(path.read_bytes().strip().splitlines()) == 1:
         return []  # a header and no row: no row (datasets would say no split has data)
     extra = {"sample_by": "paragraph"} if kind == "text" else {}
+    if kind in ("csv", "json", "text"):
+        extra["encoding"] = "utf-8-sig"  # a byte-order mark would become part of the first field's name
     try:
         return load_dataset(kind, data_files=str(path), split="train", **extra)
     except Exception as err:  # noqa: BLE001 - datasets raises, or wraps, parse errors of many types
@@ -342,15 +344,41 @@ def _length(row: dict) -> int:
     )
 
 
+def _source(where: str) -> str:
+    return where.split(":")[0].split("[")[0]
+
+
+def _read(record: dict | ValueError, cfg: DictConfig) -> dict:
+    if isinstance(record, ValueError):  # a line that is not a record (JSONL)
+        raise record
+    return _row(record, cfg)
+
+
+def _none_readable(records: list[tuple[dict | ValueError, str]], source: str, cfg: DictConfig) -> bool:
+    """Whether no row of `source` can be read with these settings (a file-wide mismatch, where
+    skipping bad rows would drop them all)."""
+    for record, where in records:
+        if _source(where) == source:
+            try:
+                _read(record, cfg)
+                return False
+            except ValueError:
+                continue
+    return True
+
+
 def _user_rows(cfg: DictConfig, dropped: Counter) -> list[dict]:
     """Your files or a hub data set, row by row: a malformed row stops, naming it, or is counted."""
-    rows = []
-    for record, where in _records(cfg):
+    rows, records = [], _records(cfg)
+    for record, where in records:
         try:
-            if isinstance(record, ValueError):  # a line that is not a record (JSONL)
-                raise record
-            rows.append({**_row(record, cfg), "source": where.split(":")[0].split("[")[0]})
+            rows.append({**_read(record, cfg), "source": _source(where)})
         except ValueError as err:
+            if cfg.on_bad_row == "error" and _none_readable(records, _source(where), cfg):
+                raise DataError(
+                    f"{where}: {err}. No row of {_source(where)} can be read with these settings, so fix "
+                    "the setting this names, or the file (data.on_bad_row=skip would drop every row)"
+                ) from None
             if cfg.on_bad_row == "error":
                 raise DataError(
                     f"{where}: {err}. Fix the row, or set data.on_bad_row=skip to drop such rows"

@@ -257,9 +257,21 @@ class StageRun:
     """The pipeline run as one stage sees it. Logging is best effort: after the first failure it
     warns once and stops trying, so a tracking server going away never stops or stalls work."""
 
-    def __init__(self, mlflow_client, run_id: str, stage: str):
+    def __init__(self, mlflow_client, run_id: str, stage: str, created: bool = False):
         self.client, self.run_id, self.stage = mlflow_client, run_id, stage
+        self.created = created  # this stage opened a new run for its configuration
         self.working = True
+
+    def end_refused(self) -> None:
+        """A stage that refused its input before any work: a run it just made, holding no number,
+        is deleted rather than left FAILED (one per file tried would pile up); else marked FAILED."""
+        try:
+            if self.created and not self.client.get_run(self.run_id).data.metrics:
+                self.client.delete_run(self.run_id)
+                return
+        except Exception as err:  # noqa: BLE001 - any tracking failure is survivable
+            _warn("removing the refused run", err)
+        self.finish("FAILED")
 
     def _try(self, what: str, action: Callable[[], Any]) -> None:
         if not self.working:
@@ -333,6 +345,7 @@ def open_run(cfg: DictConfig, stage: str) -> StageRun:
                 experiment_id, tags=tags, run_name=_run_name(cfg, digest)
             ).info.run_id
             _log_params(mlflow_client, run_id, cfg)
+            return StageRun(mlflow_client, run_id, stage, created=True)
     except Exception as err:  # noqa: BLE001 - any store failure here means it cannot be used
         raise TrackingError(
             f"{_uri_origin(cfg)} cannot be used as an MLflow store ({type(err).__name__}: "
@@ -382,6 +395,9 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageRun]:
     _active = run
     try:
         yield run
+    except LmtuneError:
+        run.end_refused()
+        raise
     except BaseException:
         run.finish("FAILED")
         raise
