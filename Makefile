@@ -20,6 +20,9 @@ help:  ## list the targets
 setup: $(VENV)/.installed  ## create .venv: torch 2.13.0 (CUDA build where a GPU is, else CPU) first, then the pinned rest
 $(VENV)/.installed: pyproject.toml install.sh  # what setup installs, and how
 	./install.sh
+ifeq ($(shell ./install.sh --moved),yes)  # a .venv made in another folder runs that folder's code
+.PHONY: $(VENV)/.installed
+endif
 
 params: setup  ## compose conf/ into params.yaml (ARGS="model=llama2_7b lora.r=8", FORCE=1 to discard -S values)
 	$(PY) -m lmtune.cli.params $(if $(FORCE),--force) $(ARGS)

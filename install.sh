@@ -8,6 +8,23 @@ PY=$VENV/bin/python
 # llama-cpp-python, as pinned in pyproject.toml (its source package also gives the GGUF converter)
 LLAMA_CPP=0.3.36
 
+# A project copied or moved with its .venv: the venv's scripts (#! lines) and its editable install
+# still point at the original folder, whose code would run. `--moved` says so (the Makefile asks);
+# an install then starts a new .venv here.
+moved() {
+    [ -f $VENV/bin/pip ] || return 1
+    local made_in
+    made_in=$(head -1 $VENV/bin/pip | cut -c3- | xargs dirname)
+    [ "$(cd "$made_in" 2>/dev/null && pwd -P)" != "$(cd $VENV/bin && pwd -P)" ]
+}
+if [ "${1:-}" = "--moved" ]; then
+    moved && echo yes
+    exit 0
+fi
+if moved; then
+    echo "note: $VENV was made in $(head -1 $VENV/bin/pip | cut -c3- | sed 's|/bin/python.*||') (a copied or moved project); making a new one here"
+    rm -rf $VENV
+fi
 test -x $PY || python3 -m venv $VENV
 $PY -m pip install -q --upgrade pip
 # torch first, its build chosen on purpose: where nvidia-smi sees a GPU, PyPI's default wheel (CUDA);

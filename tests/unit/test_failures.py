@@ -400,3 +400,24 @@ def test_make_run_refuses_a_model_it_cannot_get_before_dvc_deletes_models_base(t
     )
     assert not pipeline.base_will_run(cfg)
     assert pipeline.base_will_run(compose_conf(["model=llama2_7b"], conf_dir=CONF))
+
+
+def test_a_venv_made_in_another_folder_is_found_and_make_setup_reinstalls(tmp_path):
+    """A copied project's .venv runs the original folder's code (its #! lines and editable install
+    point there): install.sh --moved says so, and the Makefile then reruns setup."""
+    import shutil
+
+    for name in ("original", "copy"):
+        (tmp_path / name / ".venv/bin").mkdir(parents=True)
+        for file in ("install.sh", "Makefile", "pyproject.toml"):
+            shutil.copy(CONF.parent / file, tmp_path / name / file)
+        (tmp_path / name / ".venv/bin/pip").write_text(f"#!{tmp_path}/original/.venv/bin/python\n")
+        (tmp_path / name / ".venv/.installed").touch()  # set up, and newer than what it depends on
+    ask = lambda where: subprocess.run(  # noqa: E731
+        ["bash", tmp_path / where / "install.sh", "--moved"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert ask("original") == "" and ask("copy") == "yes"
+    plan = lambda where: subprocess.run(  # noqa: E731
+        ["make", "-n", "setup"], cwd=tmp_path / where, capture_output=True, text=True, check=True
+    ).stdout
+    assert "install.sh" not in plan("original") and "./install.sh" in plan("copy")
