@@ -421,3 +421,17 @@ def test_a_venv_made_in_another_folder_is_found_and_make_setup_reinstalls(tmp_pa
         ["make", "-n", "setup"], cwd=tmp_path / where, capture_output=True, text=True, check=True
     ).stdout
     assert "install.sh" not in plan("original") and "./install.sh" in plan("copy")
+
+
+def test_make_chat_after_a_scratch_run_says_where_its_models_are(tmp_path, monkeypatch):
+    """`make run ARGS=experiment=smoke` in a workspace of another profile runs as a DVC experiment
+    apart: its models are not in models/, and saying `make run` would send the user in a circle."""
+    from lmtune.cli.params import no_model, record_profile
+
+    in_repo_copy(tmp_path, monkeypatch)
+    assert main(["--force"]) == 0  # this workspace: the default profile
+    plain = no_model("models/merged")
+    assert plain == "models/merged holds no model: run the pipeline first (make run), or dvc pull it"
+    record_profile(["experiment=smoke"])  # what `make run ARGS=experiment=smoke` records
+    hinted = no_model("models/merged")
+    assert hinted.startswith(plain) and "`dvc exp apply <name>` brings its models here" in hinted

@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from lmtune import LmtuneError
+from lmtune.cli.params import no_model
 
 
 class Chat:
@@ -35,7 +36,7 @@ class Chat:
 
         self.label, self.cfg, self.history = label, cfg, []
         if not (Path(path) / "config.json").is_file():  # else transformers would look for it on the hub
-            raise LmtuneError(f"{path} holds no model: run the pipeline first (make run), or dvc pull it")
+            raise LmtuneError(no_model(path))
         self.tokenizer = load_tokenizer(path)
         if self.tokenizer.chat_template is None:
             raise LmtuneError(
@@ -160,7 +161,10 @@ def main(argv: list[str]) -> int:
         models = [Chat("fine-tuned", cfg.paths.merged, cfg)]
         if args.compare:
             models.insert(0, Chat("base", cfg.paths.base, cfg))
-    except (LmtuneError, OSError) as err:
+    except LmtuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
         print(f"error: {err} (run `make run` first to build the models)", file=sys.stderr)
         return 2
     interactive = sys.stdin.isatty()

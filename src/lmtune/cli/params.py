@@ -227,6 +227,23 @@ def record_profile(overrides: list[str], root: Path = Path(".")) -> None:
     path.write_text(json.dumps({"experiment": profile_of(overrides), "overrides": overrides}))
 
 
+def no_model(folder: str | Path, root: Path = Path(".")) -> str:
+    """What to say when a command finds no model in `folder`: run the pipeline, or, when the last
+    `make run` was a scratch profile (run apart as a DVC experiment), bring its models here."""
+    message = f"{folder} holds no model: run the pipeline first (make run), or dvc pull it"
+    try:
+        last = json.loads((root / PROFILE_FILE).read_text()).get("experiment")
+    except (OSError, ValueError):
+        return message
+    here = profile_of(read_header(root / PARAMS_FILE)[0])
+    if last and last != here:
+        message += (
+            f". Your last `make run ARGS=experiment={last}` ran apart from this workspace, as a DVC "
+            "experiment: `dvc exp show` lists it, `dvc exp apply <name>` brings its models here"
+        )
+    return message
+
+
 def _profile_keys(conf_dir: Path) -> dict[str, dict]:
     """Each profile in conf/experiment → the keys it sets and their values."""
     profiles = {}

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from lmtune import LmtuneError
 from lmtune.checkpoint import ModelError
+from lmtune.cli.params import no_model
 
 EXPORTED = Path(".cache") / "serve" / "model.q8_0.gguf"
 
@@ -42,7 +43,7 @@ def gguf_to_serve(cfg, exported: Path = EXPORTED) -> Path:
         return quantized
     merged = Path(cfg.paths.merged)
     if not (merged / "config.json").is_file():
-        raise ModelError(f"{merged} holds no model: run the pipeline first (make run), or dvc pull it")
+        raise ModelError(no_model(merged))
     stamp = exported.with_suffix(".json")
     if exported.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == _stamp(merged):
         return exported
