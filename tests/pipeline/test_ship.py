@@ -278,6 +278,37 @@ def test_make_serve_answers_the_openai_client_as_llama_cpp_does_in_process(shipp
     assert refused.value.status_code == 401
 
 
+def test_lm_eval_against_make_serve_gets_the_eval_stages_benchmark_number(shipped, served, monkeypatch):
+    """lm-eval's own OpenAI-API client (`local-completions`, token-id prompts with echo) runs
+    lmtune's likelihood task against the server and gets what the eval stage got in-process."""
+    import lm_eval
+
+    from lmtune.config import load
+    from lmtune.evaluate.benchmarks import task_manager
+
+    url, _ = served
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    monkeypatch.chdir(shipped)
+    cfg = load()
+    out = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={
+            "base_url": f"{url}/completions",
+            "model": "smollm2_135m",
+            "tokenizer": str(shipped / "models/merged"),
+            "tokenizer_backend": "huggingface",
+            "max_retries": 1,
+        },
+        tasks=["lmtune_chatterbot_mc"],
+        limit=cfg.eval.benchmark_limit,
+        task_manager=task_manager(cfg),
+    )
+    stage = json.loads((shipped / "metrics/eval.json").read_text())["benchmarks"]["merged_gguf_q4_k_m"]
+    for metric in ("acc", "acc_norm"):
+        served_value = out["results"]["lmtune_chatterbot_mc"][f"{metric},none"]
+        assert served_value == pytest.approx(stage["lmtune_chatterbot_mc"][metric]["value"], abs=1e-9)
+
+
 def test_serve_exports_merged_to_a_gguf_once_when_quantize_made_none(shipped, tmp_path):
     from lmtune.cli.serve import gguf_to_serve
     from lmtune.config import load

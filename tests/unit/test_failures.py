@@ -417,9 +417,11 @@ def test_a_venv_made_in_another_folder_is_found_and_make_setup_reinstalls(tmp_pa
         ["bash", tmp_path / where / "install.sh", "--moved"], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert ask("original") == "" and ask("copy") == "yes"
-    plan = lambda where: subprocess.run(  # noqa: E731
-        ["make", "-n", "setup"], cwd=tmp_path / where, capture_output=True, text=True, check=True
-    ).stdout
+    plan = lambda where: (
+        subprocess.run(  # noqa: E731
+            ["make", "-n", "setup"], cwd=tmp_path / where, capture_output=True, text=True, check=True
+        ).stdout
+    )
     assert "install.sh" not in plan("original") and "./install.sh" in plan("copy")
 
 

@@ -7,7 +7,8 @@ import socket
 
 import pytest
 
-from lmtune.cli.serve import StrictRequests, port_in_use, request_error
+from lmtune.cli.openai_api import StrictRequests, request_error
+from lmtune.cli.serve import port_in_use
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 TURN = [{"role": "user", "content": "Who art thou?"}]
@@ -60,6 +61,8 @@ def inner_app(received: list):
         (CHAT, {"messages": TURN, "model": "smollm2-135m"}, 404, "model"),
         (COMPLETIONS, {"prompt": ""}, 400, "prompt"),
         (COMPLETIONS, {"prompt": "To be", "max_tokens": -5}, 400, "max_tokens"),
+        (COMPLETIONS, {"prompt": [[1, 2], [3, 4]]}, 400, "prompt"),  # a batch: one prompt per request
+        (COMPLETIONS, {"prompt": [[1, "two"]]}, 400, "prompt"),
     ],
 )
 def test_requests_the_openai_api_refuses_are_refused_naming_the_parameter(path, body, status, param):
@@ -83,6 +86,7 @@ def test_requests_the_openai_api_refuses_are_refused_naming_the_parameter(path, 
         (CHAT, {"messages": TURN, "model": "smollm2_135m", "max_tokens": 16, "temperature": 0, "n": 1}),
         (COMPLETIONS, {"prompt": "To be", "max_tokens": 0, "echo": True, "temperature": 2}),
         (COMPLETIONS, {"prompt": ["To be"], "max_tokens": None, "top_p": 1}),
+        (COMPLETIONS, {"prompt": [[504, 314, 30]], "max_tokens": 4}),  # token ids, no echo: llama.cpp's
     ],
 )
 def test_valid_requests_reach_the_server_with_their_body_unchanged(path, body):
@@ -215,3 +219,10 @@ def test_piped_chat_skips_blank_lines_and_ctrl_c_at_the_prompt_quits(
     monkeypatch.setattr("sys.stdin", Typed())
     monkeypatch.setattr("builtins.input", ctrl_c)
     assert chat.main([]) == 0  # no traceback
+
+
+def test_a_prompt_of_bare_token_ids_reaches_the_server_as_its_one_prompt():
+    received = []
+    app = StrictRequests(inner_app(received), "smollm2_135m", None)
+    assert call(app, COMPLETIONS, json.dumps({"prompt": [504, 314, 30], "max_tokens": 4}).encode())[0] == 200
+    assert json.loads(received[0]) == {"prompt": [[504, 314, 30]], "max_tokens": 4}

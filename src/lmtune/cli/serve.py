@@ -8,11 +8,7 @@ It serves models/quantized/model.gguf when the quantize stage made one (quantize
 exports models/merged once to .cache/serve/model.q8_0.gguf, and again only when models/merged
 changes. The chat template is the tokenizer's, carried inside the GGUF: the one training used.
 On a GPU, vLLM serves the merged checkpoint directly: `vllm serve models/merged`.
-
-Requests are held to the OpenAI API's rules before llama.cpp sees them (`StrictRequests`): a body
-that is not a JSON object, an empty `messages`, a negative `max_tokens` or a `temperature` outside
-[0, 2] get 400 `invalid_request_error` naming the parameter; a `model` other than the one served
-gets 404 `model_not_found`, so a client's typo is noticed.
+Requests are held to the OpenAI API's rules first (lmtune.cli.openai_api).
 """
 
 from __future__ import annotations
@@ -58,121 +54,6 @@ def gguf_to_serve(cfg, exported: Path = EXPORTED) -> Path:
     return exported
 
 
-def _answer_bad_requests_with_400() -> None:
-    """llama-cpp-python's routes answer a request that fails validation (messages not a list, a
-    missing prompt) with 500, as if the server had failed; the OpenAI API, and its clients, expect
-    400 invalid_request_error naming the field. The route class's error mapping is extended for it."""
-    from fastapi.exceptions import RequestValidationError
-    from llama_cpp.server.errors import ErrorResponse, RouteErrorHandler
-
-    if getattr(RouteErrorHandler, "_lmtune_400", False):
-        return
-    library_mapping = RouteErrorHandler.error_message_wrapper
-
-    def error_message_wrapper(self, error, body=None):
-        if isinstance(error, RequestValidationError):
-            fields = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in error.errors())
-            return 400, ErrorResponse(message=fields, type="invalid_request_error", param=None, code=None)
-        return library_mapping(self, error, body)
-
-    RouteErrorHandler.error_message_wrapper = error_message_wrapper
-    RouteErrorHandler._lmtune_400 = True
-
-
-CHECKED = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}  # route → its input
-RANGES = {  # parameter → (lowest, highest) the OpenAI API accepts
-    "temperature": (0, 2),
-    "top_p": (0, 1),
-    "presence_penalty": (-2, 2),
-    "frequency_penalty": (-2, 2),
-    "top_logprobs": (0, 20),
-}
-
-
-def _refusal(status: int, message: str, param: str | None, code: str | None = None) -> tuple[int, dict]:
-    return status, {
-        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}
-    }
-
-
-def request_error(path: str, body: bytes, served: str) -> tuple[int, dict] | None:
-    """The OpenAI API's answer (status, body) to a request it refuses, or None for a valid one.
-    Only what llama.cpp's server would otherwise take silently or answer with 500 is checked here;
-    the rest of the schema stays with the server's own validation (400 naming the field)."""
-    try:
-        request = json.loads(body or b"null")
-    except ValueError:
-        return _refusal(400, "the body is not valid JSON: send a JSON object", None)
-    if not isinstance(request, dict):
-        return _refusal(400, "the body must be a JSON object with the request's parameters", None)
-    model = request.get("model")
-    if model is not None and model != served:
-        return _refusal(
-            404,
-            f"the model '{model}' does not exist: this server serves '{served}' (GET /v1/models)",
-            "model",
-            "model_not_found",
-        )
-    field = CHECKED[path]
-    given = request.get(field)
-    if field == "messages" and (not isinstance(given, list) or not given):
-        return _refusal(400, "messages must be a non-empty list of {role, content} turns", "messages")
-    if field == "prompt" and given in ("", [], None):
-        return _refusal(400, "prompt must be a non-empty string or list of strings", "prompt")
-    lowest = 1 if field == "messages" else 0  # completions: 0 new tokens with echo scores the prompt
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = request.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < lowest):
-            return _refusal(
-                400, f"{name} must be an integer of at least {lowest}, or null; got {value!r}", name
-            )
-    for name, (low, high) in RANGES.items():
-        value = request.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-            return _refusal(400, f"{name} must be a number from {low} to {high}; got {value!r}", name)
-    if request.get("n", 1) != 1:
-        return _refusal(400, "n must be 1: this server returns one choice per request", "n")
-    return None
-
-
-class StrictRequests:
-    """ASGI middleware: reads the body of a completion request, answers it with the OpenAI API's
-    error when `request_error` refuses it, else hands the same body on. Requests without the
-    server's API key go on untouched, so they get 401 whatever their body."""
-
-    def __init__(self, app, served: str, api_key: str | None):
-        self.app, self.served, self.api_key = app, served, api_key
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in CHECKED:
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if self.api_key and headers.get(b"authorization", b"") != f"Bearer {self.api_key}".encode():
-            return await self.app(scope, receive, send)
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-        refused = request_error(scope["path"], body, self.served)
-        if refused:
-            from starlette.responses import JSONResponse
-
-            return await JSONResponse(refused[1], status_code=refused[0])(scope, receive, send)
-        delivered = False
-
-        async def replay():
-            nonlocal delivered
-            if delivered:
-                return await receive()  # what follows the body: a disconnect
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket() as probe:
         try:
@@ -211,10 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     import uvicorn
+
+    from lmtune.cli.openai_api import StrictRequests, accept_token_id_prompts, answer_bad_requests_with_400
+
+    accept_token_id_prompts()
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
-    _answer_bad_requests_with_400()
+    answer_bad_requests_with_400()
     api_key = os.environ.get("LMTUNE_API_KEY") or None  # from the environment: never on a command line
     server = ServerSettings(host=args.host, port=args.port, api_key=api_key)
     served = args.model_name or cfg.model.name
