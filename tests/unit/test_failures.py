@@ -437,3 +437,20 @@ def test_make_chat_after_a_scratch_run_says_where_its_models_are(tmp_path, monke
     record_profile(["experiment=smoke"])  # what `make run ARGS=experiment=smoke` records
     hinted = no_model("models/merged")
     assert hinted.startswith(plain) and "`dvc exp apply <name>` brings its models here" in hinted
+
+
+def test_make_run_after_dvc_exp_apply_recovers_the_overrides_of_dvcs_params_file(tmp_path, monkeypatch, capsys):
+    """`dvc exp apply` brings the params.yaml DVC composed, without lmtune's header: `make run`
+    finds the overrides that make its values and records them, instead of keeping an unknown file."""
+    from lmtune.cli.params import read_header, update
+
+    in_repo_copy(tmp_path, monkeypatch)
+    applied = ["experiment=smoke", "data=chatterbot_qa", "lora.r=4"]
+    Path("params.yaml").write_text(OmegaConf.to_yaml(compose_conf(applied, conf_dir=CONF), resolve=True))
+    cfg = update([], keep=True)
+    out = capsys.readouterr().out
+    assert "is conf/ with: experiment=smoke data=chatterbot_qa lora.r=4" in out and "keeping" not in out
+    assert read_header(Path("params.yaml")) == (applied, True) and cfg.lora.r == 4
+    Path("params.yaml").write_text(Path("params.yaml").read_text().partition("\n")[2] + "stray: 1\n")
+    with pytest.raises(ConfigError, match="stray"):  # a key conf/ lacks: not recoverable, and refused
+        update([], keep=True)

@@ -296,6 +296,60 @@ def _override_value(value) -> str:
     return json.dumps(value) if isinstance(value, list) else ("null" if value is None else str(value))
 
 
+GROUPS_NOT_IN_PARAMS = (
+    "experiment",
+    "accelerate",
+)  # a profile sets other sections; accelerate is launch-time
+
+
+def recover_overrides(path: Path = Path(PARAMS_FILE), conf_dir: Path | None = None) -> list[str] | None:
+    """The overrides that compose conf/ into the values of a params.yaml without lmtune's header
+    (DVC writes it so for `dvc exp run -S`, and `dvc exp apply` brings that here): the profile
+    and group options its values match, then key=value for the rest. None when no overrides give
+    exactly its values (a hand edit of a key conf/ does not have)."""
+    conf_dir = Path(conf_dir or Path.cwd() / "conf").resolve()
+    try:
+        disk = flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+    except Exception:  # noqa: BLE001 - not YAML: nothing to recover
+        return None
+    profiles = [
+        (name, keys)
+        for name, keys in _profile_keys(conf_dir).items()
+        if keys and sum(disk.get(k) == v for k, v in keys.items()) * 2 > len(keys)
+    ][:1]
+    overrides = [f"experiment={name}" for name, _ in profiles]
+    profile_sets = set(profiles[0][1]) if profiles else set()  # the profile's values win over a group's
+    for group in sorted(
+        d.name for d in conf_dir.iterdir() if d.is_dir() and d.name not in GROUPS_NOT_IN_PARAMS
+    ):
+        matches = [
+            option.stem
+            for option in sorted((conf_dir / group).glob("*.yaml"))
+            if (values := _group_values(conf_dir, group, option.stem))
+            and all(
+                disk.get(k, object()) == v
+                for k, v in values.items()
+                if k not in profile_sets and not (isinstance(v, str) and "${" in v)
+            )
+        ]
+        if len(matches) == 1:
+            overrides.append(f"{group}={matches[0]}")
+    try:
+        composed = flatten(compose_conf(overrides, conf_dir))
+        if set(composed) != set(disk):
+            return None
+        overrides += [f"{k}={_override_value(v)}" for k, v in disk.items() if composed[k] != v]
+        if flatten(compose_conf(overrides, conf_dir)) != disk:
+            return None
+        for choice in [o for o in overrides if "." not in o.partition("=")[0]]:  # keep only what matters
+            fewer = [o for o in overrides if o != choice]
+            if flatten(compose_conf(fewer, conf_dir)) == disk:
+                overrides = fewer
+        return overrides
+    except ConfigError:
+        return None
+
+
 def update(args: list[str], force: bool = False, keep: bool = False) -> DictConfig:
     """Compose conf/ (with `args`) into params.yaml and return it, validated. Callers hold the
     pipeline lock (lmtune.cli.lock).
@@ -304,7 +358,13 @@ def update(args: list[str], force: bool = False, keep: bool = False) -> DictConf
     edits are picked up; if params.yaml holds values from elsewhere, keep it (checked) and say so.
     """
     if keep and not args:
-        args = read_header(Path(PARAMS_FILE))[0] or []
+        recorded = read_header(Path(PARAMS_FILE))[0]
+        if recorded is None and Path(PARAMS_FILE).exists():  # after `dvc exp apply`: DVC's own file
+            if (recorded := recover_overrides()) is not None:
+                print(
+                    f"note: {PARAMS_FILE} (written by DVC) is conf/ with: {' '.join(recorded) or 'nothing'}"
+                )
+        args = recorded or []
     cfg = compose_conf(args)
     record_profile(args)
     try:
