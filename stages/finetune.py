@@ -66,10 +66,12 @@ def run(cfg) -> dict:
     )
     if not distributed.is_main():
         return result  # the main process writes the adapter and metrics
+    ran_with = result.pop("ran_with")  # keys a model family could not train with as asked
     with atomic_dir(paths.adapter) as out:
         save_adapter(model, out)
         save_tokenizer(tokenizer, out)
-        save_config(cfg, out, PARAMS)
+        save_config(cfg, out, PARAMS, ran_with)
+    tracking.record_ran_with(ran_with)
     metrics_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(result.pop("train_curve")).to_csv(metrics_dir / "train_loss.csv", index=False)
     pd.DataFrame(result.pop("val_curve")).to_csv(metrics_dir / "val_loss.csv", index=False)
@@ -81,6 +83,7 @@ def run(cfg) -> dict:
         "adapter_mb": sum(f.stat().st_size for f in Path(paths.adapter).glob("*.safetensors")) / 2**20,
         "trainable_share": trainable / total,
         "peak_memory_gib": peak_memory_gib(),
+        "ran_with": ran_with,
     }
     write_json(metrics_dir / "train.json", metrics)
     shutil.rmtree(paths.checkpoints, ignore_errors=True)  # the adapter is safe; resume state is not needed

@@ -71,10 +71,31 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def save_config(cfg: DictConfig, directory: str | Path, keys: tuple[str, ...]) -> None:
+def save_config(
+    cfg: DictConfig, directory: str | Path, keys: tuple[str, ...], ran_with: dict[str, dict] | None = None
+) -> None:
     """Every output directory carries the resolved config that made it: the params its stage reads
-    (`keys`, as dvc.yaml lists them), no more, so that equal inputs give byte-equal outputs."""
-    write_text(Path(directory) / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(select(cfg, keys))))
+    (`keys`, as dvc.yaml lists them), no more, so that equal inputs give byte-equal outputs. Where
+    the stage ran with another value than asked (`ran_with`: {key: {asked, ran, why}}), the file
+    holds the value it ran with, the asked one and why in a comment on that line."""
+    ran_with = ran_with or {}
+    ran = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v['ran']}" for k, v in ran_with.items()]))
+    text = OmegaConf.to_yaml(OmegaConf.create(select(ran, keys)))
+    write_text(Path(directory) / "config.yaml", _annotated(text, ran_with))
+
+
+def _annotated(text: str, ran_with: dict[str, dict]) -> str:
+    """YAML text with `# asked: <value>; <why>` after the line of each key in `ran_with`."""
+    lines, path = text.splitlines(), []
+    for i, line in enumerate(lines):
+        depth = (len(line) - len(line.lstrip())) // 2
+        name = line.strip().split(":", 1)[0]
+        path = [*path[:depth], name]
+        key = ".".join(path)
+        if key in ran_with:
+            asked = OmegaConf.to_yaml({"v": ran_with[key]["asked"]}).strip()[3:]
+            lines[i] = f"{line}  # asked: {asked}; {ran_with[key]['why']}"
+    return "\n".join(lines) + "\n"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -413,16 +413,16 @@ def test_a_venv_made_in_another_folder_is_found_and_make_setup_reinstalls(tmp_pa
             shutil.copy(CONF.parent / file, tmp_path / name / file)
         (tmp_path / name / ".venv/bin/pip").write_text(f"#!{tmp_path}/original/.venv/bin/python\n")
         (tmp_path / name / ".venv/.installed").touch()  # set up, and newer than what it depends on
-    ask = lambda where: subprocess.run(  # noqa: E731
-        ["bash", tmp_path / where / "install.sh", "--moved"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    assert ask("original") == "" and ask("copy") == "yes"
-    plan = lambda where: (
-        subprocess.run(  # noqa: E731
-            ["make", "-n", "setup"], cwd=tmp_path / where, capture_output=True, text=True, check=True
+
+    def run(where: str, *command: str) -> str:
+        return subprocess.run(
+            command, cwd=tmp_path / where, capture_output=True, text=True, check=True
         ).stdout
-    )
-    assert "install.sh" not in plan("original") and "./install.sh" in plan("copy")
+
+    assert run("original", "bash", "install.sh", "--moved").strip() == ""
+    assert run("copy", "bash", "install.sh", "--moved").strip() == "yes"
+    plan = {where: run(where, "make", "-n", "setup") for where in ("original", "copy")}
+    assert "install.sh" not in plan["original"] and "./install.sh" in plan["copy"]
 
 
 def test_make_chat_after_a_scratch_run_says_where_its_models_are(tmp_path, monkeypatch):
@@ -439,7 +439,9 @@ def test_make_chat_after_a_scratch_run_says_where_its_models_are(tmp_path, monke
     assert hinted.startswith(plain) and "`dvc exp apply <name>` brings its models here" in hinted
 
 
-def test_make_run_after_dvc_exp_apply_recovers_the_overrides_of_dvcs_params_file(tmp_path, monkeypatch, capsys):
+def test_make_run_after_dvc_exp_apply_recovers_the_overrides_of_dvcs_params_file(
+    tmp_path, monkeypatch, capsys
+):
     """`dvc exp apply` brings the params.yaml DVC composed, without lmtune's header: `make run`
     finds the overrides that make its values and records them, instead of keeping an unknown file."""
     from lmtune.cli.params import read_header, update

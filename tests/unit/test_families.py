@@ -212,23 +212,23 @@ def test_a_fallback_says_why_in_one_line(monkeypatch):
     gemma2 = with_lora(tiny_model("gemma2"), cfg)
     assert choose_exact_path(gemma2, OmegaConf.merge(cfg, {"train": {"attention": "varlen"}}))[1:] == (
         None,
-        [],
+        {},
     )
     exact, implementation, notes = choose_exact_path(
         gemma2, OmegaConf.merge(cfg, {"train": {"attention": "sdpa"}})
     )
     assert implementation == "eager" and not exact.train.packing  # sdpa has no soft-capping
-    assert notes == [
-        "gemma2: soft-capped attention logits (transformers' sdpa has no cap): packed rows would attend "
-        "wrongly, so this model trains on padded batches with transformers' own attention "
-        "(train.packing=false); train.attention=varlen packs it exactly"
-    ]
+    assert notes == {
+        "train.packing": "gemma2: soft-capped attention logits (transformers' sdpa has no cap): packed "
+        "rows would attend wrongly, so this model trains on padded batches with transformers' own "
+        "attention (train.packing=false); train.attention=varlen packs it exactly"
+    }
     padded = OmegaConf.merge(cfg, {"train": {"packing": False}})  # the user's own choice
-    assert choose_exact_path(gemma2, padded)[1:] == ("eager", [])
+    assert choose_exact_path(gemma2, padded)[1:] == ("eager", {})
     notes = choose_exact_path(with_lora(tiny_model("qwen3_5"), cfg), cfg)[2]
     assert (
-        notes[0].startswith("qwen3_5_text: linear_attention layers: packed rows")
-        and "varlen packs" not in notes[0]
+        notes["train.packing"].startswith("qwen3_5_text: linear_attention layers: packed rows")
+        and "varlen packs" not in notes["train.packing"]
     )
 
     # a head that does more than the chunked loss knows is caught by comparing logits, not assumed
@@ -237,10 +237,12 @@ def test_a_fallback_says_why_in_one_line(monkeypatch):
     monkeypatch.setattr(exact_path, "head_transform", lambda config: (1.0, None))  # Granite's scaling unknown
     exact, _, notes = choose_exact_path(with_lora(tiny_model("granite"), cfg), cfg)
     assert not exact.train.chunked_loss and exact.train.packing
-    assert notes[0].startswith(
+    (note,) = notes.values()
+    assert list(notes) == ["train.chunked_loss"]
+    assert note.startswith(
         "granite: the output head computes logits the chunked loss does not (they differ by"
     )
-    assert notes[0].endswith("so this model's loss is transformers' own (train.chunked_loss=false)")
+    assert note.endswith("so this model's loss is transformers' own (train.chunked_loss=false)")
 
 
 def saved(tmp_path, family: str, **own):
@@ -331,3 +333,41 @@ def test_lora_on_a_multimodal_checkpoint_adapts_its_language_model_only():
         if n.endswith("lora_A")
     }
     assert any(".vision_tower." in n for n in named)
+
+
+def test_a_family_that_falls_back_records_what_it_ran_with_everywhere(tmp_path, monkeypatch):
+    """qwen3_5 cannot pack (linear-attention layers): the adapter's config.yaml, train.json's
+    `ran_with` and the MLflow run say packing was off, and what was asked, and why."""
+    from lmtune.artifacts import save_config
+    from lmtune.track import runs as tracking
+    from lmtune.train.loop import train
+
+    monkeypatch.chdir(tmp_path)
+    cfg = OmegaConf.merge(
+        family_cfg("sdpa"),
+        {
+            "train": {
+                "max_steps": 2,
+                "warmup_steps": 1,
+                "eval_every": 2,
+                "checkpoint_every": 2,
+                "batch_size": 2,
+            }
+        },
+        {"tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}},
+    )
+    assert cfg.train.packing
+    model = with_lora(tiny_model("qwen3_5"), cfg)  # B not zero: every LoRA matrix moves at once
+    with tracking.stage_run(cfg, "finetune") as run:
+        result = train(model, passages() * 4, passages(), cfg, tmp_path / "ckpt", pad_id=0)
+        ran_with = result["ran_with"]
+        tracking.record_ran_with(ran_with)
+    (entry,) = ran_with.values()
+    assert list(ran_with) == ["train.packing"] and (entry["asked"], entry["ran"]) == (True, False)
+    assert entry["why"].startswith("qwen3_5_text: linear_attention layers")
+    save_config(cfg, tmp_path, ("train",), ran_with)
+    line = next(x for x in (tmp_path / "config.yaml").read_text().splitlines() if "packing:" in x)
+    assert line.startswith("  packing: false  # asked: true; qwen3_5_text: linear_attention layers")
+    assert OmegaConf.load(tmp_path / "config.yaml").train.packing is False  # the comment is only a comment
+    tag = tracking.client(cfg.tracking.uri).get_run(run.run_id).data.tags["ran.train.packing"]
+    assert tag.startswith("false (asked: true; qwen3_5_text: linear_attention layers")

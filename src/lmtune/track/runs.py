@@ -408,6 +408,17 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[StageRun]:
     run.finish("FINISHED")
 
 
+def record_ran_with(ran_with: dict[str, dict]) -> None:
+    """Keys the stage ran with other values than its params say (a model family's fallback), as
+    tags of the active run beside those params: `ran.train.packing: false (asked: true; why)`."""
+    if _active is not None:
+        for key, entry in ran_with.items():
+            value = f"{json.dumps(entry['ran'])} (asked: {json.dumps(entry['asked'])}; {entry['why']})"
+            _active._try(
+                f"tagging {key}", lambda k=key, v=value: _active.client.set_tag(_active.run_id, f"ran.{k}", v)
+            )
+
+
 def step_logger() -> Callable[[int, dict], None]:
     """on_step callback for training: each step's numbers into the active stage's run (a no-op
     when the stage runs without one, as in tests that call a stage's `run` directly)."""

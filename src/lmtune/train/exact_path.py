@@ -40,16 +40,17 @@ def packing_problems(config, has_sinks: bool, attention: str) -> list[str]:
     return problems
 
 
-def choose_exact_path(model, cfg: DictConfig) -> tuple[DictConfig, str | None, list[str]]:
-    """(the config training runs with, an attention implementation to set or None, notes to print).
-    The config is cfg itself when every configured kernel is exact for this model."""
+def choose_exact_path(model, cfg: DictConfig) -> tuple[DictConfig, str | None, dict[str, str]]:
+    """(the config training runs with, an attention implementation to set or None, why each key
+    it changed was changed: {"train.packing": "..."}). The config is cfg itself when every
+    configured kernel is exact for this model."""
     config, text = model.config, text_config(model.config)
     has_sinks = any(name.endswith("sinks") for name, _ in model.named_parameters())
-    tc, notes, changes = cfg.train, [], {}
+    tc, notes, changes = cfg.train, {}, {}
     if tc.packing and (problems := packing_problems(config, has_sinks, tc.attention)):
         changes["packing"] = False
         varlen_packs = not packing_problems(config, has_sinks, "varlen")
-        notes.append(
+        notes["train.packing"] = (
             f"{config.model_type}: {'; '.join(problems)}: packed rows would attend wrongly, so this "
             "model trains on padded batches with transformers' own attention (train.packing=false)"
             + ("; train.attention=varlen packs it exactly" if varlen_packs else "")
@@ -62,7 +63,7 @@ def choose_exact_path(model, cfg: DictConfig) -> tuple[DictConfig, str | None, l
     head = plain_head(model.get_output_embeddings())
     if tc.chunked_loss and head and (gap := head_mismatch(model, *head_transform(config))) > 0.05:
         changes["chunked_loss"] = False
-        notes.append(
+        notes["train.chunked_loss"] = (
             f"{config.model_type}: the output head computes logits the chunked loss does not (they "
             f"differ by {gap:.0%} of the largest), so this model's loss is transformers' own "
             "(train.chunked_loss=false)"
@@ -71,3 +72,12 @@ def choose_exact_path(model, cfg: DictConfig) -> tuple[DictConfig, str | None, l
         return cfg, attention, notes
     exact = OmegaConf.merge(cfg, {"train": changes})
     return exact, attention, notes
+
+
+def ran_with(asked: DictConfig, ran: DictConfig, why: dict[str, str]) -> dict[str, dict]:
+    """Each key training ran with another value than asked: {key: {asked, ran, why}}, for the
+    adapter's config.yaml, train.json and the MLflow run to say what ran."""
+    return {
+        key: {"asked": OmegaConf.select(asked, key), "ran": OmegaConf.select(ran, key), "why": reason}
+        for key, reason in why.items()
+    }

@@ -18,7 +18,7 @@ from lmtune.model.hardware import device, resolve_dtype
 from lmtune.model.lora import lora_state
 from lmtune.train import TrainingError, distributed
 from lmtune.train.checkpoints import fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint
-from lmtune.train.exact_path import choose_exact_path
+from lmtune.train.exact_path import choose_exact_path, ran_with
 from lmtune.train.kernels import packed_segments
 from lmtune.train.recompute import choose_recompute, recompute_name
 from lmtune.train.step import batch_maker, micro_batch_loss, prepare_model, to_device
@@ -98,8 +98,9 @@ def train(
     """Train the LoRA parameters of `model`; return metrics and the loss curves."""
     from transformers import get_cosine_schedule_with_warmup
 
+    asked = cfg
     cfg, attention, notes = choose_exact_path(model, cfg)  # a family the fast kernels would get wrong
-    for note in notes if distributed.is_main() else []:
+    for note in notes.values() if distributed.is_main() else []:
         print(f"note: {note}", flush=True)
     if attention:
         model.get_base_model().set_attn_implementation(attention)
@@ -245,6 +246,7 @@ def train(
         **recompute,
         "lora_matrices": len(final),
         "lora_matrices_unchanged": len(unchanged),
+        "ran_with": ran_with(asked, cfg, notes),
         "train_curve": state["train_curve"],
         "val_curve": state["val_curve"],
         "step_times": state["step_times"],
