@@ -148,7 +148,8 @@ class Lora:
 
 @dataclass
 class Train:
-    max_steps: int = positive()
+    max_steps: int | None = within(1, nullable=True)  # exactly one of max_steps and epochs is set
+    epochs: float | None = within(0, low_in=False, nullable=True)
     batch_size: int = positive()
     grad_accum: int = positive()
     lr: float = within(0, 1, low_in=False, high_in=True)  # AdamW above 1 diverges at the first step
@@ -355,6 +356,11 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
     if cfg.data.source == "files" and not cfg.data.files:
         problems.append(
             "data.files: list your files or globs (data/own/*.jsonl; .jsonl .json .csv .parquet .txt)"
+        )
+    if (cfg.train.max_steps is None) == (cfg.train.epochs is None):
+        problems.append(
+            f"train.max_steps={cfg.train.max_steps}, train.epochs={cfg.train.epochs}: set exactly one "
+            "(train.epochs=2 train.max_steps=null trains two passes over the train split)"
         )
     if cfg.train.distributed == "none" and cfg.train.num_processes != 1:
         problems.append(f"train.num_processes={cfg.train.num_processes}: needs train.distributed=ddp or fsdp")

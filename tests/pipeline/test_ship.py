@@ -266,7 +266,7 @@ def test_make_serve_answers_the_openai_client_as_llama_cpp_does_in_process(shipp
     assert len(answers) == 8 and all(a.strip() for a in answers)
     with pytest.raises(openai.BadRequestError) as malformed:  # 400, naming the field, as OpenAI answers
         client.chat.completions.create(model="smollm2_135m", messages="not a list of turns")
-    assert "messages: Input should be a valid list" in str(malformed.value)
+    assert "messages must be a non-empty list" in str(malformed.value)
     assert client.chat.completions.create(model="smollm2_135m", messages=question, max_tokens=4).choices
     with pytest.raises(openai.NotFoundError, match="this server serves 'smollm2_135m'"):  # a typo is noticed
         client.chat.completions.create(model="smollm2-135m", messages=question)

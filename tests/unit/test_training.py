@@ -286,3 +286,22 @@ def test_the_result_reports_warm_up_and_steady_rates_apart(tiny_base, tiny_seqs,
     expected = sum(t["tokens"] for t in steady) / sum(t["seconds"] for t in steady)
     assert result["steady_tokens_per_second"] == pytest.approx(expected)
     assert sum(t["tokens"] for t in times) == result["train_tokens"]
+
+
+def test_epochs_train_the_steps_they_mean_and_say_so(tiny_base, tiny_seqs, tmp_path, smoke_cfg, capsys):
+    """train.epochs instead of train.max_steps: two passes over 20 passages, 4 a step, are 10
+    steps; the run says so, and records them as what max_steps ran with."""
+    from lmtune.config import ConfigError, validate
+
+    seqs, tokenizer = tiny_seqs
+    cfg = make_cfg(smoke_cfg, quant={"bits": 16}, train={"max_steps": None, "epochs": 2, "batch_size": 4})
+    result = train(
+        lora_model(tiny_base, cfg), seqs[:20], seqs[:8], cfg, tmp_path / "ckpt", tokenizer.pad_token_id
+    )
+    assert result["steps"] == 10 and len(result["train_curve"]) == 10
+    assert result["ran_with"]["train.max_steps"]["ran"] == 10
+    assert result["ran_with"]["train.max_steps"]["asked"] is None
+    assert "train.epochs=2 over 20 training passages, 4 a step: 10 steps" in capsys.readouterr().out
+    for both_or_neither in ({"epochs": 2}, {"max_steps": None}):
+        with pytest.raises(ConfigError, match="set exactly one"):
+            validate(OmegaConf.merge(smoke_cfg, {"train": both_or_neither}))

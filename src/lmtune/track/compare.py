@@ -28,7 +28,7 @@ COLUMNS = {  # column → (source, key); "metric_sum" adds up every metric whose
     "data": ("param", "data.name"),
     "r": ("param", "lora.r"),
     "bits": ("param", "quant.bits"),
-    "steps": ("param", "train.max_steps"),
+    "steps": ("metric", "train.steps"),  # what ran: max_steps, or what train.epochs meant
     "perplexity": ("metric", "eval.merged.perplexity"),
     "base perplexity": ("metric", "eval.base.perplexity"),
     "token acc": ("metric", "eval.merged.token_accuracy"),

@@ -10,7 +10,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from lmtune.data.batching import collate
@@ -86,6 +86,18 @@ def steady_rate(step_times: list[dict], warmup: int) -> dict:
     }
 
 
+def steps_for_epochs(cfg: DictConfig, passages: int, processes: int) -> tuple[DictConfig, dict[str, str]]:
+    """train.epochs → the optimizer steps it means on this train split and process count (each
+    step takes batch_size x grad_accum passages per process); cfg as it is under max_steps."""
+    tc = cfg.train
+    if tc.epochs is None:
+        return cfg, {}
+    per_step = tc.batch_size * tc.grad_accum * processes
+    steps = max(1, math.ceil(tc.epochs * passages / per_step))
+    why = f"train.epochs={tc.epochs:g} over {passages} training passages, {per_step} a step: {steps} steps"
+    return OmegaConf.merge(cfg, {"train": {"max_steps": steps}}), {"train.max_steps": why}
+
+
 def train(
     model,
     train_seqs: list[list[int]],
@@ -108,6 +120,11 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     accelerator = distributed.accelerator()  # one process, or several under DDP/FSDP: one path
     processes, rank = accelerator.num_processes, accelerator.process_index
+    cfg, steps_why = steps_for_epochs(cfg, len(train_seqs), processes)
+    notes |= steps_why
+    for note in steps_why.values() if distributed.is_main() else []:
+        print(f"note: {note}", flush=True)
+    tc = cfg.train
     # fused AdamW: one kernel for all LoRA tensors on a card (not under DDP/FSDP's wrappers)
     fused = device().type == "cuda" and processes == 1
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused or None)
