@@ -224,7 +224,7 @@ def test_each_option_list_of_the_code_is_the_schemas():
     "override, says",
     [
         ("lora.rank=8", "lora.rank: conf/ has no such key (did you mean lora.r?)"),
-        ("train.epochs=3", "train.epochs: conf/ has no such key; see conf/config.yaml"),
+        ("train.momentum=0.9", "train.momentum: conf/ has no such key; see conf/config.yaml"),
         ("data.files=x.jsonl", "data.files is a list; write data.files=[x.jsonl]"),
     ],
 )

@@ -106,10 +106,10 @@ def test_garbage_in_params_yaml_is_refused_by_make_run(tmp_path, monkeypatch, ca
 def test_an_unknown_key_typed_into_params_yaml_is_refused_before_any_stage(tmp_path, monkeypatch, capsys):
     in_repo_copy(tmp_path, monkeypatch)
     Path("params.yaml").write_text(
-        Path("params.yaml").read_text().replace("\ntrain:\n", "\ntrain:\n  epochs: 3\n")
+        Path("params.yaml").read_text().replace("\ntrain:\n", "\ntrain:\n  num_epochs: 3\n")
     )
     assert main(["--keep"]) == 2
-    assert "train.epochs" in capsys.readouterr().err
+    assert "train.num_epochs" in capsys.readouterr().err
 
 
 def test_params_are_not_rewritten_while_a_pipeline_runs(tmp_path, monkeypatch, capsys):

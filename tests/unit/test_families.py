@@ -371,3 +371,41 @@ def test_a_family_that_falls_back_records_what_it_ran_with_everywhere(tmp_path, 
     assert OmegaConf.load(tmp_path / "config.yaml").train.packing is False  # the comment is only a comment
     tag = tracking.client(cfg.tracking.uri).get_run(run.run_id).data.tags["ran.train.packing"]
     assert tag.startswith("false (asked: true; qwen3_5_text: linear_attention layers")
+
+
+# each model config's recipe (conf/experiment/<model>_qlora.yaml) → the family of its architecture
+RECIPES = {
+    "llama2_7b": "llama",
+    "llama3_8b": "llama",
+    "mistral_7b": "mistral",
+    "qwen3_8b": "qwen3",
+    "gemma3_1b": "gemma3_text",
+    "phi4_mini": "phi3",
+}
+
+
+def test_every_model_config_has_a_recipe():
+    demo = {"smollm2_135m", "tiny_random"}  # the CPU default and the tests' model
+    assert {p.stem for p in (ROOT / "conf/model").glob("*.yaml")} - demo == set(RECIPES)
+    assert {p.stem for p in (ROOT / "conf/experiment").glob("*_qlora.yaml")} == {
+        f"{m}_qlora" for m in RECIPES
+    }
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_a_recipe_composes_offline_and_trains_two_steps_on_its_architecture_shrunk(recipe, tmp_path):
+    """The recipe as the user launches it, on the model's own config class at a tiny width and
+    depth (random weights): a typo or a combination lmtune cannot train fails here, not on a card."""
+    from lmtune.model.load import load_for_training
+    from lmtune.train.loop import train
+
+    cfg = compose_conf([f"experiment={recipe}_qlora"], conf_dir=ROOT / "conf")
+    assert (cfg.model.name, cfg.quant.bits, cfg.lora.r, cfg.train.epochs) == (recipe, 4, 64, 1)
+    short = {"max_steps": 2, "epochs": None, "batch_size": 2, "eval_every": 2, "checkpoint_every": 2}
+    cfg = OmegaConf.merge(cfg, {"train": short, "data": {"max_length": 40}})
+    folder = saved(tmp_path, RECIPES[recipe], hidden_size=128)  # 4-bit blocks need a width of 64s
+    base = load_for_training(folder, cfg.quant, cfg.train.gradient_checkpointing)
+    model = with_lora(base, cfg)
+    result = train(model, passages() * 2, passages(), cfg, tmp_path / "ckpt", pad_id=0)
+    assert result["steps"] == 2 and result["lora_matrices_unchanged"] == 0
+    assert all(torch.isfinite(torch.tensor(p["loss"])) for p in result["train_curve"])

@@ -96,7 +96,9 @@ def check_group_choices(cfg: DictConfig, overrides: list[str], conf_dir: Path) -
         for key, value in values.items():
             if composed.get(key, value) == value:
                 continue
-            others = [o for o, v in chosen.items() if o != override and v.get(key) == composed.get(key)]
+            others = [
+                o for o, v in chosen.items() if o != override and key in v and v[key] == composed.get(key)
+            ]
             if others:
                 raise ConfigError(
                     f"{override} and {others[0]} both set {key} ({value!r} and {composed[key]!r}); "
@@ -245,13 +247,31 @@ def no_model(folder: str | Path, root: Path = Path(".")) -> str:
 
 
 def _profile_keys(conf_dir: Path) -> dict[str, dict]:
-    """Each profile in conf/experiment → the keys it sets and their values."""
-    profiles = {}
-    for path in sorted((conf_dir / "experiment").glob("*.yaml")):
-        values = OmegaConf.to_container(OmegaConf.load(path))
-        values.pop("defaults", None)
-        profiles[path.stem] = flatten(values)
-    return profiles
+    """Each profile in conf/experiment → the keys it sets and their values: its own, those of the
+    profiles it includes, and the name of the model it switches to."""
+
+    def keys(name: str) -> dict:
+        values = OmegaConf.to_container(OmegaConf.load(conf_dir / "experiment" / f"{name}.yaml"))
+        flat = {}
+        for entry in values.pop("defaults", None) or []:
+            if isinstance(entry, str) and entry != "_self_":
+                flat |= keys(entry)  # another profile it builds on
+            elif isinstance(entry, dict) and (model := entry.get("override /model")):
+                flat["model.name"] = OmegaConf.load(conf_dir / "model" / f"{model}.yaml").name
+        return flat | flatten(values)
+
+    return {path.stem: keys(path.stem) for path in sorted((conf_dir / "experiment").glob("*.yaml"))}
+
+
+def _chosen_profile(flat: dict, conf_dir: Path) -> tuple[str, dict] | None:
+    """The profile whose keys a config holds: most of them, and the largest share of any profile
+    (then the most keys: a profile that builds on another is the more specific one)."""
+    held = []
+    for name, keys in _profile_keys(conf_dir).items():
+        count = sum(flat.get(k) == v for k, v in keys.items())
+        if keys and count * 2 > len(keys):
+            held.append((count / len(keys), count, name, keys))
+    return max(held, key=lambda h: h[:2])[2:] if held else None
 
 
 def check_profile_kept(
@@ -275,9 +295,8 @@ def check_profile_kept(
     if not last or not (conf_dir / "experiment" / f"{last}.yaml").exists():
         return
     flat = flatten(cfg)
-    for keys in _profile_keys(conf_dir).values():
-        if keys and sum(flat.get(k) == v for k, v in keys.items()) * 2 > len(keys):
-            return  # a profile was chosen (-S experiment=...)
+    if _chosen_profile(flat, conf_dir):
+        return  # a profile was chosen (-S experiment=...)
     default = flatten(compose_conf([], conf_dir))
     given = [
         f"-S {k}={_override_value(v)}"
@@ -312,13 +331,9 @@ def recover_overrides(path: Path = Path(PARAMS_FILE), conf_dir: Path | None = No
         disk = flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
     except Exception:  # noqa: BLE001 - not YAML: nothing to recover
         return None
-    profiles = [
-        (name, keys)
-        for name, keys in _profile_keys(conf_dir).items()
-        if keys and sum(disk.get(k) == v for k, v in keys.items()) * 2 > len(keys)
-    ][:1]
-    overrides = [f"experiment={name}" for name, _ in profiles]
-    profile_sets = set(profiles[0][1]) if profiles else set()  # the profile's values win over a group's
+    profile = _chosen_profile(disk, conf_dir)
+    overrides = [f"experiment={profile[0]}"] if profile else []
+    profile_sets = set(profile[1]) if profile else set()  # the profile's values win over a group's
     for group in sorted(
         d.name for d in conf_dir.iterdir() if d.is_dir() and d.name not in GROUPS_NOT_IN_PARAMS
     ):
