@@ -25,6 +25,7 @@ EXPECTED_FILES = {
         "generation_config.json",
         "config.yaml",
         "source.json",
+        "provenance.json",
         *TOKENIZER,
     },
     "models/adapter": {
@@ -32,6 +33,7 @@ EXPECTED_FILES = {
         "adapter_config.json",
         "config.yaml",
         "README.md",
+        "provenance.json",
         *TOKENIZER,
     },  # no run id: see lmtune.track.runs
     "models/merged": {
@@ -39,6 +41,7 @@ EXPECTED_FILES = {
         "config.json",
         "generation_config.json",
         "config.yaml",
+        "provenance.json",
         *TOKENIZER,
     },
     "models/quantized": {
@@ -46,9 +49,10 @@ EXPECTED_FILES = {
         "config.json",
         "generation_config.json",
         "config.yaml",
+        "provenance.json",
         *TOKENIZER,
     },
-    "data/processed": {"train.parquet", "validation.parquet", "test.parquet"},
+    "data/processed": {"train.parquet", "validation.parquet", "test.parquet", "provenance.json"},
 }
 
 
@@ -95,6 +99,34 @@ def test_every_stage_ran_and_wrote_exactly_its_outputs(repo):
     ):
         assert (dest / "metrics" / name).stat().st_size > 0, name
     assert not (dest / "models/checkpoints").exists()  # cleaned once the adapter is safe
+
+
+def test_every_output_says_what_made_it_without_changing_what_dvc_hashes(repo):
+    """provenance.json in each output folder and metrics/made_by/<stage>.json: the stage's config,
+    library versions, the commit and whether the tree was dirty, the machine. DVC ignores the file
+    (.dvcignore): rewriting it changes no output's hash and reruns nothing."""
+    import torch
+
+    dest, _ = repo
+    # the template ran its stages on the copy's first commit with params.yaml recomposed, not yet
+    # committed: a dirty tree
+    ran_at = sh("git", "rev-parse", "HEAD~1", cwd=dest).stdout.strip()
+    for folder, stage in (
+        ("models/base", "base"),
+        ("data/processed", "prepare"),
+        ("models/adapter", "finetune"),
+        ("models/merged", "merge"),
+        ("models/quantized", "quantize"),
+    ):
+        made = json.loads((dest / folder / "provenance.json").read_text())
+        assert made == json.loads((dest / "metrics/made_by" / f"{stage}.json").read_text())
+        assert made["stage"] == stage and made["git"] == {"commit": ran_at, "dirty": True}
+        assert made["versions"]["torch"] == torch.__version__ and made["host"]["cores"] >= 1
+    assert json.loads((dest / "models/adapter/provenance.json").read_text())["config"]["lora"]["r"] == 16
+    for stage in ("eval", "sample"):
+        assert (dest / "metrics/made_by" / f"{stage}.json").is_file()
+    (dest / "models/merged/provenance.json").write_text("{}")  # edited by hand: DVC does not care
+    assert "up to date" in sh("dvc", "status", cwd=dest).stdout
 
 
 def test_every_metric_is_finite_and_training_changed_the_model(repo):
@@ -172,7 +204,11 @@ def test_one_mlflow_run_holds_params_metrics_and_artifacts(repo):
     reports = {a.path.removeprefix("metrics/") for a in client.list_artifacts(run_id, "metrics")}
     assert {"samples.md", "eval.md", "train.json", "eval.json", "train_loss.csv"} <= reports
     ran_at = sh("git", "rev-parse", "HEAD~1", cwd=dest).stdout.strip()  # the fixture committed after the run
-    assert run.data.tags["git_commit"] == ran_at
+    assert run.data.tags["git_commit"] == ran_at and run.data.tags["git_dirty"] == "true"
+    import torch
+
+    assert run.data.tags["version.torch"] == torch.__version__
+    assert json.loads(run.data.tags["host"])["cores"] >= 1
     logged = json.dumps([run.data.params, run.data.tags])
     assert SECRET not in logged and SECRET not in (dest / "params.yaml").read_text()
 

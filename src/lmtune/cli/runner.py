@@ -19,7 +19,8 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from lmtune import LmtuneError
+from lmtune import LmtuneError, provenance
+from lmtune.artifacts import write_json
 from lmtune.cli.params import check_profile_kept
 from lmtune.config import PARAMS_FILE, ConfigError, load, validate
 from lmtune.track import runs as tracking
@@ -80,6 +81,25 @@ def changed_under(stage: str, before: dict) -> str | None:
     )
 
 
+def stage_folders(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
+    """The `paths` keys of the folders a stage writes (its `${paths.X}` outs in dvc.yaml)."""
+    try:
+        outs = yaml.safe_load(dvc_yaml.read_text())["stages"][stage].get("outs", [])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return []
+    return [m[1] for o in outs if isinstance(o, str) and (m := re.fullmatch(r"\$\{paths\.(\w+)\}", o))]
+
+
+def record_made_by(cfg: DictConfig, stage: str, metrics: dict) -> None:
+    """What made this stage's outputs (lmtune.provenance), inside each folder it wrote and in
+    metrics/made_by/<stage>.json."""
+    record = provenance.made_by(cfg, stage, stage_params(stage), (metrics or {}).get("ran_with"))
+    for key in stage_folders(stage):
+        if Path(cfg.paths[key]).is_dir():
+            write_json(Path(cfg.paths[key]) / provenance.FILE, record)
+    write_json(Path(cfg.paths.metrics) / provenance.MADE_BY / f"{stage}.json", record)
+
+
 def check_writable(cfg: DictConfig, inputs: set[str] = frozenset()) -> None:
     """Every folder the stage may write (or the nearest existing parent) must be writable before
     work starts; its inputs are only read, and a problem with them is not named as theirs."""
@@ -129,6 +149,8 @@ def run_stage(run: Stage, argv: list[str] | None = None, multirun_outputs: tuple
             metrics = run(cfg)
             if changed := changed_under(stage_name(run), started_with):
                 raise ConfigError(changed)  # inside the MLflow run: it is marked failed
+            if distributed.is_main() and not distributed.in_worker():
+                record_made_by(cfg, stage_name(run), metrics)
     except LmtuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lmtune import LmtuneError
+from lmtune import LmtuneError, provenance
 from lmtune.config import flatten
 from lmtune.track import lineage
 
@@ -67,16 +67,6 @@ def repo_root() -> Path:
         return Path(out.stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         return Path.cwd()
-
-
-def git_commit(cwd: Path | str = ".") -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def default_uri() -> str:
@@ -317,11 +307,15 @@ def open_run(cfg: DictConfig, stage: str) -> StageRun:
 
     uri = check_reachable(cfg)
     digest = params_hash(cfg)
+    state, machine = provenance.git_state(), provenance.host()
     tags = {
         PARAMS_HASH_TAG: digest,
-        "git_commit": git_commit() or "unknown",
+        "git_commit": state["commit"] or "unknown",
+        "git_dirty": str(state["dirty"]).lower(),  # uncommitted changes to tracked files when it ran
         "model": cfg.model.name,
         "data": cfg.data.name,
+        "host": json.dumps(machine),
+        **{f"version.{name}": version for name, version in provenance.versions().items() if version},
     }
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
