@@ -117,3 +117,23 @@ def test_the_base_never_depends_on_the_data_params():
 
 def test_every_subpackage_is_named_in_the_layout():
     assert SUBPACKAGES == ["base", "cli", "data", "evaluate", "export", "model", "track", "train"]
+
+
+def test_the_committed_dvc_lock_is_that_of_the_committed_code():
+    """Each stage's recorded dependencies in dvc.lock (its code, params and data) equal the files
+    here, so the committed dvc.lock and metrics/ say which code made them. Needs no DVC cache (the
+    outputs may be absent: a fresh clone). After an edit to what a stage depends on, rerun the
+    pipeline (`make run`) and commit its dvc.lock and metrics/ with the edit."""
+    import json
+    import subprocess
+    import sys
+
+    dvc = Path(sys.executable).parent / "dvc"
+    result = subprocess.run([dvc, "status", "--json"], cwd=ROOT, capture_output=True, text=True, check=True)
+    stale = {
+        stage: changed
+        for stage, entries in json.loads(result.stdout or "{}").items()
+        for entry in entries
+        if isinstance(entry, dict) and (changed := entry.get("changed deps"))
+    }
+    assert not stale, f"dvc.lock was written by other code or params than these: {stale}"
