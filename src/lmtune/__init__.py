@@ -30,3 +30,9 @@ class LmtuneError(Exception):
     """A problem the user can fix (config, data, model, store): the stage runner prints its message,
     which names the key, file or line and what to do, instead of a traceback. Each module raises
     its own subclass, so the runner catches them all without importing every module."""
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is off (HF_HUB_OFFLINE, default 1 above): the one reading of
+    it, for models, data and benchmarks alike; `0`, `false` or empty turn the hub on."""
+    return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() not in ("0", "false", "")

@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from lmtune import hub_offline
+
 # A GGUF's width is read from its header by gguf's reader, which also maps every tensor (seconds on
 # a 100 MB file): done only for ranks above this, which no released model is too narrow for.
 GGUF_CHECKED_ABOVE = 256
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "False", "")
 
 
 def gguf_path(package: str, filename: str) -> Path | None:

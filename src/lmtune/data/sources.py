@@ -19,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from lmtune import hub_offline
 from lmtune.data import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -222,7 +223,7 @@ def _load_file(path: Path):
 def _hub(cfg: DictConfig):
     from datasets import load_dataset
 
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", "False", ""):
+    if hub_offline():
         raise DataError(
             f"data.hub_id={cfg.hub_id}: HF_HUB_OFFLINE=1, so the hub is not asked. With network and "
             "access, run with HF_HUB_OFFLINE=0; offline, save the data set as files and use data=files."

@@ -12,7 +12,6 @@ lm-eval's model interface over the same llama.cpp context the eval stage scores 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from lm_eval.api.model import LM
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from lmtune import hub_offline
 from lmtune.data.sequences import Sequence
 from lmtune.evaluate.scores import EvaluationError, likelihood_per_passage, separate_head
 
@@ -61,7 +61,7 @@ def check_tasks(cfg: DictConfig, manager=None) -> None:
                 + (f" (did you mean {', '.join(close)}?)" if close else "")
                 + f"; lmtune's own: {', '.join(SHIPPED)}; yours: a YAML in eval.task_dir"
             )
-        if os.environ.get("HF_HUB_OFFLINE", "1") == "1" and _needs_hub(manager, name):
+        if hub_offline() and _needs_hub(manager, name):
             raise EvaluationError(
                 f"eval.benchmarks: task '{name}' reads its dataset from the Hugging Face hub, and "
                 "HF_HUB_OFFLINE=1. With network run with HF_HUB_OFFLINE=0; offline, use lmtune's own "
