@@ -11,11 +11,13 @@ model: exactly the tokens the client sent.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
 
 import torch
+from starlette.responses import JSONResponse
 
 
 def accept_token_id_prompts() -> None:
@@ -186,15 +188,11 @@ class StrictRequests:
             more = message.get("more_body", False)
         refused = request_error(scope["path"], body, self.served)
         if refused:
-            from starlette.responses import JSONResponse
-
             return await JSONResponse(refused[1], status_code=refused[0])(scope, receive, send)
         if scope["path"] == "/v1/completions":
             body = one_prompt_of_ids(body)
             request = json.loads(body)
             if request.get("echo") and _token_ids((request["prompt"] or [None])[0]):
-                from starlette.responses import JSONResponse
-
                 answer = await self._score(request)
                 return await JSONResponse(answer, status_code=200 if "choices" in answer else 400)(
                     scope, receive, send
@@ -235,7 +233,7 @@ def echo_logprobs(llama, ids: list[int], max_tokens: int, top: int | None) -> di
         best = row.topk(max(top or 1, 1))
         tops.append({_piece(llama, int(t)): float(v) for v, t in zip(best.values, best.indices, strict=True)})
     pieces = [_piece(llama, t) for t in tokens]
-    offsets = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
+    offsets = list(itertools.accumulate(map(len, pieces), initial=0))[:-1]  # where each piece starts
     return {
         "text": "".join(pieces),
         "index": 0,
