@@ -61,61 +61,89 @@ def run(cfg) -> dict:
             "no test example to generate from: every test passage is shorter than eval.prompt_tokens="
             f"{e.prompt_tokens}; lower it, or add data"
         )
-    chat = cfg.data.format == "chat"
     manager = lm_eval_tasks.task_manager(cfg) if e.benchmarks else None
     lm_eval_tasks.check_tasks(cfg, manager)  # before any model loads
     functions, examples, speed, benchmarks = {}, {}, {}, {}
-    n_ctx = max(max(map(len, seqs)), max(map(len, prompts)) + e.reference_tokens)  # for llama.cpp
-    # a benchmark's documents may be longer than the test split's passages
-    if e.benchmarks and "quantized" in e.benchmark_models:
-        n_ctx = max(n_ctx, 2048)
-    for name, (role, load) in model_loaders(cfg, dtype, n_ctx).items():
-        benchmarked = bool(e.benchmarks) and role in e.benchmark_models
-        began = time.perf_counter()
-        model = load()
-        speed[name] = {"load_seconds": time.perf_counter() - began}
-        if isinstance(model, GGUFModel):  # scored in llama.cpp, where a GGUF's users run it
-            speed[name]["runtime"] = "llama.cpp"
-            likelihood = model.likelihood_per_passage(seqs, desc=name)
-            if benchmarked:  # while the llama.cpp context is open
-                began = time.perf_counter()
-                benchmarks[name] = lm_eval_tasks.run_benchmarks(model, tokenizer, cfg, manager)
-                speed[name]["benchmark_seconds"] = time.perf_counter() - began
-            began = time.perf_counter()
-            continuations = model.greedy_continuations(
-                prompts, e.reference_tokens, tokenizer.eos_token_id, name
-            )
-            model.close()
-        else:
-            speed[name]["runtime"] = "transformers"
-            likelihood = likelihood_per_passage(model, seqs, e.batch_size, tokenizer.pad_token_id, desc=name)
-            began = time.perf_counter()
-            continuations = greedy_continuations(
-                model,
-                prompts,
-                e.reference_tokens,
-                tokenizer.pad_token_id,
-                tokenizer.eos_token_id,
-                e.batch_size,
-                desc=name,
-            )
-        speed[name]["generated_tokens_per_second"] = sum(map(len, continuations)) / (
-            time.perf_counter() - began
+    for name, (role, load) in model_loaders(cfg, dtype, context_length(cfg, seqs, prompts)).items():
+        benchmark_with = manager if e.benchmarks and role in e.benchmark_models else None
+        likelihood, continuations, speed[name], results = score(
+            name, load, seqs, prompts, tokenizer, cfg, benchmark_with
         )
-        if benchmarked and name not in benchmarks:
-            began = time.perf_counter()
-            benchmarks[name] = lm_eval_tasks.run_benchmarks(model, tokenizer, cfg, manager)
-            speed[name]["benchmark_seconds"] = time.perf_counter() - began
+        if results is not None:
+            benchmarks[name] = results
         predictions = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
-        generation = generation_per_example(predictions, references, chat, e.metrics_source)
+        generation = generation_per_example(
+            predictions, references, cfg.data.format == "chat", e.metrics_source
+        )
         functions[name] = metric_functions(likelihood, generation)
         examples[name] = predictions[:3]
-        del model
-        if (left := free_device_memory()) is not None:  # the next model starts on an empty card
-            speed[name]["gpu_gib_left_after_release"] = left
     sizes = {m: len(seqs) if m in LIKELIHOOD_METRICS else len(prompts) for m in functions["base"]}
     scores = bootstrap(functions, sizes, "base", e.bootstrap_resamples, cfg.seed)
-    settings = {
+    write_results(
+        cfg, scores, settings_of(cfg, seqs, prompts, dtype), references, examples, speed, benchmarks
+    )
+    if failures := lm_eval_tasks.gate_failures(benchmarks, e.gate):  # after the results are written
+        raise EvaluationError(
+            "eval.gate failed: " + "; ".join(failures) + f". The results are in {paths.metrics}/eval.json"
+        )
+    return {name: {m: round(v["value"], 4) for m, v in per.items()} for name, per in scores.items()}
+
+
+def context_length(cfg, seqs, prompts) -> int:
+    """The context llama.cpp opens for a GGUF: the longest test passage or prompt and its reference,
+    and room for a benchmark's documents, which may be longer, when the GGUF runs them."""
+    n_ctx = max(max(map(len, seqs)), max(map(len, prompts)) + cfg.eval.reference_tokens)
+    if cfg.eval.benchmarks and "quantized" in cfg.eval.benchmark_models:
+        n_ctx = max(n_ctx, 2048)
+    return n_ctx
+
+
+def score(name, load, seqs, prompts, tokenizer, cfg, benchmark_with):
+    """Load one model, score the likelihood of every test passage, generate greedily from every
+    prompt and run the benchmarks (when `benchmark_with` holds lm-eval's task manager); release it.
+    Returns (likelihoods, continuations, its speed figures, its benchmark results or None)."""
+    e, results = cfg.eval, None
+    began = time.perf_counter()
+    model = load()
+    speed = {"load_seconds": time.perf_counter() - began}
+    if isinstance(model, GGUFModel):  # scored in llama.cpp, where a GGUF's users run it
+        speed["runtime"] = "llama.cpp"
+        likelihood = model.likelihood_per_passage(seqs, desc=name)
+        if benchmark_with is not None:  # while the llama.cpp context is open
+            began = time.perf_counter()
+            results = lm_eval_tasks.run_benchmarks(model, tokenizer, cfg, benchmark_with)
+            speed["benchmark_seconds"] = time.perf_counter() - began
+        began = time.perf_counter()
+        continuations = model.greedy_continuations(prompts, e.reference_tokens, tokenizer.eos_token_id, name)
+        model.close()
+    else:
+        speed["runtime"] = "transformers"
+        likelihood = likelihood_per_passage(model, seqs, e.batch_size, tokenizer.pad_token_id, desc=name)
+        began = time.perf_counter()
+        continuations = greedy_continuations(
+            model,
+            prompts,
+            e.reference_tokens,
+            tokenizer.pad_token_id,
+            tokenizer.eos_token_id,
+            e.batch_size,
+            desc=name,
+        )
+    speed["generated_tokens_per_second"] = sum(map(len, continuations)) / (time.perf_counter() - began)
+    if benchmark_with is not None and results is None:
+        began = time.perf_counter()
+        results = lm_eval_tasks.run_benchmarks(model, tokenizer, cfg, benchmark_with)
+        speed["benchmark_seconds"] = time.perf_counter() - began
+    del model
+    if (left := free_device_memory()) is not None:  # the next model starts on an empty card
+        speed["gpu_gib_left_after_release"] = left
+    return likelihood, continuations, speed, results
+
+
+def settings_of(cfg, seqs, prompts, dtype) -> dict:
+    """How the models were scored, written beside the scores."""
+    e = cfg.eval
+    return {
         "split": "test",
         "format": cfg.data.format,
         "passages": len(seqs),
@@ -130,26 +158,25 @@ def run(cfg) -> dict:
         "batch_size": e.batch_size,
         "device": str(device()),
     }
+
+
+def write_results(cfg, scores, settings, references, examples, speed, benchmarks) -> None:
+    """metrics/eval.json (scores, speed, settings, benchmarks with deltas) and metrics/eval.md."""
     metrics = {"models": scores, "speed": speed, "settings": settings}
     if benchmarks:
         metrics["benchmarks"] = lm_eval_tasks.with_deltas(benchmarks)
         settings["benchmarks"] = {
-            "tasks": list(e.benchmarks),
-            "limit": e.benchmark_limit,
+            "tasks": list(cfg.eval.benchmarks),
+            "limit": cfg.eval.benchmark_limit,
             "models": list(benchmarks),
             "engine": "lm-eval",
         }
-    write_json(Path(paths.metrics) / "eval.json", metrics)
+    write_json(Path(cfg.paths.metrics) / "eval.json", metrics)
     firsts = [refs[0] for refs in references[:3]]
     page = eval_markdown(scores, settings, firsts, examples, speed)
     if benchmarks:
         page += "\n" + "\n".join(lm_eval_tasks.markdown(benchmarks))
-    write_text(Path(paths.metrics) / "eval.md", page)
-    if failures := lm_eval_tasks.gate_failures(benchmarks, e.gate):  # after the results are written
-        raise EvaluationError(
-            "eval.gate failed: " + "; ".join(failures) + f". The results are in {paths.metrics}/eval.json"
-        )
-    return {name: {m: round(v["value"], 4) for m, v in per.items()} for name, per in scores.items()}
+    write_text(Path(cfg.paths.metrics) / "eval.md", page)
 
 
 if __name__ == "__main__":

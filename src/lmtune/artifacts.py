@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lmtune.config import select
+from lmtune.config import select, without_no_output_keys
 
 
 @contextlib.contextmanager
@@ -77,10 +77,12 @@ def save_config(
     """Every output directory carries the resolved config that made it: the params its stage reads
     (`keys`, as dvc.yaml lists them), no more, so that equal inputs give byte-equal outputs. Where
     the stage ran with another value than asked (`ran_with`: {key: {asked, ran, why}}), the file
-    holds the value it ran with, the asked one and why in a comment on that line."""
+    holds the value it ran with, the asked one and why in a comment on that line. Keys that change
+    no output (lmtune.config.NO_OUTPUT_KEYS, such as train.threads) are left out: provenance.json
+    beside it says how the stage ran."""
     ran_with = ran_with or {}
     ran = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v['ran']}" for k, v in ran_with.items()]))
-    text = OmegaConf.to_yaml(OmegaConf.create(select(ran, keys)))
+    text = OmegaConf.to_yaml(OmegaConf.create(without_no_output_keys(select(ran, keys))))
     write_text(Path(directory) / "config.yaml", _annotated(text, ran_with))
 
 

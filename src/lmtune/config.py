@@ -10,6 +10,9 @@ here would be a second source of truth that drifts from conf/.
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import os
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -491,3 +494,35 @@ def select(cfg: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
         value = OmegaConf.select(cfg, key, throw_on_missing=True)
         node[leaf] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
     return chosen
+
+
+# Keys that change no output: how fast a run goes (threads), how often training saves a resumable
+# state and how many it keeps, and where results are logged (tracking). A configuration's identity
+# leaves them out, and dvc.yaml reruns no stage for them (tests/unit/test_architecture.py holds the
+# two together). A change of thread count can move floating-point rounding, as another CPU would;
+# it is not a change of configuration.
+NO_OUTPUT_KEYS = ("tracking", "train.threads", "train.checkpoint_every", "train.keep_checkpoints")
+
+
+def without_no_output_keys(values: dict) -> dict:
+    """A copy of a nested config dict with NO_OUTPUT_KEYS left out."""
+    values = copy.deepcopy(values)
+    for key in NO_OUTPUT_KEYS:
+        *parents, leaf = key.split(".")
+        node = values
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return values
+
+
+def identity(cfg: DictConfig | dict, sections: tuple[str, ...] | None = None) -> str:
+    """A configuration's identity: a sha256 (16 hex digits) of its resolved values in `sections`
+    (all of them if None), NO_OUTPUT_KEYS left out. The params.yaml header, the MLflow run and the
+    checkpoint fingerprint all use it, so they agree on when two configurations are the same."""
+    values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    if sections is not None:
+        values = {key: values[key] for key in sections}
+    values = without_no_output_keys(values)
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]

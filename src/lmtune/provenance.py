@@ -65,7 +65,8 @@ def git_state(cwd: Path | str = ".") -> dict:
 
 
 def host() -> dict:
-    """The machine: CPU model and the features that set its speed, cores, memory, GPUs, processes."""
+    """The machine: CPU model and the features that set its speed, cores, memory, GPUs, threads and
+    processes."""
     cpu, flags = platform.processor() or None, set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -79,10 +80,11 @@ def host() -> dict:
     memory = (
         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else None
     )
-    gpus = []
+    gpus, threads = [], None
     try:
         import torch
 
+        threads = torch.get_num_threads()
         if torch.cuda.is_available():
             for i in range(torch.cuda.device_count()):
                 props = torch.cuda.get_device_properties(i)
@@ -96,6 +98,7 @@ def host() -> dict:
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gib": round(memory, 1) if memory else None,
         "gpus": gpus,
+        "threads": threads,  # torch's intra-op threads (train.threads, or the cores)
         "processes": int(os.environ.get("WORLD_SIZE", "1")),
     }
 

@@ -126,8 +126,10 @@ def test_a_q8_0_export_of_the_real_model_scores_the_test_split_as_transformers_d
 
 
 def test_register_promote_and_a_process_in_another_folder_loads_the_champion(shipped, tmp_path):
-    out = sh(sys.executable, "-m", "lmtune.track.registry", "register", cwd=shipped).stdout
-    assert f"registered {NAME} version 1" in out
+    registered = sh(sys.executable, "-m", "lmtune.track.registry", "register", cwd=shipped)
+    assert f"registered {NAME} version 1" in registered.stdout
+    # offline, with the card and license given: no hub lookups, no library notices
+    assert not [line for line in registered.stderr.splitlines() if "WARNING" in line], registered.stderr
     out = sh(sys.executable, "-m", "lmtune.track.registry", "promote", cwd=shipped).stdout
     assert f"models:/{NAME}@champion is version 1" in out
     uri = re.search(r"MLFLOW_TRACKING_URI=(\S+)", out)[1]  # the setting promote tells the user
@@ -149,6 +151,12 @@ def test_register_promote_and_a_process_in_another_folder_loads_the_champion(shi
         " 'eval.merged.perplexity' in r.data.metrics)"
     )
     assert sh(sys.executable, "-c", check, cwd=shipped).stdout.split()[1:] == ["gguf_q4_k_m", "True"]
+    card = (
+        "import mlflow, pathlib; mlflow.set_tracking_uri('sqlite:///mlflow.db');"
+        f"p = pathlib.Path(mlflow.artifacts.download_artifacts('models:/{NAME}/1'));"
+        "print((p / 'model_card_data.yaml').read_text())"
+    )
+    assert "license: apache-2.0" in sh(sys.executable, "-c", card, cwd=shipped).stdout  # the wheel's license
 
 
 def test_register_refuses_a_merged_model_that_params_yaml_did_not_make(shipped):

@@ -7,9 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 from imports import PACKAGE, ROOT, direct_imports, module_closure, module_file
+from omegaconf import OmegaConf
+
+from lmtune.config import NO_OUTPUT_KEYS, flatten, identity, select
 
 MODULES = sorted(PACKAGE.rglob("*.py"))
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+PARAMS = OmegaConf.create((ROOT / "params.yaml").read_text())
 # They change no stage output (where results are logged, how commands and errors print): no stage
 # depends on them.
 NOT_DEPS = ("track", "cli")
@@ -106,7 +110,31 @@ def test_an_output_folder_carries_exactly_the_params_its_stage_reads(stage):
     spec = importlib.util.spec_from_file_location(f"stage_{stage}", ROOT / "stages" / f"{stage}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert list(module.PARAMS) == STAGES[stage]["params"]
+    assert leaf_keys(module.PARAMS) - set(NO_OUTPUT_KEYS) == leaf_keys(STAGES[stage]["params"])
+
+
+def leaf_keys(keys) -> set[str]:
+    """The params.yaml leaf keys that a list of sections and keys (as dvc.yaml lists them) covers."""
+    return set(flatten(select(PARAMS, tuple(keys))))
+
+
+def test_no_stage_reruns_for_a_key_that_changes_no_output_and_every_other_key_reruns_one():
+    """dvc.yaml's params lists agree with the configuration's identity (lmtune.config.identity):
+    the keys it leaves out rerun no stage; every other key but the output paths reruns some stage."""
+    tracked = set().union(*(leaf_keys(spec.get("params", [])) for spec in STAGES.values()))
+    everything = set(flatten(PARAMS))
+    no_output = {k for k in everything if any(k == n or k.startswith(n + ".") for n in NO_OUTPUT_KEYS)}
+    assert no_output, "NO_OUTPUT_KEYS names no key of params.yaml"
+    assert not tracked & no_output
+    assert everything - tracked - no_output == {k for k in everything if k.startswith("paths.")}
+
+
+def test_the_identity_ignores_exactly_the_keys_that_change_no_output():
+    base = identity(PARAMS)
+    for key in ("train.threads", "train.checkpoint_every", "train.keep_checkpoints", "tracking.uri"):
+        assert identity(OmegaConf.merge(PARAMS, OmegaConf.from_dotlist([f"{key}=7"]))) == base, key
+    for key in ("train.lr", "lora.r", "seed", "eval.batch_size"):
+        assert identity(OmegaConf.merge(PARAMS, OmegaConf.from_dotlist([f"{key}=7"]))) != base, key
 
 
 def test_the_base_never_depends_on_the_data_params():

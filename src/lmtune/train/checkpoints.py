@@ -11,22 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
+from lmtune.config import identity
 from lmtune.model.lora import lora_state
 from lmtune.train import TrainingError
 
 
 def fingerprint(cfg: DictConfig, train_seqs: list[list[int]]) -> str:
-    """What a checkpoint must match to be resumed: everything that shapes training, the training
-    data itself included (an edited data set must not resume an old run)."""
-    keys = ("seed", "model", "data", "quant", "lora", "train")
-    relevant = OmegaConf.to_container(cfg, resolve=True)
-    relevant = {k: relevant[k] for k in keys}
-    for volatile in ("threads", "checkpoint_every", "keep_checkpoints"):
-        relevant["train"].pop(volatile, None)
-    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
+    """What a checkpoint must match to be resumed: the identity of everything that shapes training,
+    the training data itself included (an edited data set must not resume an old run)."""
+    digest = hashlib.sha256(identity(cfg, ("seed", "model", "data", "quant", "lora", "train")).encode())
     for seq in train_seqs:
         digest.update(np.asarray(seq, dtype=np.int64).tobytes())
         mask = getattr(seq, "mask", None)

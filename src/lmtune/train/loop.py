@@ -108,63 +108,21 @@ def train(
     on_step: Callable[[int, dict], None] | None = None,
 ) -> dict:
     """Train the LoRA parameters of `model`; return metrics and the loss curves."""
-    from transformers import get_cosine_schedule_with_warmup
-
     asked = cfg
-    cfg, attention, notes = choose_exact_path(model, cfg)  # a family the fast kernels would get wrong
-    for note in notes.values() if distributed.is_main() else []:
-        print(f"note: {note}", flush=True)
-    if attention:
-        model.get_base_model().set_attn_implementation(attention)
-    tc = cfg.train
-    params = [p for p in model.parameters() if p.requires_grad]
     accelerator = distributed.accelerator()  # one process, or several under DDP/FSDP: one path
     processes, rank = accelerator.num_processes, accelerator.process_index
-    cfg, steps_why = steps_for_epochs(cfg, len(train_seqs), processes)
-    notes |= steps_why
-    for note in steps_why.values() if distributed.is_main() else []:
-        print(f"note: {note}", flush=True)
+    cfg, notes = _settle_config(model, cfg, len(train_seqs), processes)
     tc = cfg.train
-    # fused AdamW: one kernel for all LoRA tensors on a card (not under DDP/FSDP's wrappers)
-    fused = device().type == "cuda" and processes == 1
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused or None)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, tc.warmup_steps, tc.max_steps)
-    # LoRA weights stay fp32 for the optimizer while the base computes in 16 bits. Under autocast
-    # the adapter matmuls run in 16 bits too, and peft skips casting every layer's whole input to
-    # fp32 and back (measured 1.3x per step on this CPU). fp16 (cards without bf16: T4, V100)
-    # overflows and underflows where bf16 does not: its gradients go through a loss scaler.
-    compute = resolve_dtype(cfg.quant.bnb_4bit_compute_dtype)
-    half = compute in (torch.bfloat16, torch.float16)
-    autocast = torch.autocast(device().type, dtype=compute) if half else nullcontext()
-    scaler = torch.amp.GradScaler(device().type, enabled=compute == torch.float16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = _optimizer(params, tc, processes)
+    autocast, scaler = _precision(cfg)
     initial = lora_state(model)  # LoRA init is seeded, so this holds after a resume too
-    fp = fingerprint(cfg, train_seqs)
-    state = {
-        "step": 0,
-        "fingerprint": fp,
-        "train_curve": [],
-        "val_curve": [],
-        "tokens": 0,
-        "seconds": 0.0,
-        "step_times": [],
-    }
-    resumed_from = None
-    if checkpoint := latest_checkpoint(checkpoint_dir, fp):
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
-        state.setdefault("step_times", [])
-        resumed_from = state["step"]
-        print(f"resuming from {checkpoint} (step {resumed_from} of {tc.max_steps})")
-
+    state, resumed_from = _start_or_resume(
+        checkpoint_dir, fingerprint(cfg, train_seqs), model, optimizer, scheduler, scaler, tc.max_steps
+    )
     next_batch = batch_maker(train_seqs, cfg, pad_id)
     prepare_model(model, tc)
-    # gradient_checkpointing=auto under DDP/FSDP keeps every layer recomputed (measured in one process only)
-    every_n = tc.recompute_every_n_layers if tc.gradient_checkpointing is True else None
-    if tc.gradient_checkpointing == "auto":
-        every_n = 1
-    recompute = {"recompute": recompute_name(every_n, tc.offload_activations)}
-    if tc.gradient_checkpointing == "auto" and processes == 1:
-        longest = sorted(train_seqs, key=len, reverse=True)[: tc.batch_size]
-        recompute = choose_recompute(model, longest, tc, pad_id, autocast, tc.memory_budget_gib)
+    recompute = _recompute(model, train_seqs, tc, pad_id, autocast, processes)
     plain = model  # the PeftModel, for its weights; `model` becomes the DDP/FSDP wrapper if launched
     # the scheduler is stepped here, once per optimizer step, not prepared
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -185,45 +143,21 @@ def train(
         disable=not accelerator.is_main_process,
     )
     while state["step"] < tc.max_steps:
-        step = state["step"]
         started = time.perf_counter()
-        loss_sum, tokens = torch.zeros((), device=device()), 0
-        for micro in range(tc.grad_accum):
-            batch, useful = next_batch(
-                distributed.micro_batch_index(step, micro, tc.grad_accum, rank, processes)
-            )
-            # passage boundaries from the host copy: the kernel needs the longest as a Python int
-            segments = packed_segments(batch["position_ids"]) if "position_ids" in batch else None
-            batch, segments = to_device(batch), to_device(segments)
-            with autocast:
-                loss = micro_batch_loss(model, batch, tc, segments)
-            scaler.scale(loss / tc.grad_accum).backward()
-            loss_sum += loss.detach().float()  # read once per step: no host sync per micro-batch
-            tokens += useful  # padding never counts
-        # the global step's loss and tokens, the same on every process (one host sync)
-        total_loss, total_tokens = accelerator.reduce(
-            torch.stack([loss_sum, loss_sum.new_tensor(tokens)]), reduction="sum"
-        ).tolist()
-        train_loss, tokens = total_loss / tc.grad_accum / processes, int(total_tokens)
-        scaler.unscale_(optimizer)  # true gradients for the checks and clipping (a no-op without fp16)
-        _check_gradients(plain, step + 1)
-        if not math.isfinite(train_loss):
-            raise TrainingError(
-                f"loss is {train_loss} at step {step + 1}; training stopped. The last good checkpoint "
-                f"stays in {checkpoint_dir}. Try a lower train.lr or quant.bnb_4bit_compute_dtype=fp32."
-            )
-        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-        scaler.step(optimizer)  # fp16: skipped when a gradient overflowed, and the scale lowered
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        state["step"] = step = step + 1
-        seconds = time.perf_counter() - started
-        state["tokens"] += tokens
-        state["seconds"] += seconds
-        state["step_times"].append({"step": step, "seconds": seconds, "tokens": tokens})
-        state["train_curve"].append({"step": step, "loss": train_loss})
+        train_loss, tokens = _optimizer_step(
+            model,
+            plain,
+            params,
+            optimizer,
+            scheduler,
+            scaler,
+            autocast,
+            next_batch,
+            tc,
+            state["step"],
+            checkpoint_dir,
+        )
+        step = _record_step(state, train_loss, tokens, time.perf_counter() - started)
         record = {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
         if step % tc.eval_every == 0 or step == tc.max_steps:
             val = validation_loss(plain, val_seqs, tc.batch_size, tc.eval_batches, pad_id)
@@ -241,12 +175,8 @@ def train(
             accelerator.wait_for_everyone()
     bar.close()
 
-    # Guard against silently frozen layers (the bitsandbytes CPU repack bug, a bad target list):
-    # every LoRA matrix must have moved from its initial value.
     final = lora_state(plain)
-    unchanged = [n for n, v in final.items() if torch.equal(v, initial[n])]
-    if unchanged:
-        raise TrainingError(f"{len(unchanged)} LoRA matrices never changed, e.g. {unchanged[:3]}")
+    unchanged = _unchanged_matrices(final, initial)
     return {
         "steps": state["step"],
         "resumed_from_step": resumed_from,
@@ -268,3 +198,142 @@ def train(
         "val_curve": state["val_curve"],
         "step_times": state["step_times"],
     }
+
+
+def _settle_config(
+    model, cfg: DictConfig, passages: int, processes: int
+) -> tuple[DictConfig, dict[str, str]]:
+    """The config training runs with: the exact path for this family (packing and the chunked loss
+    off where the fast kernels would compute it wrong) and the step count train.epochs implies.
+    Returns it with a note per changed key, each printed once."""
+    cfg, attention, notes = choose_exact_path(model, cfg)
+    if attention:
+        model.get_base_model().set_attn_implementation(attention)
+    cfg, steps_why = steps_for_epochs(cfg, passages, processes)
+    notes |= steps_why
+    for note in notes.values() if distributed.is_main() else []:
+        print(f"note: {note}", flush=True)
+    return cfg, notes
+
+
+def _optimizer(params: list, tc: DictConfig, processes: int):
+    """AdamW over the LoRA parameters and its cosine schedule with warmup."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    # fused AdamW: one kernel for all LoRA tensors on a card (not under DDP/FSDP's wrappers)
+    fused = device().type == "cuda" and processes == 1
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused or None)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, tc.warmup_steps, tc.max_steps)
+
+
+def _precision(cfg: DictConfig):
+    """The autocast context and the gradient scaler for the base's compute dtype.
+
+    LoRA weights stay fp32 for the optimizer while the base computes in 16 bits. Under autocast
+    the adapter matmuls run in 16 bits too, and peft skips casting every layer's whole input to
+    fp32 and back (faster per step; bench/RESULTS.md). fp16 (cards without bf16: T4, V100)
+    overflows and underflows where bf16 does not: its gradients go through a loss scaler."""
+    compute = resolve_dtype(cfg.quant.bnb_4bit_compute_dtype)
+    half = compute in (torch.bfloat16, torch.float16)
+    autocast = torch.autocast(device().type, dtype=compute) if half else nullcontext()
+    return autocast, torch.amp.GradScaler(device().type, enabled=compute == torch.float16)
+
+
+def _start_or_resume(checkpoint_dir: Path, fp: str, model, optimizer, scheduler, scaler, max_steps: int):
+    """A fresh training state, or the one of the latest checkpoint made with this fingerprint
+    (same config and data), its weights and optimizer state loaded; and the step it resumed from."""
+    state = {
+        "step": 0,
+        "fingerprint": fp,
+        "train_curve": [],
+        "val_curve": [],
+        "tokens": 0,
+        "seconds": 0.0,
+        "step_times": [],
+    }
+    if checkpoint := latest_checkpoint(checkpoint_dir, fp):
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
+        state.setdefault("step_times", [])
+        print(f"resuming from {checkpoint} (step {state['step']} of {max_steps})")
+        return state, state["step"]
+    return state, None
+
+
+def _recompute(model, train_seqs, tc: DictConfig, pad_id: int, autocast, processes: int) -> dict:
+    """Which layers recompute their activations in the backward pass: as configured, or for
+    gradient_checkpointing=auto the least recompute that fits (measured on the longest batch;
+    under DDP/FSDP every layer, since the probe measures one process only)."""
+    every_n = tc.recompute_every_n_layers if tc.gradient_checkpointing is True else None
+    if tc.gradient_checkpointing == "auto":
+        every_n = 1
+    if tc.gradient_checkpointing == "auto" and processes == 1:
+        longest = sorted(train_seqs, key=len, reverse=True)[: tc.batch_size]
+        return choose_recompute(model, longest, tc, pad_id, autocast, tc.memory_budget_gib)
+    return {"recompute": recompute_name(every_n, tc.offload_activations)}
+
+
+def _optimizer_step(
+    model,
+    plain,
+    params,
+    optimizer,
+    scheduler,
+    scaler,
+    autocast,
+    next_batch,
+    tc,
+    step: int,
+    checkpoint_dir: Path,
+):
+    """One optimizer step over grad_accum micro-batches on every process; returns the global step's
+    mean loss and its useful (non-padding) tokens, the same on every process."""
+    accelerator = distributed.accelerator()
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    loss_sum, tokens = torch.zeros((), device=device()), 0
+    for micro in range(tc.grad_accum):
+        batch, useful = next_batch(distributed.micro_batch_index(step, micro, tc.grad_accum, rank, processes))
+        # passage boundaries from the host copy: the kernel needs the longest as a Python int
+        segments = packed_segments(batch["position_ids"]) if "position_ids" in batch else None
+        batch, segments = to_device(batch), to_device(segments)
+        with autocast:
+            loss = micro_batch_loss(model, batch, tc, segments)
+        scaler.scale(loss / tc.grad_accum).backward()
+        loss_sum += loss.detach().float()  # read once per step: no host sync per micro-batch
+        tokens += useful  # padding never counts
+    # the global step's loss and tokens, the same on every process (one host sync)
+    total_loss, total_tokens = accelerator.reduce(
+        torch.stack([loss_sum, loss_sum.new_tensor(tokens)]), reduction="sum"
+    ).tolist()
+    train_loss, tokens = total_loss / tc.grad_accum / processes, int(total_tokens)
+    scaler.unscale_(optimizer)  # true gradients for the checks and clipping (a no-op without fp16)
+    _check_gradients(plain, step + 1)
+    if not math.isfinite(train_loss):
+        raise TrainingError(
+            f"loss is {train_loss} at step {step + 1}; training stopped. The last good checkpoint "
+            f"stays in {checkpoint_dir}. Try a lower train.lr or quant.bnb_4bit_compute_dtype=fp32."
+        )
+    torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+    scaler.step(optimizer)  # fp16: skipped when a gradient overflowed, and the scale lowered
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return train_loss, tokens
+
+
+def _record_step(state: dict, train_loss: float, tokens: int, seconds: float) -> int:
+    """Count a finished step in the training state (what a checkpoint saves); returns its number."""
+    state["step"] = step = state["step"] + 1
+    state["tokens"] += tokens
+    state["seconds"] += seconds
+    state["step_times"].append({"step": step, "seconds": seconds, "tokens": tokens})
+    state["train_curve"].append({"step": step, "loss": train_loss})
+    return step
+
+
+def _unchanged_matrices(final: dict, initial: dict) -> list[str]:
+    """Guard against silently frozen layers (the bitsandbytes CPU repack bug, a bad target list):
+    every LoRA matrix must have moved from its initial value."""
+    unchanged = [n for n, v in final.items() if torch.equal(v, initial[n])]
+    if unchanged:
+        raise TrainingError(f"{len(unchanged)} LoRA matrices never changed, e.g. {unchanged[:3]}")
+    return unchanged
