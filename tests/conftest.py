@@ -2,10 +2,9 @@
 
 import os
 
+# Tests are offline whatever the user's shell says; the other environment defaults are lmtune's own
+# (lmtune/__init__.py), set when it is imported, here and in every stage a test starts.
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-os.environ["DVC_NO_ANALYTICS"] = "1"
-os.environ["TOKENIZERS_PARALLELISM"] = "false"
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: a thread each, for
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # it and the stages it starts (no oversubscription)
 

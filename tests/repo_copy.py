@@ -87,9 +87,9 @@ def restore(dest) -> None:
 def workspace_hash(dest) -> str:
     """The MLflow run identity of the configuration the copy's params.yaml holds."""
     from lmtune.config import load
-    from lmtune.track import runs as tracking
+    from lmtune.track.run_params import params_hash
 
-    return tracking.params_hash(load(root=dest))
+    return params_hash(load(root=dest))
 
 
 @contextmanager

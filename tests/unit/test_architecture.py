@@ -53,7 +53,8 @@ def test_no_import_cycles():
 
 
 PARTS = {
-    f"lmtune.{name}" for name in ("base", "data", "model", "train", "evaluate", "export", "track", "cli")
+    f"lmtune.{name}"
+    for name in ("base", "data", "model", "train", "align", "evaluate", "export", "track", "cli")
 }
 RULES = [
     ("lmtune.config", {"*"}),  # the schema stands alone
@@ -62,7 +63,8 @@ RULES = [
     ("lmtune.model", PARTS - {"lmtune.model", "lmtune.data", "lmtune.export"}),
     ("lmtune.evaluate", {"lmtune.track", "lmtune.cli"}),
     ("lmtune.export", {"lmtune.track", "lmtune.cli"}),
-    ("lmtune.train", {"lmtune.track", "lmtune.cli"}),
+    ("lmtune.train", {"lmtune.track", "lmtune.cli", "lmtune.align"}),  # SFT never needs preference code
+    ("lmtune.align", {"lmtune.track", "lmtune.cli"}),
     ("lmtune.track.lineage", {"*"}),
 ]
 
@@ -144,7 +146,7 @@ def test_the_base_never_depends_on_the_data_params():
 
 
 def test_every_subpackage_is_named_in_the_layout():
-    assert SUBPACKAGES == ["base", "cli", "data", "evaluate", "export", "model", "track", "train"]
+    assert SUBPACKAGES == ["align", "base", "cli", "data", "evaluate", "export", "model", "track", "train"]
 
 
 def test_the_committed_dvc_lock_is_that_of_the_committed_code():

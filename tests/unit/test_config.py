@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 
 from lmtune.cli.params import ParamsModified, compose_conf, main, read_header, write_params
 from lmtune.config import Config, ConfigError, flatten, load
-from lmtune.track.runs import safe_params
+from lmtune.track.run_params import safe_params
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"

@@ -340,6 +340,7 @@ def test_a_family_that_falls_back_records_what_it_ran_with_everywhere(tmp_path, 
     `ran_with` and the MLflow run say packing was off, and what was asked, and why."""
     from lmtune.artifacts import save_config
     from lmtune.track import runs as tracking
+    from lmtune.track import store
     from lmtune.train.loop import train
 
     monkeypatch.chdir(tmp_path)
@@ -369,7 +370,7 @@ def test_a_family_that_falls_back_records_what_it_ran_with_everywhere(tmp_path, 
     line = next(x for x in (tmp_path / "config.yaml").read_text().splitlines() if "packing:" in x)
     assert line.startswith("  packing: false  # asked: true; qwen3_5_text: linear_attention layers")
     assert OmegaConf.load(tmp_path / "config.yaml").train.packing is False  # the comment is only a comment
-    tag = tracking.client(cfg.tracking.uri).get_run(run.run_id).data.tags["ran.train.packing"]
+    tag = store.client(cfg.tracking.uri).get_run(run.run_id).data.tags["ran.train.packing"]
     assert tag.startswith("false (asked: true; qwen3_5_text: linear_attention layers")
 
 

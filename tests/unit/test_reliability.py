@@ -16,6 +16,8 @@ from lmtune.config import Config
 from lmtune.model.load import load_for_training
 from lmtune.model.lora import add_lora
 from lmtune.track import runs as tracking
+from lmtune.track import store
+from lmtune.track.run_params import params_hash
 from lmtune.train.loop import TrainingError, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,14 +113,14 @@ def test_corrupted_checkpoint_is_named_on_resume(tmp_path, tiny_base, tiny_seqs)
 def test_unreachable_tracking_server_fails_at_start(monkeypatch):
     cfg = cfg_with(tracking={"uri": "http://127.0.0.1:9"})
     with pytest.raises(
-        tracking.TrackingError,
+        store.TrackingError,
         match=r"tracking\.uri=http://127\.0\.0\.1:9 is not reachable.*tracking\.uri=null",
     ):
-        tracking.check_reachable(cfg)
+        store.check_reachable(cfg)
     # from the environment: the advice is to change the environment, not the config
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    with pytest.raises(tracking.TrackingError, match=r"MLFLOW_TRACKING_URI=.*unset MLFLOW_TRACKING_URI"):
-        tracking.check_reachable(cfg_with())
+    with pytest.raises(store.TrackingError, match=r"MLFLOW_TRACKING_URI=.*unset MLFLOW_TRACKING_URI"):
+        store.check_reachable(cfg_with())
 
 
 def test_a_damaged_store_fails_before_any_work_and_says_what_to_do(tmp_path, monkeypatch, capsys):
@@ -160,12 +162,10 @@ def test_a_stage_that_fails_marks_its_run_failed(tmp_path, monkeypatch):
     with pytest.raises(TrainingError), tracking.stage_run(cfg, "finetune") as run:
         run.log_metrics({"train_loss": 2.5}, step=1)
         raise TrainingError("loss is nan")
-    (run,) = tracking.client(cfg.tracking.uri).search_runs(
-        [tracking.client(cfg.tracking.uri).get_experiment_by_name("lmtune").experiment_id]
+    (run,) = store.client(cfg.tracking.uri).search_runs(
+        [store.client(cfg.tracking.uri).get_experiment_by_name("lmtune").experiment_id]
     )
-    assert run.info.status == "FAILED" and run.data.tags[tracking.PARAMS_HASH_TAG] == tracking.params_hash(
-        cfg
-    )
+    assert run.info.status == "FAILED" and run.data.tags[tracking.PARAMS_HASH_TAG] == params_hash(cfg)
 
 
 def test_input_refused_before_any_work_leaves_no_failed_run_behind(tmp_path, monkeypatch):
@@ -176,7 +176,7 @@ def test_input_refused_before_any_work_leaves_no_failed_run_behind(tmp_path, mon
 
     monkeypatch.chdir(tmp_path)
     cfg = cfg_with(tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
-    mlflow_client = tracking.client(cfg.tracking.uri)
+    mlflow_client = store.client(cfg.tracking.uri)
     with pytest.raises(DataError), tracking.stage_run(cfg, "prepare"):
         raise DataError("data/own/a.jsonl:1: no 'text' field")
     experiment = mlflow_client.get_experiment_by_name("lmtune").experiment_id

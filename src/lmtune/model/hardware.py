@@ -30,7 +30,7 @@ def device() -> torch.device:
 
 
 def cpu_has_bf16() -> bool:
-    """bf16 matmuls are fast on CPUs with AVX512-BF16 or AMX (measured ~1.8x over fp32 here)."""
+    """bf16 matmuls are fast on CPUs with AVX512-BF16 or AMX (figures in bench/RESULTS.md)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

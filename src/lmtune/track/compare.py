@@ -21,6 +21,7 @@ import pandas as pd
 from lmtune import LmtuneError
 from lmtune.artifacts import write_text
 from lmtune.track import runs as tracking
+from lmtune.track import store
 
 COLUMNS = {  # column → (source, key); "metric_sum" adds up every metric whose name starts with key
     "experiment": ("tag", "dvc_experiment"),
@@ -195,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         except LmtuneError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        args.uri = args.uri or tracking.tracking_uri(cfg)
+        args.uri = args.uri or store.tracking_uri(cfg)
         args.experiment = args.experiment or cfg.tracking.experiment
-    client = tracking.client(args.uri)
+    client = store.client(args.uri)
     frame, failed = collect(client, args.experiment)
     out = Path(args.out)
     write_text(out / "sweep.md", table(frame, failed))

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from lmtune import LmtuneError
 from lmtune.track import runs as tracking
+from lmtune.track import store
 
 CHAMPION = "champion"
 LOWER_IS_BETTER = ("perplexity", "loss", "nll", "seconds")  # metric names that are better when smaller
@@ -65,7 +66,7 @@ def register(cfg: DictConfig, name: str | None = None) -> str:
     example = _input_example(cfg)
     generation = {"max_new_tokens": cfg.sample.max_new_tokens, "do_sample": False, "repetition_penalty": 1.0}
     pipeline = transformers.pipeline("text-generation", model=str(cfg.paths.merged), dtype="auto")
-    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+    mlflow.set_tracking_uri(store.tracking_uri(cfg))
     # MLflow checks the input example by predicting it with the signature's default params and says
     # each time that params override the model's config: they are the same values here.
     logging.getLogger("mlflow.transformers").addFilter(
@@ -142,7 +143,7 @@ def promote(uri: str, name: str, metric: str, lower_is_better: bool | None = Non
     and every (version, value) compared."""
     from mlflow.exceptions import MlflowException
 
-    client = tracking.client(uri)
+    client = store.client(uri)
     try:
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException as err:
@@ -190,16 +191,16 @@ def main(argv: list[str]) -> int:
             version = register(cfg, name)
             print(
                 f"registered {name} version {version}: mlflow.pyfunc.load_model('models:/{name}/{version}')"
-                f" with MLFLOW_TRACKING_URI={tracking.tracking_uri(cfg)}"
+                f" with MLFLOW_TRACKING_URI={store.tracking_uri(cfg)}"
             )
         else:
             lower = {"auto": None, "min": True, "max": False}[args.mode]
-            best, scored = promote(tracking.tracking_uri(cfg), name, args.metric, lower)
+            best, scored = promote(store.tracking_uri(cfg), name, args.metric, lower)
             for version, value in sorted(scored, key=lambda pair: int(pair[0])):
                 mark = f"  <- {CHAMPION}" if version == best else ""
                 print(f"  {name} v{version}: {args.metric} = {value}{mark}")
             print(f"models:/{name}@{CHAMPION} is version {best}")
-            uri = tracking.tracking_uri(cfg)  # absolute: MLflow's default is a store in the current folder
+            uri = store.tracking_uri(cfg)  # absolute: MLflow's default is a store in the current folder
             print(
                 f"load it from any folder with MLFLOW_TRACKING_URI={uri} (or mlflow.set_tracking_uri)"
                 f" and mlflow.pyfunc.load_model('models:/{name}@{CHAMPION}')"

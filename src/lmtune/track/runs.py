@@ -1,238 +1,38 @@
-"""MLflow, and only here: one run per pipeline configuration.
+"""The pipeline's MLflow run: one per configuration, opened by every stage that executes.
 
-A run's identity is the hash of the resolved params (all but `tracking:`, which only says where to
-log) plus the DVC experiment name when there is one; both are run tags, never a file inside a
-DVC-cached model. Every stage that executes opens that run through `stage_run` (creating it the
-first time), logs into it and, when it ends, logs the numbers and report files of every stage in
-metrics/ that belong to this configuration: its own, and those dvc.lock vouches for (lineage.py).
-So a stage that DVC skipped or restored from its run cache still has its metrics in the run, and
-a stage still to run never leaves another configuration's numbers in it.
-Tracking never costs the user their outputs: a store that cannot be opened fails the stage before
-any work; anything that fails afterwards is one warning.
+A run's identity is the configuration's identity (lmtune.config.identity: every resolved param
+but those that change no output) plus the DVC experiment name when there is one (run_params.py);
+both are run tags, never a file inside a DVC-cached model. Every stage that executes opens that
+run through `stage_run` (creating it the first time), logs into it and, when it ends, logs the
+numbers and report files of every stage in metrics/ that belong to this configuration
+(stage_metrics.py): its own, and those dvc.lock vouches for (lineage.py). So a stage that DVC
+skipped or restored from its run cache still has its metrics in the run, and a stage still to run
+never leaves another configuration's numbers in it.
+Tracking never costs the user their outputs: a store that cannot be opened (store.py) fails the
+stage before any work; anything that fails afterwards is one warning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import json
-import math
 import os
-import re
-import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lmtune import LmtuneError, provenance
-from lmtune.config import flatten
-from lmtune.track import lineage
+from lmtune.track import lineage, store
+from lmtune.track.run_params import params_hash, run_name, safe_params
+from lmtune.track.stage_metrics import METRICS_FILES, REPORT_FILES, numbers, pipeline_metrics
 
 PARAMS_HASH_TAG = "lmtune.params_hash"
 KIND_TAG = "lmtune.kind"
-# what each stage leaves in metrics/: the prefix of its numbers in MLflow → its file
-METRICS_FILES = {
-    "prepare": "prepare.json",
-    "train": "train.json",
-    "merge": "merge.json",
-    "quantize": "quantize.json",
-    "eval": "eval.json",
-    "sample": "sample.json",
-}
-REPORT_FILES = ("train_loss.csv", "val_loss.csv", "eval.md", "samples.md", "samples.jsonl")
-# A name that is a credential as a whole word (hf_token, api_key), not one that merely contains it
-# (eval.prompt_tokens, sample.max_new_tokens).
-_SECRET = re.compile(r"(^|[._])(\w*_)?(token|password|passwd|secret|api_?key|credentials?)$", re.IGNORECASE)
-
-
-class TrackingError(LmtuneError, RuntimeError):
-    """The tracking store cannot be used; raised before any long work starts."""
-
-
-def repo_root() -> Path:
-    """The repository the user works in. DVC queue workers run in temporary copies and set
-    DVC_ROOT to the original, so their runs land in the same store as everyone else's."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"])
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True
-        )
-        return Path(out.stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return Path.cwd()
-
-
-def default_uri() -> str:
-    return f"sqlite:///{repo_root() / 'mlflow.db'}"
-
-
-def tracking_uri(cfg: DictConfig) -> str:
-    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
-
-
-def _uri_origin(cfg: DictConfig) -> str:
-    """Where the URI came from, in the words the user must change it with."""
-    if cfg.tracking.uri:
-        return f"tracking.uri={cfg.tracking.uri}"
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return f"MLFLOW_TRACKING_URI={os.environ['MLFLOW_TRACKING_URI']} (from the environment)"
-    return f"the default store {default_uri()}"
-
-
-def safe_params(cfg: DictConfig | dict) -> dict[str, Any]:
-    """Flattened config without anything that looks like a secret."""
-    return {k: ("***" if _SECRET.search(k) else v) for k, v in flatten(cfg).items()}
-
-
-def params_hash(cfg: DictConfig) -> str:
-    """The identity of a pipeline configuration: every resolved param but `tracking`, plus the DVC
-    experiment name (two experiments are two runs even with equal params)."""
-    params = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "tracking"}
-    params["dvc_experiment"] = os.environ.get("DVC_EXP_NAME")
-    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def check_reachable(cfg: DictConfig) -> str:
-    """Fail fast, before a model loads, when the configured store cannot be reached."""
-    uri = tracking_uri(cfg)
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
-                pass
-        except OSError as err:
-            undo = "unset MLFLOW_TRACKING_URI" if not cfg.tracking.uri else "set tracking.uri=null"
-            raise TrackingError(
-                f"{_uri_origin(cfg)} is not reachable ({err}). Start the server "
-                f"(make server, or mlflow server --host 127.0.0.1 --port 5000), or {undo} to log "
-                "into mlflow.db at the repo root."
-            ) from None
-    elif uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent
-        if not os.access(folder, os.W_OK):
-            raise TrackingError(f"{_uri_origin(cfg)}: folder {folder} is not writable; set tracking.uri")
-    return uri
-
-
-def client(uri: str | None = None):
-    """An MlflowClient on `uri` (default: mlflow.db at the repo root)."""
-    import mlflow
-
-    uri = uri or default_uri()
-    follow_project(uri)
-    return mlflow.MlflowClient(tracking_uri=uri)
-
-
-# (table, column) pairs of MLflow's schema that hold artifact locations
-_LOCATION_COLUMNS = (
-    ("experiments", "artifact_location"),
-    ("runs", "artifact_uri"),
-    ("model_versions", "source"),
-    ("model_versions", "storage_location"),
-    ("logged_models", "artifact_location"),
-)
-
-
-def follow_project(uri: str) -> str | None:
-    """Point the default store's artifact locations at this project's mlartifacts/ when the project
-    was copied or moved; returns the old folder, or None when nothing pointed elsewhere.
-
-    MLflow records absolute artifact locations when a store is made and has no way to change them,
-    so a copied project would go on writing (and reading) artifacts in the original folder. Only the
-    default store (mlflow.db at the repo root) is rewritten: a shared store's locations are the team's.
-    """
-    import sqlite3
-
-    if uri != default_uri() or not Path(uri.removeprefix("sqlite:///")).exists():
-        return None
-    root = repo_root().resolve()
-    with contextlib.closing(sqlite3.connect(uri.removeprefix("sqlite:///"), timeout=30)) as db:
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "experiments" not in tables:
-            return None  # a new store: MLflow makes its tables, lmtune its experiment
-        here = (root / "mlartifacts").as_uri()
-        locations = [row[0] for row in db.execute("SELECT artifact_location FROM experiments")]
-        old = next((loc for loc in locations if loc and loc.endswith("/mlartifacts") and loc != here), None)
-        if old is None:
-            return None
-        with db:  # one transaction: every location or none
-            for table, column in _LOCATION_COLUMNS:
-                if table in tables:
-                    db.execute(
-                        f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
-                        f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
-                        (here, len(old) + 1, old, len(old) + 1, old + "/"),
-                    )
-    print(
-        f"note: this project's MLflow store pointed at {old} (the project was copied or moved); "
-        f"its artifacts are now read and written in {here}",
-        file=sys.stderr,
-    )
-    return old
-
-
-def _experiment_id(mlflow_client, name: str, uri: str) -> str:
-    experiment = mlflow_client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if uri.startswith("sqlite:"):
-        # Artifacts next to the store, not under whatever directory the first run started in
-        # (a DVC queue worker's temporary copy would take them with it).
-        location = (repo_root() / "mlartifacts").resolve().as_uri()
-    try:
-        return mlflow_client.create_experiment(name, artifact_location=location)
-    except Exception:  # noqa: BLE001 - a parallel worker created it first
-        return mlflow_client.get_experiment_by_name(name).experiment_id
-
-
-def _run_name(cfg: DictConfig, digest: str) -> str:
-    if os.environ.get("DVC_EXP_NAME"):
-        return os.environ["DVC_EXP_NAME"]
-    bits = f"qat-{cfg.quant.qat}" if cfg.quant.qat else f"{cfg.quant.bits}bit"
-    return f"{cfg.model.name}-{cfg.data.name}-r{cfg.lora.r}-{bits}-{digest[:6]}"
-
-
-def _numbers(metrics: dict, prefix: str) -> dict[str, float]:
-    flat = flatten(metrics, prefix=prefix)
-    return {
-        k: float(v)
-        for k, v in flat.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    }
-
-
-def pipeline_metrics(metrics_dir: str | Path, files: set[str] | None = None) -> dict[str, float]:
-    """The numbers of each stage's metrics file in `metrics_dir` (those named in `files`, if given),
-    under MLflow's names (`train.final_val_loss`, `eval.merged.perplexity`, ...)."""
-    numbers: dict[str, float] = {}
-    for prefix, name in METRICS_FILES.items():
-        path = Path(metrics_dir) / name
-        if files is not None and str(path) not in files:
-            continue
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # not produced (yet): a --multirun job, a stage that never ran
-        if prefix == "eval":  # per model: each metric's value, its speed figures, its benchmarks
-            benchmarks = data.get("benchmarks", {})
-            data = {
-                model: {m: v["value"] for m, v in per.items()}
-                | data.get("speed", {}).get(model, {})
-                | {
-                    task: {metric: entry["value"] for metric, entry in scores.items()}
-                    for task, scores in benchmarks.get(model, {}).items()
-                }
-                for model, per in data.get("models", {}).items()
-            }
-        numbers.update(_numbers(data, f"{prefix}."))
-    return numbers
 
 
 def _warn(what: str, err: BaseException) -> None:
@@ -305,7 +105,7 @@ def open_run(cfg: DictConfig, stage: str) -> StageRun:
     Raises TrackingError, before any work, when the store cannot be used."""
     import mlflow
 
-    uri = check_reachable(cfg)
+    uri = store.check_reachable(cfg)
     digest = params_hash(cfg)
     state, machine = provenance.git_state(), provenance.host()
     tags = {
@@ -320,9 +120,9 @@ def open_run(cfg: DictConfig, stage: str) -> StageRun:
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
     try:
-        follow_project(uri)
+        store.follow_project(uri)
         mlflow_client = mlflow.MlflowClient(tracking_uri=uri)
-        experiment_id = _experiment_id(mlflow_client, cfg.tracking.experiment, uri)
+        experiment_id = store.experiment_id(mlflow_client, cfg.tracking.experiment, uri)
         found = mlflow_client.search_runs(
             [experiment_id],
             filter_string=f"tags.`{PARAMS_HASH_TAG}` = '{digest}'",
@@ -336,13 +136,13 @@ def open_run(cfg: DictConfig, stage: str) -> StageRun:
                 mlflow_client.set_tag(run_id, key, value)
         else:
             run_id = mlflow_client.create_run(
-                experiment_id, tags=tags, run_name=_run_name(cfg, digest)
+                experiment_id, tags=tags, run_name=run_name(cfg, digest)
             ).info.run_id
             _log_params(mlflow_client, run_id, cfg)
             return StageRun(mlflow_client, run_id, stage, created=True)
     except Exception as err:  # noqa: BLE001 - any store failure here means it cannot be used
-        raise TrackingError(
-            f"{_uri_origin(cfg)} cannot be used as an MLflow store ({type(err).__name__}: "
+        raise store.TrackingError(
+            f"{store.uri_origin(cfg)} cannot be used as an MLflow store ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:200]}). For a damaged mlflow.db, move it aside "
             "(mv mlflow.db mlflow.db.broken) and a new one is made; or point tracking.uri elsewhere."
         ) from None
@@ -420,15 +220,15 @@ def step_logger() -> Callable[[int, dict], None]:
 
     def log(step: int, record: dict) -> None:
         if run is not None:
-            run.log_metrics(_numbers(record, ""), step=step)
+            run.log_metrics(numbers(record, ""), step=step)
 
     return log
 
 
 def log_comparison(uri: str, experiment: str, files: list[Path]) -> None:
     """`make compare`'s table and plots, as a run of their own tagged lmtune.kind=comparison."""
-    mlflow_client = client(uri)
-    experiment_id = _experiment_id(mlflow_client, experiment, uri)
+    mlflow_client = store.client(uri)
+    experiment_id = store.experiment_id(mlflow_client, experiment, uri)
     run_id = mlflow_client.create_run(
         experiment_id, tags={KIND_TAG: "comparison"}, run_name="comparison"
     ).info.run_id

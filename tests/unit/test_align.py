@@ -1,0 +1,248 @@
+"""Preference tuning: the pairs users bring read or refused by name, and each loss computed on
+packed rows equal to the same pairs scored one by one and to trl's implementation."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lmtune.align import AlignError
+from lmtune.align.logps import sequence_logps
+from lmtune.align.losses import METHODS, preference_loss
+from lmtune.align.pairs import pair_sequences, read_pair, read_pairs, response_sequence
+from lmtune.checkpoint import load_tokenizer
+from lmtune.data.sequences import Sequence
+
+PROMPT = [{"role": "user", "content": "Who are you?"}]
+CHOSEN = [{"role": "assistant", "content": "I am a bot."}]
+REJECTED = [{"role": "assistant", "content": "Blue."}]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"prompt": "Who are you?", "chosen": "I am a bot.", "rejected": "Blue."},
+        {"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED},
+        {"chosen": PROMPT + CHOSEN, "rejected": PROMPT + REJECTED},
+        {"instruction": "Who are you?", "chosen": "I am a bot.", "rejected": "Blue."},
+        {
+            "conversations": [{"from": "human", "value": "Who are you?"}],
+            "chosen": {"from": "gpt", "value": "I am a bot."},
+            "rejected": {"from": "gpt", "value": "Blue."},
+        },
+    ],
+    ids=["text", "conversational", "whole-conversations", "alpaca", "sharegpt"],
+)
+def test_every_preference_format_reads_as_the_same_pair(record):
+    assert read_pair(record) == {"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED}
+
+
+@pytest.mark.parametrize(
+    ("record", "says"),
+    [
+        ({"prompt": "Hi", "chosen": "Hello"}, "no 'rejected' field"),
+        ({"prompt": "Hi", "chosen": "Hello", "rejected": " "}, "'rejected' is empty"),
+        ({"prompt": "Hi", "chosen": "Hello", "rejected": "Hello"}, "are the same"),
+        (
+            {"chosen": PROMPT + CHOSEN, "rejected": [{"role": "user", "content": "Other?"}, *REJECTED]},
+            "differ before their last turn",
+        ),
+        (
+            {"prompt": "Hi", "chosen": [{"role": "robot", "content": "x"}], "rejected": "y"},
+            "'chosen' must be",
+        ),
+    ],
+)
+def test_a_bad_row_is_refused_with_what_is_wrong(record, says):
+    with pytest.raises(ValueError, match=says):
+        read_pair(record)
+
+
+def test_bad_rows_are_named_by_file_and_line_and_unpaired_rows_refused_for_a_paired_loss():
+    records = [
+        ({"prompt": "Hi", "chosen": "Hello", "rejected": "Go"}, "prefs.jsonl:1"),
+        ({"prompt": "Hi", "chosen": "Hello"}, "prefs.jsonl:2"),
+        ({"prompt": "Hi", "completion": "Hello", "label": True}, "prefs.jsonl:3"),
+        (ValueError("not valid JSON"), "prefs.jsonl:4"),
+    ]
+    with pytest.raises(AlignError) as refused:
+        read_pairs(records)
+    message = str(refused.value)
+    assert "prefs.jsonl:1" not in message
+    assert "prefs.jsonl:2: no 'rejected'" in message and "prefs.jsonl:4: not valid JSON" in message
+    assert "prefs.jsonl:3: an unpaired row" in message
+    assert read_pairs(records[2:3], paired=False)[0]["label"] is True
+
+
+def test_only_the_response_is_learned_and_a_long_pair_names_the_length_to_set(tiny_base):
+    tokenizer = load_tokenizer(tiny_base)
+    seq = response_sequence(PROMPT, CHOSEN, tokenizer)
+    prompt_text = tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
+    prompt_only = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    assert list(seq[: len(prompt_only)]) == list(prompt_only)
+    assert not any(seq.mask[: len(prompt_only)]) and all(seq.mask[len(prompt_only) : len(prompt_only) + 3])
+    pair = {**read_pair({"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED}), "where": "p.jsonl:7"}
+    with pytest.raises(AlignError, match=rf"p.jsonl:7 \({len(seq)}\).*raise data.max_length to {len(seq)}"):
+        pair_sequences([pair], tokenizer, max_length=len(seq) - 1)
+
+
+def random_pairs(count: int, vocab: int, seed: int = 0) -> list[tuple[Sequence, Sequence]]:
+    """Pairs sharing a prompt per pair, responses of different lengths, only responses learned."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(count):
+        prompt = torch.randint(3, vocab, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+        responses = []
+        for _ in range(2):
+            answer = torch.randint(
+                3, vocab, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g
+            ).tolist()
+            responses.append(Sequence(prompt + answer, [0] * len(prompt) + [1] * len(answer)))
+        pairs.append(tuple(responses))
+    return pairs
+
+
+def lora_model(tiny_base, seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    # random A and B: a LoRA that already moves the logits, so the policy differs from the reference
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(model, config)
+
+
+def scored(model, pairs, pad_id, packed: bool) -> dict:
+    """Per-pair summed log-probs and lengths: all responses in one packed row, or each alone."""
+    seqs = [s for pair in pairs for s in pair]
+    if packed:
+        sums, counts = sequence_logps(model, seqs, pad_id, packed=True)
+    else:
+        each = [sequence_logps(model, [s], pad_id, packed=False) for s in seqs]
+        sums, counts = torch.cat([s for s, _ in each]), torch.cat([c for _, c in each])
+    return {
+        "chosen": sums[0::2],
+        "rejected": sums[1::2],
+        "chosen_tokens": counts[0::2],
+        "rejected_tokens": counts[1::2],
+    }
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_loss_and_every_lora_gradient_on_packed_rows_equal_the_pairs_scored_one_by_one(
+    tiny_base, method
+):
+    from lmtune.train.kernels import register_varlen_attention
+
+    tokenizer = load_tokenizer(tiny_base)
+    pairs = random_pairs(5, tokenizer.vocab_size)
+    results = []
+    for packed in (True, False):
+        model = lora_model(tiny_base)
+        if packed:
+            model.get_base_model().set_attn_implementation(register_varlen_attention())
+        with torch.no_grad(), model.disable_adapter():
+            reference = scored(model, pairs, tokenizer.pad_token_id, packed)
+        policy = scored(model, pairs, tokenizer.pad_token_id, packed)
+        loss, stats = preference_loss(method, policy, reference, beta=0.5, label_smoothing=0.1, gamma=0.3)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), stats, grads))
+    (packed_loss, packed_stats, packed_grads), (alone_loss, alone_stats, alone_grads) = results
+    assert packed_grads and all(g.abs().sum() > 0 for g in packed_grads.values())
+    torch.testing.assert_close(packed_loss, alone_loss, rtol=1e-5, atol=1e-7)
+    # each gradient as a whole within 1e-5 of the other (elementwise, entries near zero differ in
+    # their last fp32 bits: summation order)
+    relative = {
+        n: float((g - alone_grads[n]).norm() / alone_grads[n].norm()) for n, g in packed_grads.items()
+    }
+    assert max(relative.values()) < 1e-5, max(relative.items(), key=lambda item: item[1])
+    for name, value in packed_stats.items():
+        torch.testing.assert_close(
+            value, alone_stats[name], rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
+def logps_batch(count: int = 6, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, 40, (2, count), generator=g)
+    logps = -torch.rand((2, count), generator=g) * tokens * 2
+    return {
+        "chosen": logps[0],
+        "rejected": logps[1],
+        "chosen_tokens": tokens[0],
+        "rejected_tokens": tokens[1],
+    }
+
+
+def test_simpo_and_orpo_equal_trls_cpo_and_orpo_losses():
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    batch = logps_batch()
+    mean_c = batch["chosen"] / batch["chosen_tokens"]
+    mean_r = batch["rejected"] / batch["rejected_tokens"]
+    trainer = SimpleNamespace(
+        beta=2.0, label_smoothing=0.1, simpo_gamma=0.5, alpha=0.0, loss_type="simpo",
+        accelerator=SimpleNamespace(device=torch.device("cpu")),
+    )  # fmt: skip
+    theirs, _, _ = CPOTrainer.cpo_loss(trainer, mean_c, mean_r)
+    ours, _ = preference_loss("simpo", batch, None, beta=2.0, label_smoothing=0.1, gamma=0.5)
+    torch.testing.assert_close(ours, theirs.mean())
+
+    trainer.beta = 0.25
+    ratio_losses, *_ = ORPOTrainer.odds_ratio_loss(trainer, mean_c, mean_r)
+    nll = -batch["chosen"].sum() / batch["chosen_tokens"].sum()  # trl's token-mean NLL of the chosen
+    ours, _ = preference_loss("orpo", batch, None, beta=0.25)
+    torch.testing.assert_close(ours, nll - ratio_losses.mean())
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_and_ipo_equal_trls_dpo_trainer_on_the_same_batch(tiny_base, tmp_path, loss_type):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = load_tokenizer(tiny_base)
+    model = lora_model(tiny_base)
+    rows = [
+        {"prompt": "To be, or", "chosen": " not to be", "rejected": " the question"},
+        {"prompt": "HAMLET:", "chosen": " Whether tis nobler in the mind", "rejected": " slings"},
+        {"prompt": "The", "chosen": " slings and arrows", "rejected": " outrageous fortune, or to"},
+    ]
+    args = DPOConfig(
+        output_dir=str(tmp_path), beta=0.3, loss_type=[loss_type], report_to=[], use_cpu=True, bf16=False,
+        per_device_train_batch_size=len(rows), max_steps=1,
+    )  # fmt: skip
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+    model = trainer.model  # the PeftModel trl trains (it adds a frozen copy of the adapter as "ref")
+    # trl's reference is that copy ("ref"); move the policy away from it
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B.default" in name:
+                weight.add_(torch.randn_like(weight) * 0.05)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    theirs = trainer.compute_loss(trainer.model, batch)
+
+    # the very token ids and response masks trl built, as lmtune's sequences, in one packed row
+    from lmtune.train.kernels import register_varlen_attention
+
+    seqs = []
+    for ids, keep, learned in zip(
+        batch["input_ids"], batch["attention_mask"], batch["completion_mask"], strict=True
+    ):
+        n = int(keep.sum())
+        seqs.append(Sequence(ids[:n].tolist(), learned[:n].tolist()))
+    # trl's batch is [chosen..., rejected...]
+    pairs = list(zip(seqs[: len(rows)], seqs[len(rows) :], strict=True))
+    model.get_base_model().set_attn_implementation(register_varlen_attention())
+    with torch.no_grad():
+        model.set_adapter("ref")
+        reference = scored(model, pairs, tokenizer.pad_token_id, packed=True)
+        model.set_adapter("default")
+        policy = scored(model, pairs, tokenizer.pad_token_id, packed=True)
+    assert not torch.allclose(policy["chosen"], reference["chosen"])
+    ours, _ = preference_loss("dpo" if loss_type == "sigmoid" else "ipo", policy, reference, beta=0.3)
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
