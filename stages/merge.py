@@ -26,11 +26,11 @@ PARAMS = ("data.max_length", "merge")  # as in dvc.yaml: what this stage reads
 
 def run(cfg) -> dict:
     paths = cfg.paths
-    tokenizer = load_tokenizer(paths.adapter)
+    tokenizer = load_tokenizer(paths.tuned)
     dtype = DTYPES[cfg.merge.dtype]
     on = placement(paths.base, dtype, cfg.merge.device)
     print(f"merging in {cfg.merge.dtype} on {on}", flush=True)
-    model = load_base_with_adapter(paths.base, paths.adapter, dtype, on=on)
+    model = load_base_with_adapter(paths.base, paths.tuned, dtype, on=on)
     seqs = read_sequences(paths.processed, "validation")[: cfg.merge.check_passages]
     batch = collate(seqs, tokenizer.pad_token_id)
     inputs = {"input_ids": batch["input_ids"].to(on), "attention_mask": batch["attention_mask"].to(on)}

@@ -229,6 +229,35 @@ class Sample:
     dtype: str = one_of(*DTYPE_NAMES)
 
 
+ALIGN_METHODS = ("none", "dpo", "ipo", "simpo", "orpo")  # none, then lmtune.align.losses.METHODS
+
+
+@dataclass
+class AlignStages:
+    reference: list[str] = MISSING  # dvc.yaml makes one `reference` stage per item: [] or [start]
+    align: list[str] = MISSING  # and one `align` stage per item: [] or [method]
+
+
+@dataclass
+class Align:
+    method: str = one_of(*ALIGN_METHODS)
+    start: str = one_of("sft", "base")
+    source: str = one_of("chatterbot", "files")
+    files: list[str] = MISSING
+    test_fraction: float = within(0, 1, low_in=False, high_in=False)
+    beta: float = within(0, low_in=False)
+    label_smoothing: float = within(0, 0.5, high_in=False)
+    gamma: float = within(0)
+    max_steps: int = positive()
+    batch_size: int = positive()
+    grad_accum: int = positive()
+    lr: float = within(0, 1, low_in=False, high_in=True)
+    warmup_steps: int = within(0)
+    max_grad_norm: float = within(0, low_in=False)
+    checkpoint_every: int = positive()
+    stages: AlignStages = MISSING
+
+
 @dataclass
 class Paths:
     raw: str = MISSING
@@ -236,6 +265,9 @@ class Paths:
     base: str = MISSING
     adapter: str = MISSING
     checkpoints: str = MISSING
+    pairs: str = MISSING
+    aligned: str = MISSING
+    tuned: str = MISSING  # the adapter merge, eval and sample take: adapter, or aligned after align
     merged: str = MISSING
     quantized: str = MISSING
     metrics: str = MISSING
@@ -259,6 +291,7 @@ class Config:
     quantize: Quantize = MISSING
     eval: Eval = MISSING
     sample: Sample = MISSING
+    align: Align = MISSING
     paths: Paths = MISSING
     tracking: Tracking = MISSING
 
@@ -403,8 +436,32 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
         problems.append(f"data.stride={cfg.data.stride}: must be in 1..data.max_length={cfg.data.max_length}")
     if cfg.data.sample_prompts is not None and not cfg.data.sample_prompts:
         problems.append("data.sample_prompts: give at least one prompt, or null for the test split's")
+    problems += _align_problems(cfg)
     if problems:
         raise ConfigError(f"{source}: invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _align_problems(cfg: DictConfig) -> list[str]:
+    """The align group sets the method, the DVC stages it adds and the adapter downstream stages
+    take, together: a key form that sets one of them alone would leave the pipeline half-switched."""
+    a, on = cfg.align, cfg.align.method != "none"
+    expected = {
+        "align.stages.reference": [a.start] if on else [],
+        "align.stages.align": [a.method] if on else [],
+        "paths.tuned": cfg.paths.aligned if on else cfg.paths.adapter,
+    }
+    problems = [
+        f"{key}={OmegaConf.select(cfg, key)}: align.method={a.method} needs {want}; switch with the group "
+        f"(align={a.method}), which sets them together, rather than align.method alone"
+        for key, want in expected.items()
+        if (list(OmegaConf.select(cfg, key)) if key.startswith("align.") else OmegaConf.select(cfg, key))
+        != want
+    ]
+    if a.source == "files" and not a.files:
+        problems.append(
+            "align.files: list your preference files or globs (data/own/*.jsonl) for align.source=files"
+        )
+    return problems
 
 
 def validate(cfg: DictConfig | dict, source: str = PARAMS_FILE) -> DictConfig:
@@ -501,7 +558,14 @@ def select(cfg: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
 # leaves them out, and dvc.yaml reruns no stage for them (tests/unit/test_architecture.py holds the
 # two together). A change of thread count can move floating-point rounding, as another CPU would;
 # it is not a change of configuration.
-NO_OUTPUT_KEYS = ("tracking", "train.threads", "train.checkpoint_every", "train.keep_checkpoints")
+NO_OUTPUT_KEYS = (
+    "tracking",
+    "train.threads",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "align.checkpoint_every",
+    "align.stages",  # which DVC stages exist (set with align.method by the group), not what they write
+)
 
 
 def without_no_output_keys(values: dict) -> dict:

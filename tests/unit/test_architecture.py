@@ -12,7 +12,11 @@ from omegaconf import OmegaConf
 from lmtune.config import NO_OUTPUT_KEYS, flatten, identity, select
 
 MODULES = sorted(PACKAGE.rglob("*.py"))
-STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+# a `foreach` stage (align's) as its `do` template
+STAGES = {
+    name: spec.get("do", spec)
+    for name, spec in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()
+}
 PARAMS = OmegaConf.create((ROOT / "params.yaml").read_text())
 # They change no stage output (where results are logged, how commands and errors print): no stage
 # depends on them.

@@ -29,10 +29,16 @@ from lmtune.train import distributed
 Stage = Callable[[DictConfig], dict]
 
 
+def stage_spec(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> dict:
+    """A stage's entry in dvc.yaml (for a `foreach` stage, such as align's, its `do` template)."""
+    spec = yaml.safe_load(dvc_yaml.read_text())["stages"][stage]
+    return spec.get("do", spec)
+
+
 def stage_inputs(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> set[str]:
     """The `paths` keys a stage reads (its `${paths.X}` deps in dvc.yaml): they need not be writable."""
     try:
-        deps = yaml.safe_load(dvc_yaml.read_text())["stages"][stage].get("deps", [])
+        deps = stage_spec(stage, dvc_yaml).get("deps", [])
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return set()
     return {m[1] for d in deps if (m := re.fullmatch(r"\$\{paths\.(\w+)\}", str(d)))}
@@ -41,7 +47,7 @@ def stage_inputs(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> set[str]:
 def stage_params(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
     """The params.yaml keys DVC records for a stage (its `params:` in dvc.yaml)."""
     try:
-        return [str(k) for k in yaml.safe_load(dvc_yaml.read_text())["stages"][stage].get("params", [])]
+        return [str(k) for k in stage_spec(stage, dvc_yaml).get("params", [])]
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return []
 
@@ -84,7 +90,7 @@ def changed_under(stage: str, before: dict) -> str | None:
 def stage_folders(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
     """The `paths` keys of the folders a stage writes (its `${paths.X}` outs in dvc.yaml)."""
     try:
-        outs = yaml.safe_load(dvc_yaml.read_text())["stages"][stage].get("outs", [])
+        outs = stage_spec(stage, dvc_yaml).get("outs", [])
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return []
     return [m[1] for o in outs if isinstance(o, str) and (m := re.fullmatch(r"\$\{paths\.(\w+)\}", o))]

@@ -324,7 +324,7 @@ def _row(record: dict, cfg: DictConfig) -> dict:
     return {"messages": messages}
 
 
-def _records(cfg: DictConfig) -> list[tuple[dict, str]]:
+def records(cfg: DictConfig) -> list[tuple[dict, str]]:
     """(record, where it came from: file:row) for the configured source."""
     if cfg.source == "hub":
         return [(dict(r), f"{cfg.hub_id}[{i}]") for i, r in enumerate(_hub(cfg))]
@@ -370,12 +370,12 @@ def _none_readable(records: list[tuple[dict | ValueError, str]], source: str, cf
 
 def _user_rows(cfg: DictConfig, dropped: Counter) -> list[dict]:
     """Your files or a hub data set, row by row: a malformed row stops, naming it, or is counted."""
-    rows, records = [], _records(cfg)
-    for record, where in records:
+    rows, read = [], records(cfg)
+    for record, where in read:
         try:
             rows.append({**_read(record, cfg), "source": _source(where)})
         except ValueError as err:
-            if cfg.on_bad_row == "error" and _none_readable(records, _source(where), cfg):
+            if cfg.on_bad_row == "error" and _none_readable(read, _source(where), cfg):
                 raise DataError(
                     f"{where}: {err}. No row of {_source(where)} can be read with these settings, so fix "
                     "the setting this names, or the file (data.on_bad_row=skip would drop every row)"

@@ -115,7 +115,7 @@ def train(
     tc = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = _optimizer(params, tc, processes)
-    autocast, scaler = _precision(cfg)
+    autocast, scaler = precision(cfg)
     initial = lora_state(model)  # LoRA init is seeded, so this holds after a resume too
     state, resumed_from = _start_or_resume(
         checkpoint_dir, fingerprint(cfg, train_seqs), model, optimizer, scheduler, scaler, tc.max_steps
@@ -226,7 +226,7 @@ def _optimizer(params: list, tc: DictConfig, processes: int):
     return optimizer, get_cosine_schedule_with_warmup(optimizer, tc.warmup_steps, tc.max_steps)
 
 
-def _precision(cfg: DictConfig):
+def precision(cfg: DictConfig):
     """The autocast context and the gradient scaler for the base's compute dtype.
 
     LoRA weights stay fp32 for the optimizer while the base computes in 16 bits. Under autocast

@@ -1,0 +1,204 @@
+"""Preference training of a LoRA adapter on the quantized base: the starting policy loaded, the
+reference log-probabilities computed once (the `reference` stage, cached by DVC) and read back,
+seeded batches of pairs, exact resume from checkpoints, and the held-out pairs scored before and
+after."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from lmtune.align.logps import sequence_logps
+from lmtune.align.losses import NEEDS_REFERENCE, preference_loss
+from lmtune.config import identity
+from lmtune.data.batching import batch_indices
+from lmtune.model.load import load_for_training
+from lmtune.model.lora import add_lora, lora_state
+from lmtune.train import TrainingError
+from lmtune.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmtune.train.exact_path import choose_exact_path
+from lmtune.train.kernels import register_varlen_attention
+from lmtune.train.loop import precision
+
+SCORE_PAIRS = 16  # pairs per forward pass when scoring without gradients
+
+
+def start_policy(cfg: DictConfig, trainable: bool):
+    """The quantized base as training sees it, with the SFT adapter (align.start=sft) or a fresh
+    LoRA (start=base), and whether its pairs go in packed rows (the family's exact path)."""
+    from peft import PeftModel
+
+    base = load_for_training(cfg.paths.base, cfg.quant, gradient_checkpointing=False)
+    if cfg.align.start == "sft":
+        model = PeftModel.from_pretrained(base, str(cfg.paths.adapter), is_trainable=trainable)
+    else:
+        model = add_lora(base, cfg.lora, cfg.seed)
+    settled, attention, _ = choose_exact_path(model, cfg)
+    packed = bool(settled.train.packing) and settled.train.attention == "varlen"
+    model.get_base_model().set_attn_implementation(
+        register_varlen_attention() if packed else attention or "sdpa"
+    )
+    return model, packed
+
+
+@torch.no_grad()
+def score_pairs(model, pairs: list[tuple], pad_id: int, packed: bool, desc: str) -> dict[str, np.ndarray]:
+    """Summed log-probabilities and lengths of every pair's chosen and rejected response."""
+    was_training = model.training
+    model.eval()
+    out = {k: [] for k in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")}
+    for start in tqdm(range(0, len(pairs), SCORE_PAIRS), desc=desc, unit="batch", dynamic_ncols=True):
+        batch = pairs[start : start + SCORE_PAIRS]
+        sums, counts = sequence_logps(model, [s for pair in batch for s in pair], pad_id, packed)
+        out["chosen"] += sums[0::2].tolist()
+        out["rejected"] += sums[1::2].tolist()
+        out["chosen_tokens"] += counts[0::2].tolist()
+        out["rejected_tokens"] += counts[1::2].tolist()
+    model.train(was_training)
+    return {k: np.asarray(v, dtype=np.float64 if "tokens" not in k else np.int64) for k, v in out.items()}
+
+
+def train_preferences(
+    model,
+    pairs: list[tuple],
+    reference: dict[str, np.ndarray],
+    cfg: DictConfig,
+    packed: bool,
+    checkpoint_dir: Path,
+    pad_id: int,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Train the LoRA parameters on `pairs` ((chosen, rejected) Sequences) against the reference
+    log-probabilities; returns the curve and the last step's statistics."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    a = cfg.align
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, a.warmup_steps, a.max_steps)
+    autocast, scaler = precision(cfg)
+    initial = lora_state(model)
+    fp = _fingerprint(cfg, pairs)
+    state = {"step": 0, "fingerprint": fp, "curve": [], "tokens": 0, "seconds": 0.0}
+    resumed_from = None
+    if checkpoint := latest_checkpoint(checkpoint_dir, fp):
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
+        resumed_from = state["step"]
+        print(f"resuming from {checkpoint} (step {resumed_from} of {a.max_steps})")
+    ref = {k: torch.as_tensor(v) for k, v in reference.items()}
+    model.train()
+    bar = tqdm(total=a.max_steps, initial=state["step"], desc="align", unit="step", dynamic_ncols=True)
+    while state["step"] < a.max_steps:
+        started, step = time.perf_counter(), state["step"]
+        totals: dict[str, float] = {}
+        tokens = 0
+        for micro in range(a.grad_accum):
+            picked = batch_indices(len(pairs), a.batch_size, cfg.seed, step * a.grad_accum + micro)
+            seqs = [s for i in picked for s in pairs[i]]
+            with autocast:
+                sums, counts = sequence_logps(model, seqs, pad_id, packed)
+            policy = {
+                "chosen": sums[0::2].float(),
+                "rejected": sums[1::2].float(),
+                "chosen_tokens": counts[0::2],
+                "rejected_tokens": counts[1::2],
+            }
+            reference_batch = (
+                {k: v[picked].to(sums.device) for k, v in ref.items()}
+                if a.method in NEEDS_REFERENCE
+                else None
+            )
+            loss, stats = preference_loss(
+                a.method, policy, reference_batch, a.beta, a.label_smoothing, a.gamma
+            )
+            scaler.scale(loss / a.grad_accum).backward()
+            totals["loss"] = totals.get("loss", 0.0) + float(loss) / a.grad_accum
+            for name, values in stats.items():
+                totals[name] = totals.get(name, 0.0) + float(values.float().mean()) / a.grad_accum
+            tokens += sum(len(s) for s in seqs)
+        if not math.isfinite(totals["loss"]):
+            raise TrainingError(
+                f"preference loss is {totals['loss']} at step {step + 1}; training stopped. The last good "
+                f"checkpoint stays in {checkpoint_dir}. Try a lower align.lr or align.beta."
+            )
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] = step = step + 1
+        state["tokens"] += tokens
+        state["seconds"] += time.perf_counter() - started
+        record = {**totals, "lr": scheduler.get_last_lr()[0]}
+        state["curve"].append({"step": step, **record})
+        if on_step:
+            on_step(step, record)
+        bar.set_postfix(loss=f"{totals['loss']:.3f}", acc=f"{totals['rewards/accuracies']:.2f}")
+        bar.update(1)
+        if step % a.checkpoint_every == 0 and step < a.max_steps:
+            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, scaler, state, keep=2)
+    bar.close()
+    final = lora_state(model)
+    if unchanged := [n for n, v in final.items() if torch.equal(v, initial[n])]:
+        raise TrainingError(f"{len(unchanged)} LoRA matrices never changed, e.g. {unchanged[:3]}")
+    return {
+        "steps": state["step"],
+        "resumed_from_step": resumed_from,
+        "final": state["curve"][-1],
+        "train_tokens": state["tokens"],
+        "train_seconds": state["seconds"],
+        "tokens_per_second": state["tokens"] / max(state["seconds"], 1e-9),
+        "curve": state["curve"],
+    }
+
+
+def _fingerprint(cfg: DictConfig, pairs: list[tuple]) -> str:
+    """What a checkpoint must match to be resumed: the config that shapes this training and the pairs."""
+    digest = hashlib.sha256(identity(cfg, ("seed", "model", "quant", "lora", "align")).encode())
+    for pair in pairs:
+        for seq in pair:
+            digest.update(
+                np.asarray(seq, dtype=np.int64).tobytes() + np.asarray(seq.mask, dtype=np.int8).tobytes()
+            )
+    return digest.hexdigest()[:16]
+
+
+def held_out_scores(
+    policy: dict[str, np.ndarray], reference: dict[str, np.ndarray], beta: float, resamples: int, seed: int
+) -> dict[str, dict]:
+    """On held-out pairs, with 95% bootstrap intervals: preference accuracy (the share of pairs whose
+    chosen response is the more likely one, summed and per token), the mean margin of summed
+    log-probabilities, and the implicit reward accuracy against the reference (zero margin, so 0 for
+    the reference itself)."""
+    per_token = lambda side, d: d[side] / np.maximum(d[f"{side}_tokens"], 1)  # noqa: E731
+    margin = policy["chosen"] - policy["rejected"]
+    reward_margin = beta * (
+        (policy["chosen"] - reference["chosen"]) - (policy["rejected"] - reference["rejected"])
+    )
+    values = {
+        "preference_accuracy": (margin > 0).astype(float),
+        "preference_accuracy_per_token": (per_token("chosen", policy) > per_token("rejected", policy)).astype(
+            float
+        ),
+        "mean_margin": margin,
+        "reward_accuracy": (reward_margin > 0).astype(float),
+        "mean_reward_margin": reward_margin,
+    }
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(margin), size=(resamples, len(margin)))
+    return {
+        name: {
+            "value": float(v.mean()),
+            "ci95": [float(x) for x in np.percentile(v[draws].mean(axis=1), [2.5, 97.5])],
+        }
+        for name, v in values.items()
+    }

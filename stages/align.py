@@ -1,0 +1,67 @@
+"""Preference-tune a LoRA adapter (DPO, IPO, SimPO or ORPO) on the quantized base → models/aligned.
+
+    python stages/align.py [key=value ...]    # runs when align != none: make run ARGS="align=dpo align.beta=0.2"
+
+Starts from the SFT adapter (align.start=sft) or a fresh one on the base, trains on the pairs of
+data/pairs against the reference log-probabilities stored there, with many pairs' chosen and
+rejected responses packed in one row. Each step's loss, rewards, margins and reward accuracy reach
+the pipeline's MLflow run; killed midway, it resumes from its last checkpoint. metrics/align.json
+holds the curve and the held-out pairs scored by the reference and by the tuned adapter.
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from lmtune.align.data import read_split
+from lmtune.align.loop import held_out_scores, score_pairs, start_policy, train_preferences
+from lmtune.artifacts import atomic_dir, save_config, write_json
+from lmtune.checkpoint import load_tokenizer, save_tokenizer
+from lmtune.cli.runner import run_stage
+from lmtune.model.lora import save_adapter
+from lmtune.track import runs as tracking
+
+PARAMS = ("seed", "quant", "lora", "align")  # as in dvc.yaml: what this stage reads
+
+
+def run(cfg) -> dict:
+    paths, a = cfg.paths, cfg.align
+    tokenizer = load_tokenizer(paths.base)
+    train_pairs, train_reference = read_split(paths.pairs, "train")
+    test_pairs, test_reference = read_split(paths.pairs, "test")
+    model, packed = start_policy(cfg, trainable=True)
+    checkpoints = Path(paths.checkpoints) / "align"
+    result = train_preferences(
+        model,
+        train_pairs,
+        train_reference,
+        cfg,
+        packed,
+        checkpoints,
+        tokenizer.pad_token_id,
+        tracking.step_logger(),
+    )
+    tuned = score_pairs(model, test_pairs, tokenizer.pad_token_id, packed, "held-out pairs")
+    held_out = {
+        "reference": held_out_scores(test_reference, test_reference, a.beta, 1000, cfg.seed),
+        "aligned": held_out_scores(tuned, test_reference, a.beta, 1000, cfg.seed),
+    }
+    with atomic_dir(paths.aligned) as out:
+        save_adapter(model, out)
+        save_tokenizer(tokenizer, out)
+        save_config(cfg, out, PARAMS)
+    metrics_dir = Path(paths.metrics)
+    pd.DataFrame(result.pop("curve")).to_csv(metrics_dir / "align_loss.csv", index=False)
+    metrics = {**result, "method": a.method, "start": a.start, "packed": packed, "held_out": held_out}
+    write_json(metrics_dir / "align.json", metrics)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the adapter is safe; resume state is not needed
+    return {
+        "final_loss": result["final"]["loss"],
+        "held_out_preference_accuracy": {k: v["preference_accuracy"]["value"] for k, v in held_out.items()},
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(run))

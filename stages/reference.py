@@ -1,0 +1,77 @@
+"""Preference pairs, rendered and split, with the reference's log-probability of every response → data/pairs.
+
+    python stages/reference.py [key=value ...]    # runs when align != none: make run ARGS="align=dpo"
+
+The reference is the starting policy (align.start: the quantized base with the SFT adapter, or the
+base alone), scored once here and cached by DVC: a change of align.beta or align.method reruns only
+the `align` stage. Pairs whose question the SFT data holds out (its validation and test questions)
+stay held out here too. metrics/reference.json counts the pairs and gives the reference's own
+preference accuracy on the held-out ones.
+"""
+
+import sys
+from pathlib import Path
+
+from lmtune.align.data import load_pairs, split_pairs, write_split
+from lmtune.align.loop import held_out_scores, score_pairs, start_policy
+from lmtune.align.pairs import pair_sequences
+from lmtune.artifacts import atomic_dir, save_config, write_json
+from lmtune.checkpoint import load_tokenizer
+from lmtune.cli.runner import run_stage
+from lmtune.data.sequences import read_prompts
+
+# as in dvc.yaml: what this stage reads
+PARAMS = (
+    "seed",
+    "data.max_length",
+    "quant",
+    "lora",
+    "align.start",
+    "align.source",
+    "align.files",
+    "align.test_fraction",
+)
+
+
+def run(cfg) -> dict:
+    paths, a = cfg.paths, cfg.align
+    tokenizer = load_tokenizer(paths.base)
+    held_out = {
+        q["question"].strip()
+        for name in ("validation", "test")
+        for q in read_prompts(paths.processed, name)
+        if q["question"]
+    }
+    splits = split_pairs(load_pairs(cfg), a.test_fraction, cfg.seed, held_out)
+    seqs = {name: pair_sequences(pairs, tokenizer, cfg.data.max_length) for name, pairs in splits.items()}
+    model, packed = start_policy(cfg, trainable=False)  # every pair is checked before the model loads
+    scores = {
+        name: score_pairs(model, s, tokenizer.pad_token_id, packed, f"reference {name}")
+        for name, s in seqs.items()
+    }
+    with atomic_dir(paths.pairs) as out:
+        for name, pairs in splits.items():
+            write_split(out, name, pairs, seqs[name], scores[name])
+        save_config(cfg, out, PARAMS)
+    test = scores["test"]
+    metrics = {
+        "pairs": {name: len(pairs) for name, pairs in splits.items()},
+        "held_out_because_sft_holds_them_out": sum(
+            p["prompt"][-1]["content"].strip() in held_out for p in splits["test"]
+        ),
+        "response_tokens": {
+            name: int(s["chosen_tokens"].sum() + s["rejected_tokens"].sum()) for name, s in scores.items()
+        },
+        "start": a.start,
+        "packed": packed,
+        "held_out": held_out_scores(test, test, a.beta, 1000, cfg.seed),
+    }
+    write_json(Path(paths.metrics) / "reference.json", metrics)
+    return {
+        "pairs": metrics["pairs"],
+        "preference_accuracy": metrics["held_out"]["preference_accuracy"]["value"],
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(run))
