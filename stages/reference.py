@@ -42,23 +42,30 @@ def run(cfg) -> dict:
         for q in read_prompts(paths.processed, name)
         if q["question"]
     }
-    splits = split_pairs(load_pairs(cfg), a.test_fraction, cfg.seed, held_out)
-    seqs = {name: pair_sequences(pairs, tokenizer, cfg.data.max_length) for name, pairs in splits.items()}
+    # the shipped set leaves out its few long pairs, as prepare does long conversations; yours are refused
+    everything = load_pairs(cfg)
+    pairs, rendered = pair_sequences(
+        everything, tokenizer, cfg.data.max_length, drop_long=a.source == "chatterbot"
+    )
+    rendered = {id(pair): seq for pair, seq in zip(pairs, rendered, strict=True)}
+    splits = split_pairs(pairs, a.test_fraction, cfg.seed, held_out)
+    seqs = {name: [rendered[id(pair)] for pair in split] for name, split in splits.items()}
     model, packed = start_policy(cfg, trainable=False)  # every pair is checked before the model loads
     scores = {
         name: score_pairs(model, s, tokenizer.pad_token_id, packed, f"reference {name}")
         for name, s in seqs.items()
     }
     with atomic_dir(paths.pairs) as out:
-        for name, pairs in splits.items():
-            write_split(out, name, pairs, seqs[name], scores[name])
+        for name, p in splits.items():
+            write_split(out, name, p, seqs[name], scores[name])
         save_config(cfg, out, PARAMS)
     test = scores["test"]
     metrics = {
-        "pairs": {name: len(pairs) for name, pairs in splits.items()},
+        "pairs": {name: len(p) for name, p in splits.items()},
         "held_out_because_sft_holds_them_out": sum(
             p["prompt"][-1]["content"].strip() in held_out for p in splits["test"]
         ),
+        "left_out_longer_than_max_length": len(everything) - len(pairs),
         "response_tokens": {
             name: int(s["chosen_tokens"].sum() + s["rejected_tokens"].sum()) for name, s in scores.items()
         },

@@ -84,6 +84,7 @@ def test_only_the_response_is_learned_and_a_long_pair_names_the_length_to_set(ti
     pair = {**read_pair({"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED}), "where": "p.jsonl:7"}
     with pytest.raises(AlignError, match=rf"p.jsonl:7 \({len(seq)}\).*raise data.max_length to {len(seq)}"):
         pair_sequences([pair], tokenizer, max_length=len(seq) - 1)
+    assert pair_sequences([pair], tokenizer, max_length=len(seq) - 1, drop_long=True) == ([], [])
 
 
 def random_pairs(count: int, vocab: int, seed: int = 0) -> list[tuple[Sequence, Sequence]]:

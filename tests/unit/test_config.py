@@ -170,7 +170,7 @@ def test_the_committed_params_yaml_is_what_conf_composes():
     overrides, ours = read_header(ROOT / "params.yaml")
     assert ours, "params.yaml was edited by hand after `make params`"
     committed = OmegaConf.to_container(OmegaConf.load(ROOT / "params.yaml"))
-    assert committed == OmegaConf.to_container(compose_conf(overrides, conf_dir=CONF)), "run `make params`"
+    assert committed == OmegaConf.to_container(compose_conf(overrides, conf_dir=CONF), resolve=True), "run `make params`"
 
 
 def test_the_config_comments_list_exactly_what_exists():
@@ -188,7 +188,7 @@ def test_the_config_comments_list_exactly_what_exists():
             )
             assert set(listed_options(entry.comment)) == files, (group, entry.comment)
             checked += 1
-    assert checked == 5  # model, data, quantize, quant, experiment
+    assert checked == 6  # model, data, quantize, quant, align, experiment
     for path in sorted(CONF.glob("*/*.yaml")):
         for entry in entries(path):
             if entry.key in CHOICES and (options := listed_options(entry.comment)):

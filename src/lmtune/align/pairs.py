@@ -141,21 +141,26 @@ def response_sequence(prompt: list[dict], response: list[dict], tokenizer) -> Se
     return Sequence(encoded["input_ids"], mask)
 
 
-def pair_sequences(pairs: list[dict], tokenizer, max_length: int) -> list[tuple[Sequence, Sequence]]:
-    """(chosen, rejected) sequences of each pair; pairs longer than max_length are refused, all of
-    them named, with the length that would hold them."""
-    out, long = [], []
+def pair_sequences(
+    pairs: list[dict], tokenizer, max_length: int, drop_long: bool = False
+) -> tuple[list[dict], list[tuple[Sequence, Sequence]]]:
+    """(the pairs kept, their (chosen, rejected) sequences). A pair longer than max_length is
+    refused, every one named with the length that would hold them; or, with `drop_long` (the
+    shipped set), left out."""
+    kept, out, long = [], [], []
     for pair in pairs:
         chosen = response_sequence(pair["prompt"], pair["chosen"], tokenizer)
         rejected = response_sequence(pair["prompt"], pair["rejected"], tokenizer)
         if max(len(chosen), len(rejected)) > max_length:
             long.append((pair["where"], max(len(chosen), len(rejected))))
+            continue
+        kept.append(pair)
         out.append((chosen, rejected))
-    if long:
+    if long and not drop_long:
         longest = max(n for _, n in long)
         raise AlignError(
             f"{len(long)} preference pairs are longer than data.max_length={max_length} tokens, e.g. "
             + ", ".join(f"{where} ({n})" for where, n in long[:5])
             + f": raise data.max_length to {longest}, or shorten or drop them"
         )
-    return out
+    return kept, out

@@ -32,6 +32,8 @@ def entries(path: Path, conf: Path = CONF) -> list[Entry]:
     indented past it, continues it). Keys of `defaults:` keep their group name (`defaults.model`)."""
     rel = path.relative_to(conf)
     section = rel.parts[0] if len(rel.parts) > 1 else ""
+    if path.read_text().startswith("# @package _global_"):  # its keys are written from the top
+        section = ""
     found: list[Entry] = []
     stack: list[tuple[int, str]] = []
     for line in path.read_text().splitlines():
@@ -48,7 +50,7 @@ def entries(path: Path, conf: Path = CONF) -> list[Entry]:
         stack = [(i, k) for i, k in stack if i < indent]
         stack.append((indent, match["key"]))
         dotted = ".".join(k for _, k in stack)
-        key = f"{section}.{dotted}" if section and section != "experiment" else dotted
+        key = f"{section}.{dotted}" if section else dotted
         found.append(Entry(str(rel), key, match["value"].strip(), (match["comment"] or "").strip()))
     return found
 
