@@ -247,3 +247,49 @@ def test_dpo_and_ipo_equal_trls_dpo_trainer_on_the_same_batch(tiny_base, tmp_pat
     assert not torch.allclose(policy["chosen"], reference["chosen"])
     ours, _ = preference_loss("dpo" if loss_type == "sigmoid" else "ipo", policy, reference, beta=0.3)
     torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_preference_training_killed_midway_resumes_to_the_adapter_an_uninterrupted_run_writes(
+    tiny_base, tmp_path, smoke_cfg
+):
+    from omegaconf import OmegaConf
+
+    from lmtune.align.loop import train_preferences
+    from lmtune.model.lora import lora_state
+
+    tokenizer = load_tokenizer(tiny_base)
+    pairs = random_pairs(12, tokenizer.vocab_size, seed=3)
+    cfg = OmegaConf.merge(
+        smoke_cfg,
+        OmegaConf.create(
+            {"align": {"method": "dpo", "max_steps": 4, "batch_size": 3, "checkpoint_every": 2}}
+        ),
+    )
+    cfg.paths.base = str(tiny_base)
+    model = lora_model(tiny_base)
+    with torch.no_grad(), model.disable_adapter():
+        reference = {
+            k: v.numpy() for k, v in scored(model, pairs, tokenizer.pad_token_id, packed=False).items()
+        }
+
+    def trained(folder, on_step=None):
+        model = lora_model(tiny_base)
+        result = train_preferences(
+            model, pairs, reference, cfg, False, folder, tokenizer.pad_token_id, on_step
+        )
+        return result, lora_state(model)
+
+    uninterrupted, expected = trained(tmp_path / "whole")
+
+    def killed(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trained(tmp_path / "killed", killed)
+    resumed, weights = trained(tmp_path / "killed")
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
+    assert resumed["curve"] == uninterrupted["curve"]
+    for name, value in expected.items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=0)
+    assert uninterrupted["final"]["loss"] != pytest.approx(0.6931, abs=1e-4)  # it learned something

@@ -140,6 +140,8 @@ def train_preferences(
         state["seconds"] += time.perf_counter() - started
         record = {**totals, "lr": scheduler.get_last_lr()[0]}
         state["curve"].append({"step": step, **record})
+        # trl's names (rewards/chosen, logps/rejected, ...); loss and lr named apart from SFT's
+        record = {f"align_{k}" if k in ("loss", "lr") else k: v for k, v in record.items()}
         if on_step:
             on_step(step, record)
         bar.set_postfix(loss=f"{totals['loss']:.3f}", acc=f"{totals['rewards/accuracies']:.2f}")

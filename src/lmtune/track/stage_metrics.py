@@ -13,12 +13,14 @@ from lmtune.config import flatten
 METRICS_FILES = {
     "prepare": "prepare.json",
     "train": "train.json",
+    "reference": "reference.json",  # align != none only
+    "align": "align.json",
     "merge": "merge.json",
     "quantize": "quantize.json",
     "eval": "eval.json",
     "sample": "sample.json",
 }
-REPORT_FILES = ("train_loss.csv", "val_loss.csv", "eval.md", "samples.md", "samples.jsonl")
+REPORT_FILES = ("train_loss.csv", "val_loss.csv", "align_loss.csv", "eval.md", "samples.md", "samples.jsonl")
 
 
 def numbers(metrics: dict, prefix: str) -> dict[str, float]:

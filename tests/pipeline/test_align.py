@@ -1,0 +1,88 @@
+"""Preference tuning as pipeline stages, on the smoke profile in a temporary copy of the repo:
+align=dpo adds the reference and align stages after finetune and merge takes the tuned adapter;
+the MLflow run gets the steps' numbers; a new beta or method reruns the training, never the
+reference; align=none is the pipeline as it was."""
+
+import json
+import sys
+
+import mlflow
+import pytest
+import yaml
+from repo_copy import restore, sh, workspace_hash
+
+from lmtune.track import runs as tracking
+
+
+@pytest.fixture(scope="module")
+def aligned(repo):
+    """The smoke pipeline with align=dpo on top of the reproduced SFT, and what `dvc repro` printed."""
+    dest, _ = repo
+    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", "align=dpo", cwd=dest)
+    return dest, sh("dvc", "repro", cwd=dest).stdout
+
+
+def test_dpo_runs_after_the_sft_it_starts_from_and_merge_takes_its_adapter(aligned):
+    dest, printed = aligned
+    assert "Running stage 'finetune'" not in printed  # the SFT adapter is reused
+    for stage in ("reference@sft", "align@dpo", "merge", "eval", "sample"):
+        assert f"Running stage '{stage}'" in printed
+    lock = yaml.safe_load((dest / "dvc.lock").read_text())["stages"]
+    assert "models/aligned" in {d["path"] for d in lock["merge"]["deps"]}
+    assert "data/pairs" in {d["path"] for d in lock["align@dpo"]["deps"]}
+    result = json.loads((dest / "metrics/align.json").read_text())
+    assert result["steps"] == 6 and result["method"] == "dpo" and result["packed"]
+    held_out = result["held_out"]
+    # the reference's implicit reward against itself is zero; the tuned adapter's is not
+    assert held_out["reference"]["mean_reward_margin"]["value"] == 0
+    assert held_out["aligned"]["mean_reward_margin"]["value"] != 0
+    reference = json.loads((dest / "metrics/reference.json").read_text())
+    assert reference["pairs"]["test"] >= 10 and reference["pairs"]["train"] > 100
+    assert sorted(p.name for p in (dest / "data/pairs").iterdir()) == [
+        "config.yaml",
+        "provenance.json",
+        "test.parquet",
+        "train.parquet",
+    ]
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lmtune").experiment_id
+    (run,) = [
+        r
+        for r in client.search_runs([experiment])
+        if r.data.tags.get(tracking.PARAMS_HASH_TAG) == workspace_hash(dest)
+    ]
+    assert run.data.params["align.method"] == "dpo"
+    steps = client.get_metric_history(run.info.run_id, "rewards/accuracies")
+    assert [m.step for m in steps] == [1, 2, 3, 4, 5, 6]
+    assert {"align.held_out.aligned.preference_accuracy.value", "reference.pairs.test"} <= set(
+        run.data.metrics
+    )
+
+
+@pytest.mark.parametrize("change", [["align.beta=0.3"], ["align=ipo"]], ids=["beta", "method"])
+def test_a_new_beta_or_method_retrains_but_never_rescores_the_reference(aligned, change):
+    dest, _ = aligned
+    sh(
+        sys.executable,
+        "-m",
+        "lmtune.cli.params",
+        "--force",
+        "experiment=smoke",
+        "align=dpo",
+        *change,
+        cwd=dest,
+    )
+    printed = sh("dvc", "repro", cwd=dest).stdout
+    assert "Running stage 'reference@sft'" not in printed
+    assert "Running stage 'align@" in printed and "Running stage 'merge'" in printed
+    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", "align=dpo", cwd=dest)
+    sh("dvc", "repro", cwd=dest)  # back to the module's state: restored from DVC's run cache
+
+
+def test_align_none_is_the_pipeline_as_it_was(repo, aligned):
+    dest, _ = aligned
+    restore(dest)  # the smoke profile as committed: align=none
+    stages = sh("dvc", "stage", "list", cwd=dest).stdout
+    assert "reference" not in stages and "align" not in stages
+    assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=dest).stdout
