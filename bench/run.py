@@ -1,6 +1,7 @@
 """`make bench`: the usual QLoRA recipe and lmtune's finetune, one after the other on this machine,
 same model, data, LoRA config, sequence length, batch and steps. Prints both sides and the ratios;
-then generation, and eval's likelihood pass on every model form (bench/likelihood.py); writes
+then generation, eval's likelihood pass on every model form (bench/likelihood.py), and preference
+tuning, trl's DPOTrainer against lmtune's align loop (bench/preference.py); writes
 metrics/bench.json and bench/RESULTS.md.
 
     python bench/run.py --steps 10
@@ -93,6 +94,16 @@ def main() -> None:
             [sys.executable, str(HERE / "likelihood.py"), "--out", out.name, *overrides], check=True, cwd=ROOT
         )
         likelihood = json.loads(Path(out.name).read_text())
+    print("== preference tuning: trl's DPOTrainer vs lmtune's align loop", flush=True)
+    preference = []
+    for side in ("trl", "lmtune"):
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            subprocess.run(
+                [sys.executable, str(HERE / "preference.py"), "--side", side, "--out", out.name, *overrides],
+                check=True,
+                cwd=ROOT,
+            )
+            preference.append(json.loads(Path(out.name).read_text()))
     peak = matmul_gflops()
     baseline = rows[0]
     for row in rows:
@@ -112,6 +123,7 @@ def main() -> None:
         "sides": rows,
         "generation": generation,
         "likelihood": likelihood,
+        "preference": preference,
     }
     (ROOT / "metrics").mkdir(exist_ok=True)
     (ROOT / "metrics" / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -139,6 +151,23 @@ def main() -> None:
             f"| {r['model']} | {r['whole_logits_tokens_per_second']:.0f} | {r['tokens_per_second']:.0f} | "
             f"{r['speedup']:.2f}x | {r['share_of_matmul_peak']:.0%} | {r['perplexity_relative_difference']:.1e} | "
             f"{r['top1_hits_differing']} |"
+        )
+    usual = preference[0]
+    table += [
+        "",
+        f"Preference tuning (DPO, a fresh adapter on the same NF4 base, {usual['steps']} steps of "
+        f"{usual['pairs_per_step']} pairs of the shipped set): trl's DPOTrainer with peft, which computes the "
+        "reference at every step, against lmtune's align loop, packed, with the reference scored once "
+        "beforehand (the reference stage's work, timed apart):",
+        "",
+        "| side | useful tokens | useful tokens/s | reference scored once, s | peak GiB | speed vs trl | last step's reward accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in preference:
+        table.append(
+            f"| {r['side']} | {r['useful_tokens']} | {r['useful_tokens_per_second']:.0f} | {r['reference_seconds']:.1f} | "
+            f"{r['peak_memory_gib']:.1f} | {r['useful_tokens_per_second'] / usual['useful_tokens_per_second']:.2f}x | "
+            f"{r['final_reward_accuracy']:.2f} |"
         )
     text = "\n".join(table)
     print(text)

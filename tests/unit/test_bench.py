@@ -73,3 +73,24 @@ def test_the_usual_recipe_trains_on_what_prepare_wrote_and_times_each_step(tiny_
     assert [s["step"] for s in steps] == [1, 2, 3] and seconds > 0
     assert [s["tokens"] for s in steps] == [cfg.train.batch_size * 20] * 3
     assert useful == 3 * cfg.train.batch_size * 20
+
+
+def test_the_preference_bench_trains_trl_and_lmtune_on_the_same_pairs_and_steps(tmp_path, tiny_base):
+    sides = {}
+    for side in ("trl", "lmtune"):
+        out = tmp_path / f"{side}.json"
+        done = subprocess.run(
+            [sys.executable, "bench/preference.py", "--side", side, "--steps", "2", "--out", str(out)]
+            + [f"paths.base={tiny_base}", "data.max_length=128", "align.batch_size=4", "align.warmup_steps=0"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        sides[side] = json.loads(out.read_text())
+    for result in sides.values():
+        assert result["steps"] == 2 and result["pairs_per_step"] == 4
+        assert result["useful_tokens"] > 0 and result["useful_tokens_per_second"] > 0
+        assert 0 <= result["final_reward_accuracy"] <= 1 and result["peak_memory_gib"] > 0
+    assert sides["lmtune"]["packed"] and sides["lmtune"]["reference_seconds"] > 0
