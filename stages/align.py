@@ -6,7 +6,8 @@ Starts from the SFT adapter (align.start=sft) or a fresh one on the base, trains
 data/pairs against the reference log-probabilities stored there, with many pairs' chosen and
 rejected responses packed in one row. Each step's loss, rewards, margins and reward accuracy reach
 the pipeline's MLflow run; killed midway, it resumes from its last checkpoint. metrics/align.json
-holds the curve and the held-out pairs scored by the reference and by the tuned adapter.
+holds the curve and the held-out pairs scored by the quantized base alone, by the reference (the
+starting policy) and by the tuned adapter.
 """
 
 import shutil
@@ -16,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from lmtune.align.data import read_split
-from lmtune.align.loop import held_out_scores, score_pairs, start_policy, train_preferences
-from lmtune.artifacts import atomic_dir, save_config, write_json
+from lmtune.align.loop import held_out_markdown, held_out_scores, score_pairs, start_policy, train_preferences
+from lmtune.artifacts import atomic_dir, save_config, write_json, write_text
 from lmtune.checkpoint import load_tokenizer, save_tokenizer
 from lmtune.cli.runner import run_stage
 from lmtune.model.lora import save_adapter
@@ -44,7 +45,10 @@ def run(cfg) -> dict:
         tracking.step_logger(),
     )
     tuned = score_pairs(model, test_pairs, tokenizer.pad_token_id, packed, "held-out pairs")
+    with model.disable_adapter():  # the quantized base alone, as training sees it
+        base = score_pairs(model, test_pairs, tokenizer.pad_token_id, packed, "held-out pairs, base")
     held_out = {
+        "base": held_out_scores(base, test_reference, a.beta, 1000, cfg.seed),
         "reference": held_out_scores(test_reference, test_reference, a.beta, 1000, cfg.seed),
         "aligned": held_out_scores(tuned, test_reference, a.beta, 1000, cfg.seed),
     }
@@ -56,6 +60,9 @@ def run(cfg) -> dict:
     pd.DataFrame(result.pop("curve")).to_csv(metrics_dir / "align_loss.csv", index=False)
     metrics = {**result, "method": a.method, "start": a.start, "packed": packed, "held_out": held_out}
     write_json(metrics_dir / "align.json", metrics)
+    write_text(
+        metrics_dir / "align.md", held_out_markdown(held_out, a.method, result["steps"], len(test_pairs))
+    )
     shutil.rmtree(checkpoints, ignore_errors=True)  # the adapter is safe; resume state is not needed
     return {
         "final_loss": result["final"]["loss"],

@@ -36,6 +36,9 @@ def test_dpo_runs_after_the_sft_it_starts_from_and_merge_takes_its_adapter(align
     # the reference's implicit reward against itself is zero; the tuned adapter's is not
     assert held_out["reference"]["mean_reward_margin"]["value"] == 0
     assert held_out["aligned"]["mean_reward_margin"]["value"] != 0
+    assert set(held_out) == {"base", "reference", "aligned"}
+    page = (dest / "metrics/align.md").read_text()
+    assert "| aligned | " in page and "| reference | 0." in page
     reference = json.loads((dest / "metrics/reference.json").read_text())
     assert reference["pairs"]["test"] >= 10 and reference["pairs"]["train"] > 100
     assert sorted(p.name for p in (dest / "data/pairs").iterdir()) == [

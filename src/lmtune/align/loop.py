@@ -204,3 +204,28 @@ def held_out_scores(
         }
         for name, v in values.items()
     }
+
+
+HELD_OUT_COLUMNS = {
+    "preference_accuracy": "chosen more likely",
+    "preference_accuracy_per_token": "chosen more likely per token",
+    "mean_margin": "mean log-prob margin",
+    "reward_accuracy": "implicit reward accuracy",
+}
+
+
+def held_out_markdown(held_out: dict[str, dict], method: str, steps: int, pairs: int) -> str:
+    """The held-out scores of each model as a page: value and 95% interval per column."""
+    cell = lambda s: f"{s['value']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"  # noqa: E731
+    lines = [
+        f"# Preference tuning: {method}, {steps} steps",
+        "",
+        f"{pairs} held-out pairs; 95% bootstrap intervals in brackets. The implicit reward is β times the",
+        "log-ratio to the reference (the starting policy), so the reference's own is zero.",
+        "",
+        "| model | " + " | ".join(HELD_OUT_COLUMNS.values()) + " |",
+        "|---|" + "---|" * len(HELD_OUT_COLUMNS),
+    ]
+    for name, scores in held_out.items():
+        lines.append(f"| {name} | " + " | ".join(cell(scores[k]) for k in HELD_OUT_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"

@@ -20,7 +20,15 @@ METRICS_FILES = {
     "eval": "eval.json",
     "sample": "sample.json",
 }
-REPORT_FILES = ("train_loss.csv", "val_loss.csv", "align_loss.csv", "eval.md", "samples.md", "samples.jsonl")
+REPORT_FILES = (
+    "train_loss.csv",
+    "val_loss.csv",
+    "align_loss.csv",
+    "align.md",
+    "eval.md",
+    "samples.md",
+    "samples.jsonl",
+)
 
 
 def numbers(metrics: dict, prefix: str) -> dict[str, float]:
