@@ -33,7 +33,13 @@ def _paths(entries: list, cfg: DictConfig) -> set[str]:
 
 def stage_files(cfg: DictConfig, root: Path = Path(".")) -> dict[str, dict[str, set[str]]]:
     """Each stage's deps and outputs (outs, metrics, plots) in dvc.yaml, paths resolved."""
-    stages = yaml.safe_load((root / PIPELINE).read_text())["stages"]
+    stages = {}
+    for name, stage in yaml.safe_load((root / PIPELINE).read_text())["stages"].items():
+        if "foreach" in stage:  # align's stages: one per item of the list the config holds, as DVC names them
+            items = OmegaConf.select(cfg, stage["foreach"].strip("${}")) or []
+            stages |= {f"{name}@{item}": stage["do"] for item in items}
+        else:
+            stages[name] = stage
     return {
         name: {
             "deps": _paths(stage.get("deps"), cfg),
@@ -75,6 +81,7 @@ def current_files(cfg: DictConfig, stage: str, files: list[str], root: Path = Pa
     if not (root / PIPELINE).is_file():
         return [file for file in files if (root / file).is_file()]
     stages = stage_files(cfg, root)
+    stage = next((name for name in stages if name.split("@")[0] == stage), stage)  # align → align@dpo
     lock = yaml.safe_load((root / LOCK).read_text()).get("stages", {}) if (root / LOCK).is_file() else {}
     locked_outs = {
         o["path"].rstrip("/"): o.get("md5") for entry in lock.values() for o in entry.get("outs", [])

@@ -63,19 +63,10 @@ def test_dpo_runs_after_the_sft_it_starts_from_and_merge_takes_its_adapter(align
     )
 
 
-@pytest.mark.parametrize("change", [["align.beta=0.3"], ["align=ipo"]], ids=["beta", "method"])
+@pytest.mark.parametrize("change", [["align=dpo", "align.beta=0.3"], ["align=ipo"]], ids=["beta", "method"])
 def test_a_new_beta_or_method_retrains_but_never_rescores_the_reference(aligned, change):
     dest, _ = aligned
-    sh(
-        sys.executable,
-        "-m",
-        "lmtune.cli.params",
-        "--force",
-        "experiment=smoke",
-        "align=dpo",
-        *change,
-        cwd=dest,
-    )
+    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", *change, cwd=dest)
     printed = sh("dvc", "repro", cwd=dest).stdout
     assert "Running stage 'reference@sft'" not in printed
     assert "Running stage 'align@" in printed and "Running stage 'merge'" in printed
