@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lmtune.align.data import chatterbot_pairs
+from lmtune.align.data import chatterbot_splits
 from lmtune.align.loop import score_pairs, start_policy, train_preferences
 from lmtune.align.pairs import pair_sequences
 from lmtune.checkpoint import load_tokenizer
 from lmtune.config import load
 from lmtune.model.hardware import resolve_dtype
+from lmtune.train.loop import precision
 
 PAIRS = 96  # the first pairs of the shipped set (seeded order); steps x batch of them are trained on
 
@@ -38,7 +39,7 @@ def lmtune_side(cfg, pairs, seqs, tokenizer) -> dict:
     model, packed = start_policy(cfg, trainable=True)
     began = time.perf_counter()
     with model.disable_adapter():
-        reference = score_pairs(model, seqs, tokenizer.pad_token_id, packed, "reference")
+        reference = score_pairs(model, seqs, tokenizer.pad_token_id, packed, "reference", precision(cfg)[0])
     reference_seconds = time.perf_counter() - began
     with tempfile.TemporaryDirectory() as checkpoints:
         result = train_preferences(
@@ -139,7 +140,7 @@ def main() -> None:
     OmegaConf.update(cfg, "align.max_steps", args.steps)
     tokenizer = load_tokenizer(cfg.paths.base)
     pairs, seqs = pair_sequences(
-        chatterbot_pairs(cfg.seed)[:PAIRS], tokenizer, cfg.data.max_length, drop_long=True
+        chatterbot_splits(cfg.seed, 0.1)["train"][:PAIRS], tokenizer, cfg.data.max_length, drop_long=True
     )
     result = (lmtune_side if args.side == "lmtune" else trl_side)(cfg, pairs, seqs, tokenizer)
     result |= {

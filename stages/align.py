@@ -23,6 +23,7 @@ from lmtune.checkpoint import load_tokenizer, save_tokenizer
 from lmtune.cli.runner import run_stage
 from lmtune.model.lora import save_adapter
 from lmtune.track import runs as tracking
+from lmtune.train.loop import precision
 
 PARAMS = ("seed", "quant", "lora", "align")  # as in dvc.yaml: what this stage reads
 
@@ -44,9 +45,12 @@ def run(cfg) -> dict:
         tokenizer.pad_token_id,
         tracking.step_logger(),
     )
-    tuned = score_pairs(model, test_pairs, tokenizer.pad_token_id, packed, "held-out pairs")
+    autocast, _ = precision(cfg)  # as the reference was scored
+    tuned = score_pairs(model, test_pairs, tokenizer.pad_token_id, packed, "held-out pairs", autocast)
     with model.disable_adapter():  # the quantized base alone, as training sees it
-        base = score_pairs(model, test_pairs, tokenizer.pad_token_id, packed, "held-out pairs, base")
+        base = score_pairs(
+            model, test_pairs, tokenizer.pad_token_id, packed, "held-out pairs, base", autocast
+        )
     held_out = {
         "base": held_out_scores(base, test_reference, a.beta, 1000, cfg.seed),
         "reference": held_out_scores(test_reference, test_reference, a.beta, 1000, cfg.seed),

@@ -12,13 +12,14 @@ preference accuracy on the held-out ones.
 import sys
 from pathlib import Path
 
-from lmtune.align.data import load_pairs, split_pairs, write_split
+from lmtune.align.data import check_held_out, load_splits, question, write_split
 from lmtune.align.loop import held_out_scores, score_pairs, start_policy
 from lmtune.align.pairs import pair_sequences
 from lmtune.artifacts import atomic_dir, save_config, write_json
 from lmtune.checkpoint import load_tokenizer
 from lmtune.cli.runner import run_stage
 from lmtune.data.sequences import read_prompts
+from lmtune.train.loop import precision
 
 # as in dvc.yaml: what this stage reads
 PARAMS = (
@@ -42,17 +43,20 @@ def run(cfg) -> dict:
         for q in read_prompts(paths.processed, name)
         if q["question"]
     }
+    splits = load_splits(cfg, held_out)
+    everything = splits["train"] + splits["test"]
     # the shipped set leaves out its few long pairs, as prepare does long conversations; yours are refused
-    everything = load_pairs(cfg)
-    pairs, rendered = pair_sequences(
+    kept, rendered = pair_sequences(
         everything, tokenizer, cfg.data.max_length, drop_long=a.source == "chatterbot"
     )
-    rendered = {id(pair): seq for pair, seq in zip(pairs, rendered, strict=True)}
-    splits = split_pairs(pairs, a.test_fraction, cfg.seed, held_out)
+    rendered = {id(pair): seq for pair, seq in zip(kept, rendered, strict=True)}
+    splits = {name: [p for p in split if id(p) in rendered] for name, split in splits.items()}
+    check_held_out(splits, a.test_fraction)
     seqs = {name: [rendered[id(pair)] for pair in split] for name, split in splits.items()}
     model, packed = start_policy(cfg, trainable=False)  # every pair is checked before the model loads
+    autocast, _ = precision(cfg)  # the numerics the align stage trains in, so its rewards start at 0
     scores = {
-        name: score_pairs(model, s, tokenizer.pad_token_id, packed, f"reference {name}")
+        name: score_pairs(model, s, tokenizer.pad_token_id, packed, f"reference {name}", autocast)
         for name, s in seqs.items()
     }
     with atomic_dir(paths.pairs) as out:
@@ -62,10 +66,8 @@ def run(cfg) -> dict:
     test = scores["test"]
     metrics = {
         "pairs": {name: len(p) for name, p in splits.items()},
-        "held_out_because_sft_holds_them_out": sum(
-            p["prompt"][-1]["content"].strip() in held_out for p in splits["test"]
-        ),
-        "left_out_longer_than_max_length": len(everything) - len(pairs),
+        "held_out_as_the_sft_data_holds_them_out": sum(question(p) in held_out for p in splits["test"]),
+        "left_out_longer_than_max_length": len(everything) - len(kept),
         "response_tokens": {
             name: int(s["chosen_tokens"].sum() + s["rejected_tokens"].sum()) for name, s in scores.items()
         },

@@ -293,3 +293,19 @@ def test_preference_training_killed_midway_resumes_to_the_adapter_an_uninterrupt
     for name, value in expected.items():
         torch.testing.assert_close(weights[name], value, rtol=0, atol=0)
     assert uninterrupted["final"]["loss"] != pytest.approx(0.6931, abs=1e-4)  # it learned something
+
+
+def test_the_shipped_pairs_never_train_against_a_held_out_answer_and_hold_out_the_sft_questions():
+    from lmtune.align.data import chatterbot_splits
+
+    held = {"What is AI?", "Are you sentient?"}
+    splits = chatterbot_splits(1337, 0.1, held)
+    answer = lambda pair, side: pair[side][0]["content"].strip()  # noqa: E731
+    asked = lambda pair: pair["prompt"][-1]["content"]  # noqa: E731
+    train_chosen = {answer(p, "chosen") for p in splits["train"]}
+    held_out_answers = {answer(p, "chosen") for p in splits["test"]} - train_chosen
+    assert not held_out_answers & {answer(p, "rejected") for p in splits["train"]}
+    assert not {asked(p) for p in splits["train"]} & {asked(p) for p in splits["test"]}
+    assert {asked(p) for p in splits["test"]} >= held and len(splits["test"]) >= 10
+    assert all(answer(p, "chosen") != answer(p, "rejected") for s in splits.values() for p in s)
+    assert splits == chatterbot_splits(1337, 0.1, held)  # seeded: the same pairs every time

@@ -18,36 +18,54 @@ from lmtune.data.sequences import Sequence
 from lmtune.data.sources import chatterbot_conversations, records
 
 
-def load_pairs(cfg: DictConfig) -> list[dict]:
-    """Every pair of align.source, each with `where` it came from; bad rows refused by name."""
+def load_splits(cfg: DictConfig, held_out: set[str] = frozenset()) -> dict[str, list[dict]]:
+    """{"train": [...], "test": [...]} pairs of align.source, each with `where` it came from; bad
+    rows refused by name. `held_out`: questions that must never be trained on (the SFT data's
+    validation and test questions)."""
     if cfg.align.source == "chatterbot":
-        return chatterbot_pairs(cfg.seed)
+        return chatterbot_splits(cfg.seed, cfg.align.test_fraction, held_out)
     files = OmegaConf.create({**OmegaConf.to_container(cfg.data, resolve=True), "source": "files"})
     files.files = list(cfg.align.files)
     try:
         read = records(files)
     except DataError as err:
         raise AlignError(str(err).replace("data.files", "align.files")) from None
-    return read_pairs(read, paired=True)
+    return split_pairs(read_pairs(read, paired=True), cfg.align.test_fraction, cfg.seed, held_out)
 
 
-def chatterbot_pairs(seed: int) -> list[dict]:
+def chatterbot_splits(
+    seed: int, test_fraction: float, held_out: set[str] = frozenset()
+) -> dict[str, list[dict]]:
     """The shipped conversations as pairs: the corpus answer is chosen; the rejected answer is that
-    of another question of the same topic (a seeded neighbour), fluent and on topic but not an
-    answer to this question. What the model must learn is to answer the question asked."""
+    of another question of the same topic and split (a seeded neighbour), fluent and on topic but
+    not an answer to this question. What the model must learn is to answer the question asked.
+    Questions are split first and answers paired within a split, so that no held-out answer is
+    ever a rejected answer in training (that would teach the model to disprefer it)."""
+    rows = chatterbot_conversations()
+    splits = split_pairs(
+        [{"prompt": r["messages"][:-1], "row": r, "where": r["source"]} for r in rows],
+        test_fraction,
+        seed,
+        held_out,
+    )
+    return {name: _neighbour_pairs([p["row"] for p in split], seed) for name, split in splits.items()}
+
+
+def _neighbour_pairs(rows: list[dict], seed: int) -> list[dict]:
+    """Each conversation's last answer chosen against the answer of the next conversation of its
+    topic in a seeded order (the nearest one with a different answer)."""
     by_topic: dict[str, list[dict]] = {}
-    for row in chatterbot_conversations():
+    for row in rows:
         by_topic.setdefault(row["source"], []).append(row)
     pairs = []
-    for topic, rows in sorted(by_topic.items()):
-        order = list(range(len(rows)))
+    for topic, group in sorted(by_topic.items()):
+        order = list(range(len(group)))
         random.Random(f"{seed}:{topic}").shuffle(order)
         for position, index in enumerate(order):
-            messages = rows[index]["messages"]
+            messages = group[index]["messages"]
             chosen = messages[-1]["content"]
-            # the nearest following neighbour with a different answer
             others = (
-                rows[order[(position + k) % len(order)]]["messages"][-1]["content"]
+                group[order[(position + k) % len(order)]]["messages"][-1]["content"]
                 for k in range(1, len(order))
             )
             rejected = next((text for text in others if text.strip() != chosen.strip()), None)
@@ -58,7 +76,7 @@ def chatterbot_pairs(seed: int) -> list[dict]:
                     "prompt": messages[:-1],
                     "chosen": [{"role": "assistant", "content": chosen}],
                     "rejected": [{"role": "assistant", "content": rejected}],
-                    "where": f"chatterbot:{topic}:{index}",
+                    "where": f"chatterbot:{topic}:{messages[-2]['content'][:40]}",
                 }
             )
     return pairs
@@ -81,13 +99,18 @@ def split_pairs(
     n_test = max(0, max(1, round(len(order) * test_fraction)) - len(forced))
     test, train = forced + rest[:n_test], rest[n_test:]
     split = {"test": [p for k in test for p in groups[k]], "train": [p for k in train for p in groups[k]]}
+    check_held_out(split, test_fraction, minimum)
+    return split
+
+
+def check_held_out(split: dict[str, list[dict]], test_fraction: float, minimum: int = 10) -> None:
+    """Enough held-out pairs for a meaningful accuracy, and some to train on."""
     if len(split["test"]) < minimum or not split["train"]:
         raise AlignError(
-            f"{len(pairs)} preference pairs with {len(order)} distinct prompts give {len(split['test'])} held-out "
+            f"{len(split['train']) + len(split['test'])} preference pairs give {len(split['test'])} held-out "
             f"pairs at align.test_fraction={test_fraction}; at least {minimum} are needed for a meaningful "
-            "held-out accuracy: add pairs, or raise align.test_fraction"
+            "held-out accuracy (and some to train on): add pairs, or raise align.test_fraction"
         )
-    return split
 
 
 def question(pair: dict) -> str:

@@ -9,6 +9,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +51,18 @@ def start_policy(cfg: DictConfig, trainable: bool):
 
 
 @torch.no_grad()
-def score_pairs(model, pairs: list[tuple], pad_id: int, packed: bool, desc: str) -> dict[str, np.ndarray]:
-    """Summed log-probabilities and lengths of every pair's chosen and rejected response."""
+def score_pairs(
+    model, pairs: list[tuple], pad_id: int, packed: bool, desc: str, autocast=None
+) -> dict[str, np.ndarray]:
+    """Summed log-probabilities and lengths of every pair's chosen and rejected response, under
+    `autocast` (the training's precision: lmtune.train.loop.precision) when given."""
     was_training = model.training
     model.eval()
     out = {k: [] for k in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")}
     for start in tqdm(range(0, len(pairs), SCORE_PAIRS), desc=desc, unit="batch", dynamic_ncols=True):
         batch = pairs[start : start + SCORE_PAIRS]
-        sums, counts = sequence_logps(model, [s for pair in batch for s in pair], pad_id, packed)
+        with autocast or nullcontext():
+            sums, counts = sequence_logps(model, [s for pair in batch for s in pair], pad_id, packed)
         out["chosen"] += sums[0::2].tolist()
         out["rejected"] += sums[1::2].tolist()
         out["chosen_tokens"] += counts[0::2].tolist()
@@ -120,7 +125,7 @@ def train_preferences(
                 a.method, policy, reference_batch, a.beta, a.label_smoothing, a.gamma
             )
             scaler.scale(loss / a.grad_accum).backward()
-            totals["loss"] = totals.get("loss", 0.0) + float(loss) / a.grad_accum
+            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / a.grad_accum
             for name, values in stats.items():
                 totals[name] = totals.get(name, 0.0) + float(values.float().mean()) / a.grad_accum
             tokens += sum(len(s) for s in seqs)
