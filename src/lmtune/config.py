@@ -450,13 +450,20 @@ def _align_problems(cfg: DictConfig) -> list[str]:
         "align.stages.align": [a.method] if on else [],
         "paths.tuned": cfg.paths.aligned if on else cfg.paths.adapter,
     }
-    problems = [
-        f"{key}={OmegaConf.select(cfg, key)}: align.method={a.method} needs {want}; switch with the group "
-        f"(align={a.method}), which sets them together, rather than align.method alone"
+    wrong = [
+        f"{key}={OmegaConf.select(cfg, key)}"
         for key, want in expected.items()
         if (list(OmegaConf.select(cfg, key)) if key.startswith("align.") else OmegaConf.select(cfg, key))
         != want
     ]
+    problems = (
+        [
+            f"align.method={a.method} with {', '.join(wrong)}: the stages and the adapter merge takes do not "
+            f"follow it; switch with the group (align={a.method}), which sets them together"
+        ]
+        if wrong
+        else []
+    )
     if a.source == "files" and not a.files:
         problems.append(
             "align.files: list your preference files or globs (data/own/*.jsonl) for align.source=files"

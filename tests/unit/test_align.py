@@ -309,3 +309,19 @@ def test_the_shipped_pairs_never_train_against_a_held_out_answer_and_hold_out_th
     assert {asked(p) for p in splits["test"]} >= held and len(splits["test"]) >= 10
     assert all(answer(p, "chosen") != answer(p, "rejected") for s in splits.values() for p in s)
     assert splits == chatterbot_splits(1337, 0.1, held)  # seeded: the same pairs every time
+
+
+def test_align_method_set_alone_is_refused_and_the_group_switches_stages_and_adapter_together():
+    from pathlib import Path
+
+    from lmtune.cli.params import compose_conf
+    from lmtune.config import ConfigError, validate
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with pytest.raises(ConfigError, match=r"align.method=dpo with .*switch with the group \(align=dpo\)"):
+        validate(compose_conf(["align.method=dpo"], conf_dir=conf))
+    cfg = validate(compose_conf(["align=simpo", "align.start=base"], conf_dir=conf))
+    assert (list(cfg.align.stages.reference), list(cfg.align.stages.align)) == (["base"], ["simpo"])
+    assert cfg.paths.tuned == cfg.paths.aligned
+    default = validate(compose_conf([], conf_dir=conf))
+    assert not default.align.stages.reference and default.paths.tuned == default.paths.adapter

@@ -137,9 +137,8 @@ def _passage_attention(q, k, v, scaling: float, window=None, softcap=None, sinks
     transformers' masks), soft-capping and sinks."""
     length = q.shape[-2]
     window = None if window is None or window >= length else window
-    # fp32 on a card: SDPA's own kernels. On CPU, SDPA's bf16 backward was slower than the matmuls
-    # of the eager path (per passage, 30 layers: 2.1-3.0 s against 1.4-1.6 s per micro-batch on the
-    # 2-core bench machine)
+    # on a card: SDPA's own kernels. On CPU, SDPA's bf16 backward is slower than the matmuls of the
+    # eager path (bench/RESULTS.md, "Tried and dropped")
     if q.is_cuda and softcap is None and sinks is None:
         mask = None if window is None else _visible(length, window, q.device)
         return F.scaled_dot_product_attention(
