@@ -81,7 +81,12 @@ def test_the_preference_bench_trains_trl_and_lmtune_on_the_same_pairs_and_steps(
         out = tmp_path / f"{side}.json"
         done = subprocess.run(
             [sys.executable, "bench/preference.py", "--side", side, "--steps", "2", "--out", str(out)]
-            + [f"paths.base={tiny_base}", "data.max_length=128", "align.batch_size=4", "align.warmup_steps=0"],
+            + [
+                f"paths.base={tiny_base}",
+                "data.max_length=128",
+                "align.batch_size=4",
+                "align.warmup_steps=0",
+            ],
             cwd=ROOT,
             capture_output=True,
             text=True,

@@ -170,7 +170,9 @@ def test_the_committed_params_yaml_is_what_conf_composes():
     overrides, ours = read_header(ROOT / "params.yaml")
     assert ours, "params.yaml was edited by hand after `make params`"
     committed = OmegaConf.to_container(OmegaConf.load(ROOT / "params.yaml"))
-    assert committed == OmegaConf.to_container(compose_conf(overrides, conf_dir=CONF), resolve=True), "run `make params`"
+    assert committed == OmegaConf.to_container(compose_conf(overrides, conf_dir=CONF), resolve=True), (
+        "run `make params`"
+    )
 
 
 def test_the_config_comments_list_exactly_what_exists():
