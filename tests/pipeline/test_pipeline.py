@@ -275,7 +275,11 @@ def test_editing_code_reruns_only_the_stages_that_use_it(repo, edited):
         status = sh("dvc", "status", "--json", cwd=dest).stdout
     finally:
         path.write_text(original)
-    assert set(json.loads(status)) == stages_using(edited), (edited, status)
+    # the stages of this configuration: align's exist only when align != none
+    existing = {
+        line.split("@")[0] for line in sh("dvc", "stage", "list", "--name-only", cwd=dest).stdout.split()
+    }
+    assert set(json.loads(status)) == stages_using(edited) & existing, (edited, status)
     if edited.startswith("model/"):  # LoRA or loading code: the base (13 GB for Llama-2-7B) stays
         assert "base" not in json.loads(status)
     if edited.startswith(("track/", "cli/")):

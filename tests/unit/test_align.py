@@ -325,3 +325,17 @@ def test_align_method_set_alone_is_refused_and_the_group_switches_stages_and_ada
     assert cfg.paths.tuned == cfg.paths.aligned
     default = validate(compose_conf([], conf_dir=conf))
     assert not default.align.stages.reference and default.paths.tuned == default.paths.adapter
+
+
+def test_a_by_hand_adapter_folder_moves_the_adapter_merge_takes(monkeypatch):
+    from pathlib import Path
+
+    from lmtune.cli.runner import tuned_follows
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the committed params.yaml: align=none
+    assert tuned_follows(["paths.adapter=/x/adapter"]) == [
+        "paths.adapter=/x/adapter",
+        "paths.tuned=/x/adapter",
+    ]
+    assert tuned_follows(["paths.adapter=/x", "paths.tuned=/y"]) == ["paths.adapter=/x", "paths.tuned=/y"]
+    assert tuned_follows(["lora.r=8"]) == ["lora.r=8"]

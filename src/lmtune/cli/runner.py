@@ -130,6 +130,22 @@ def stage_name(run: Stage) -> str:
     return Path(inspect.getfile(run)).stem
 
 
+def tuned_follows(argv: list[str]) -> list[str]:
+    """`key=value` overrides, with paths.tuned moved along when paths.adapter (or paths.aligned,
+    after preference tuning) is: in conf/ it is an interpolation of them, but params.yaml holds it
+    resolved, so a by-hand `paths.adapter=X` would leave merge reading the old folder."""
+    given = dict(a.split("=", 1) for a in argv if "=" in a)
+    if "paths.tuned" in given or not {"paths.adapter", "paths.aligned"} & given.keys():
+        return argv
+    try:
+        on_disk = OmegaConf.load(PARAMS_FILE)
+    except Exception:  # noqa: BLE001 - load() says what is wrong with it
+        return argv
+    method = given.get("align.method", OmegaConf.select(on_disk, "align.method", default="none"))
+    key = "paths.adapter" if method == "none" else "paths.aligned"
+    return [*argv, f"paths.tuned={given.get(key, OmegaConf.select(on_disk, key))}"]
+
+
 def run_stage(run: Stage, argv: list[str] | None = None, multirun_outputs: tuple[str, ...] = ()) -> int:
     """Load the config (params.yaml + ``key=value`` overrides), run the stage in the pipeline's
     MLflow run, print its metrics."""
@@ -141,7 +157,7 @@ def run_stage(run: Stage, argv: list[str] | None = None, multirun_outputs: tuple
             cfg = validate(OmegaConf.load(argv[0].split("=", 1)[1]), source="the launching stage's config")
             tracked = contextlib.nullcontext()  # the launching process owns the MLflow run
         else:
-            cfg = load(argv)
+            cfg = load(tuned_follows(argv))
             # under `accelerate launch` by hand (multi-node), the main process logs for all
             tracked = (
                 tracking.stage_run(cfg, stage_name(run))
