@@ -234,18 +234,29 @@ def test_auto_recompute_takes_the_least_recompute_whose_measured_peak_fits(
     )
     model = add_lora(load_for_training(four_layer_base, cfg.quant, "auto"), cfg.lora, cfg.seed)
     layers = model.get_base_model().model.layers
-    offloads = []
-    monkeypatch.setattr(
-        recompute,
-        "set_recompute",
-        lambda base, n, offload=False: (offloads.append(offload), set_recompute(base, n, offload)),
-    )
+    offloads, forwards = [], []
+
+    def counted_set_recompute(base, n, offload=False):
+        offloads.append(offload)
+        forwards.clear()
+        set_recompute(base, n)  # offloading pins host memory, which needs an accelerator
+
+    monkeypatch.setattr(recompute, "set_recompute", counted_set_recompute)
+    mlp_forward = type(layers[0].mlp).forward  # runs again when its layer is recomputed (hooks do not)
+
+    def counted_mlp_forward(module, *args, **kwargs):
+        forwards.append(module)
+        return mlp_forward(module, *args, **kwargs)
+
+    monkeypatch.setattr(type(layers[0].mlp), "forward", counted_mlp_forward)
 
     def stand_in_peak():
-        recomputing = sum(layer.gradient_checkpointing for layer in layers)
-        return 10.0 - 1.0 * recomputing - 4.0 * offloads[-1]
+        # a layer that recomputes ran its MLP twice in the probe: counted, not read from a flag
+        recomputed = len(forwards) - len(layers)
+        return 10.0 - 1.0 * recomputed - 4.0 * offloads[-1]
 
     prepare_model(model, cfg.train)
+    model.eval()  # as loaded: the probe must recompute all the same
     rng = torch.get_rng_state()
     choice = choose_recompute(
         model, seqs[:8], cfg.train, tokenizer.pad_token_id, nullcontext(), budget, stand_in_peak
@@ -255,6 +266,7 @@ def test_auto_recompute_takes_the_least_recompute_whose_measured_peak_fits(
     assert list(choice["measured_peak_gib"])[-1] == chosen  # measured until the first that fits
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in model.parameters())
+    assert not model.training  # the mode it came in
 
 
 def test_fp16_trains_through_a_loss_scaler_and_resumes_exactly(tiny_base, tiny_seqs, tmp_path, smoke_cfg):

@@ -53,6 +53,9 @@ def choose_recompute(
     batch = to_device(collate_micro_batch(probe, tc, pad_id))
     segments = to_device(packed_segments(batch["position_ids"].cpu()) if "position_ids" in batch else None)
     measured = {}
+    # transformers recomputes only in training mode: a probe in eval mode measures no recompute at all
+    was_training = model.training
+    model.train()
     with torch.random.fork_rng(devices=[device()] if device().type == "cuda" else []):
         for every_n, offload in candidates:
             set_recompute(base, every_n, offload)
@@ -71,6 +74,7 @@ def choose_recompute(
             model.zero_grad(set_to_none=True)
             if measured[name] <= budget_gib:
                 break
+    model.train(was_training)
     free_device_memory()
     if device().type == "cuda":  # the training peak reported later is training's, not the probe's
         torch.cuda.reset_peak_memory_stats()
