@@ -131,7 +131,9 @@ def with_lora(model, cfg):
     model = add_lora(model, cfg.lora, cfg.seed)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at zero: make the adapters do something
-            noise = torch.empty(p.shape).normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+            noise = torch.empty(p.shape).normal_(
+                0.0, 0.05, generator=torch.Generator().manual_seed(len(name))
+            )
             with torch.no_grad():  # drawn on the host, so the same on every device
                 p.copy_(noise)
     return model
