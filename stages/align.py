@@ -1,4 +1,4 @@
-"""Preference-tune a LoRA adapter (DPO, IPO, SimPO or ORPO) on the quantized base → models/aligned.
+"""Preference-tune a LoRA adapter (DPO, IPO, SimPO, ORPO or KTO) on the quantized base → models/aligned.
 
     python stages/align.py [key=value ...]    # runs when align != none: make run ARGS="align=dpo align.beta=0.2"
 
@@ -12,6 +12,7 @@ starting policy) and by the tuned adapter.
 
 import shutil
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -46,15 +47,18 @@ def run(cfg) -> dict:
         tracking.step_logger(),
     )
     autocast, _ = precision(cfg)  # as the reference was scored
-    tuned = score_pairs(model, test_pairs, tokenizer.pad_token_id, packed, "held-out pairs", autocast)
-    with model.disable_adapter():  # the quantized base alone, as training sees it
-        base = score_pairs(
-            model, test_pairs, tokenizer.pad_token_id, packed, "held-out pairs, base", autocast
-        )
+    labels = test_reference.get("label")  # held-out KTO examples (unpaired files); else pairs
+    names = ("completion", "kl") if labels is not None else ("chosen", "rejected")
+    scored = {}
+    for name in ("base", "aligned"):
+        with model.disable_adapter() if name == "base" else nullcontext():  # base: as training sees it
+            scored[name] = score_pairs(
+                model, test_pairs, tokenizer.pad_token_id, packed, f"held-out, {name}", autocast, names
+            )
+    scored["reference"] = test_reference
     held_out = {
-        "base": held_out_scores(base, test_reference, a.beta, 1000, cfg.seed),
-        "reference": held_out_scores(test_reference, test_reference, a.beta, 1000, cfg.seed),
-        "aligned": held_out_scores(tuned, test_reference, a.beta, 1000, cfg.seed),
+        name: held_out_scores(scored[name], test_reference, a.beta, 1000, cfg.seed, labels)
+        for name in ("base", "reference", "aligned")
     }
     with atomic_dir(paths.aligned) as out:
         save_adapter(model, out)
@@ -70,7 +74,7 @@ def run(cfg) -> dict:
     shutil.rmtree(checkpoints, ignore_errors=True)  # the adapter is safe; resume state is not needed
     return {
         "final_loss": result["final"]["loss"],
-        "held_out_preference_accuracy": {k: v["preference_accuracy"]["value"] for k, v in held_out.items()},
+        "held_out": {k: {m: v[m]["value"] for m in v if "accuracy" in m} for k, v in held_out.items()},
     }
 
 

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from lmtune.artifacts import write_json, write_text
 from lmtune.checkpoint import load_tokenizer
 from lmtune.cli.runner import run_stage
@@ -35,6 +37,7 @@ from lmtune.evaluate.scores import (
     generation_per_example,
     likelihood_per_passage,
     metric_functions,
+    preference_functions,
 )
 from lmtune.export.llamacpp import GGUFModel
 from lmtune.model.hardware import device, free_device_memory, resolve_dtype
@@ -63,25 +66,38 @@ def run(cfg) -> dict:
         )
     manager = lm_eval_tasks.task_manager(cfg) if e.benchmarks else None
     lm_eval_tasks.check_tasks(cfg, manager)  # before any model loads
-    functions, examples, speed, benchmarks = {}, {}, {}, {}
-    for name, (role, load) in model_loaders(cfg, dtype, context_length(cfg, seqs, prompts)).items():
+    pairs = held_out_pairs(cfg)
+    loaders = model_loaders(cfg, dtype, context_length(cfg, seqs + pairs, prompts))
+    functions, examples, speed, benchmarks, pair_scores, roles = {}, {}, {}, {}, {}, {}
+    for name, (role, load) in loaders.items():
         benchmark_with = manager if e.benchmarks and role in e.benchmark_models else None
-        likelihood, continuations, speed[name], results = score(
-            name, load, seqs, prompts, tokenizer, cfg, benchmark_with
+        likelihood, continuations, speed[name], results, pair_scores[name] = score(
+            name, load, seqs, prompts, tokenizer, cfg, benchmark_with, pairs
         )
+        roles[role] = name
         if results is not None:
             benchmarks[name] = results
         predictions = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
-        generation = generation_per_example(
-            predictions, references, cfg.data.format == "chat", e.metrics_source
-        )
+        chat = cfg.data.format == "chat"
+        generation = generation_per_example(predictions, references, chat, e.metrics_source)
         functions[name] = metric_functions(likelihood, generation)
+        if chat:  # preference tuning tends to lengthen answers: show it
+            lengths = np.array([len(c) for c in continuations], dtype=float)
+            functions[name]["answer_tokens"] = lambda idx, lengths=lengths: float(lengths[idx].mean())
         examples[name] = predictions[:3]
     sizes = {m: len(seqs) if m in LIKELIHOOD_METRICS else len(prompts) for m in functions["base"]}
+    if pairs:  # every model on the held-out pairs, the implicit reward against the starting policy
+        start = roles["sft"] if cfg.align.start == "sft" else roles.get("quantized_base", "base")
+        for name in functions:
+            functions[name] |= preference_functions(pair_scores[name], pair_scores[start])
+        sizes |= dict.fromkeys(
+            preference_functions(pair_scores["base"], pair_scores["base"]), len(pairs) // 2
+        )
     scores = bootstrap(functions, sizes, "base", e.bootstrap_resamples, cfg.seed)
-    write_results(
-        cfg, scores, settings_of(cfg, seqs, prompts, dtype), references, examples, speed, benchmarks
-    )
+    settings = settings_of(cfg, seqs, prompts, dtype)
+    if pairs:
+        settings["held_out_preference_pairs"] = len(pairs) // 2
+    write_results(cfg, scores, settings, references, examples, speed, benchmarks)
     if failures := lm_eval_tasks.gate_failures(benchmarks, e.gate):  # after the results are written
         raise EvaluationError(
             "eval.gate failed: " + "; ".join(failures) + f". The results are in {paths.metrics}/eval.json"
@@ -98,17 +114,31 @@ def context_length(cfg, seqs, prompts) -> int:
     return n_ctx
 
 
-def score(name, load, seqs, prompts, tokenizer, cfg, benchmark_with):
-    """Load one model, score the likelihood of every test passage, generate greedily from every
-    prompt and run the benchmarks (when `benchmark_with` holds lm-eval's task manager); release it.
-    Returns (likelihoods, continuations, its speed figures, its benchmark results or None)."""
-    e, results = cfg.eval, None
+def held_out_pairs(cfg) -> list:
+    """After preference tuning, the held-out pairs' responses (chosen, rejected, ...) as the reference
+    stage rendered them; none otherwise, or when the held-out split is KTO's unpaired examples."""
+    if cfg.align.method == "none":
+        return []
+    from lmtune.align.data import read_split
+
+    items, reference = read_split(cfg.paths.pairs, "test")
+    return [] if "label" in reference else [seq for pair in items for seq in pair]
+
+
+def score(name, load, seqs, prompts, tokenizer, cfg, benchmark_with, pairs=()):
+    """Load one model, score the likelihood of every test passage (and of the held-out preference
+    pairs' responses), generate greedily from every prompt and run the benchmarks (when
+    `benchmark_with` holds lm-eval's task manager); release it. Returns (likelihoods,
+    continuations, its speed figures, its benchmark results or None, the pairs' likelihoods)."""
+    e, results, pair_likelihood = cfg.eval, None, None
     began = time.perf_counter()
     model = load()
     speed = {"load_seconds": time.perf_counter() - began}
     if isinstance(model, GGUFModel):  # scored in llama.cpp, where a GGUF's users run it
         speed["runtime"] = "llama.cpp"
         likelihood = model.likelihood_per_passage(seqs, desc=name)
+        if pairs:
+            pair_likelihood = model.likelihood_per_passage(pairs, desc=f"{name}, held-out pairs")
         if benchmark_with is not None:  # while the llama.cpp context is open
             began = time.perf_counter()
             results = lm_eval_tasks.run_benchmarks(model, tokenizer, cfg, benchmark_with)
@@ -119,6 +149,10 @@ def score(name, load, seqs, prompts, tokenizer, cfg, benchmark_with):
     else:
         speed["runtime"] = "transformers"
         likelihood = likelihood_per_passage(model, seqs, e.batch_size, tokenizer.pad_token_id, desc=name)
+        if pairs:
+            pair_likelihood = likelihood_per_passage(
+                model, pairs, e.batch_size, tokenizer.pad_token_id, desc=f"{name}, held-out pairs"
+            )
         began = time.perf_counter()
         continuations = greedy_continuations(
             model,
@@ -137,7 +171,7 @@ def score(name, load, seqs, prompts, tokenizer, cfg, benchmark_with):
     del model
     if (left := free_device_memory()) is not None:  # the next model starts on an empty card
         speed["gpu_gib_left_after_release"] = left
-    return likelihood, continuations, speed, results
+    return likelihood, continuations, speed, results, pair_likelihood
 
 
 def settings_of(cfg, seqs, prompts, dtype) -> dict:

@@ -12,9 +12,17 @@ preference accuracy on the held-out ones.
 import sys
 from pathlib import Path
 
-from lmtune.align.data import check_held_out, load_splits, question, write_split
+from lmtune.align.data import (
+    check_held_out,
+    labels,
+    load_splits,
+    question,
+    slots_of,
+    unpaired_examples,
+    write_split,
+)
 from lmtune.align.loop import held_out_scores, score_pairs, start_policy
-from lmtune.align.pairs import pair_sequences
+from lmtune.align.pairs import example_sequences, pair_sequences
 from lmtune.artifacts import atomic_dir, save_config, write_json
 from lmtune.checkpoint import load_tokenizer
 from lmtune.cli.runner import run_stage
@@ -31,6 +39,7 @@ PARAMS = (
     "align.source",
     "align.files",
     "align.test_fraction",
+    "align.unpaired",
 )
 
 
@@ -44,19 +53,26 @@ def run(cfg) -> dict:
         if q["question"]
     }
     splits = load_splits(cfg, held_out)
+    drop_long = a.source == "chatterbot"  # the shipped set leaves out its few long pairs; yours are refused
     everything = splits["train"] + splits["test"]
-    # the shipped set leaves out its few long pairs, as prepare does long conversations; yours are refused
     kept, rendered = pair_sequences(
-        everything, tokenizer, cfg.data.max_length, drop_long=a.source == "chatterbot"
+        [p for p in everything if "label" not in p], tokenizer, cfg.data.max_length, drop_long
     )
     rendered = {id(pair): seq for pair, seq in zip(kept, rendered, strict=True)}
+    if a.unpaired:  # kto trains on examples; held-out pairs stay pairs, unpaired rows examples
+        splits["train"] = unpaired_examples(splits["train"])
+        for name in ("train", "test") if any("label" in p for p in splits["test"]) else ("train",):
+            kept, examples = example_sequences(splits[name], tokenizer, cfg.data.max_length, drop_long)
+            rendered |= {id(e): seq for e, seq in zip(kept, examples, strict=True)}
     splits = {name: [p for p in split if id(p) in rendered] for name, split in splits.items()}
     check_held_out(splits, a.test_fraction)
     seqs = {name: [rendered[id(pair)] for pair in split] for name, split in splits.items()}
     model, packed = start_policy(cfg, trainable=False)  # every pair is checked before the model loads
     autocast, _ = precision(cfg)  # the numerics the align stage trains in, so its rewards start at 0
     scores = {
-        name: score_pairs(model, s, tokenizer.pad_token_id, packed, f"reference {name}", autocast)
+        name: score_pairs(
+            model, s, tokenizer.pad_token_id, packed, f"reference {name}", autocast, slots_of(splits[name])
+        )
         for name, s in seqs.items()
     }
     with atomic_dir(paths.pairs) as out:
@@ -69,11 +85,12 @@ def run(cfg) -> dict:
         "held_out_as_the_sft_data_holds_them_out": sum(question(p) in held_out for p in splits["test"]),
         "left_out_longer_than_max_length": len(everything) - len(kept),
         "response_tokens": {
-            name: int(s["chosen_tokens"].sum() + s["rejected_tokens"].sum()) for name, s in scores.items()
+            name: int(sum(v.sum() for k, v in s.items() if k.endswith("_tokens")))
+            for name, s in scores.items()
         },
         "start": a.start,
         "packed": packed,
-        "held_out": held_out_scores(test, test, a.beta, 1000, cfg.seed),
+        "held_out": held_out_scores(test, test, a.beta, 1000, cfg.seed, labels(splits["test"])),
     }
     write_json(Path(paths.metrics) / "reference.json", metrics)
     return {

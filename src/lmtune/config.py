@@ -52,8 +52,9 @@ QUANTIZE_METHODS = {
     "gguf_f16": "GGUF F16 (llama.cpp)",
 }
 # The models the eval stage scores, by role (their names in metrics/eval.json follow the config:
-# base, base_4bit, base_4bit_adapter, merged, merged_int8_weight_only, ...).
-EVAL_MODELS = ("base", "quantized_base", "adapter", "merged", "quantized")
+# base, base_4bit, base_4bit_sft (after preference tuning: the SFT adapter it started from),
+# base_4bit_adapter, merged, merged_int8_weight_only, ...).
+EVAL_MODELS = ("base", "quantized_base", "sft", "adapter", "merged", "quantized")
 DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32")  # auto: bf16 where the hardware runs it fast, else fp32
 
 
@@ -229,7 +230,8 @@ class Sample:
     dtype: str = one_of(*DTYPE_NAMES)
 
 
-ALIGN_METHODS = ("none", "dpo", "ipo", "simpo", "orpo")  # none, then lmtune.align.losses.METHODS
+ALIGN_METHODS = ("none", "dpo", "ipo", "simpo", "orpo", "kto")  # none, then lmtune.align.losses.METHODS
+UNPAIRED_METHODS = ("kto",)  # lmtune.align.losses.UNPAIRED
 
 
 @dataclass
@@ -248,6 +250,9 @@ class Align:
     beta: float = within(0, low_in=False)
     label_smoothing: float = within(0, 0.5, high_in=False)
     gamma: float = within(0)
+    unpaired: bool = MISSING  # kto: the reference stage renders examples (completion + KL completion)
+    desirable_weight: float = within(0, low_in=False)
+    undesirable_weight: float = within(0, low_in=False)
     max_steps: int = positive()
     batch_size: int = positive()
     grad_accum: int = positive()
@@ -464,6 +469,11 @@ def _align_problems(cfg: DictConfig) -> list[str]:
         if wrong
         else []
     )
+    if a.unpaired != (a.method in UNPAIRED_METHODS):
+        problems.append(
+            f"align.unpaired={a.unpaired} with align.method={a.method}: only kto trains on unpaired examples; "
+            f"switch with the group (align={a.method}), which sets both"
+        )
     if a.source == "files" and not a.files:
         problems.append(
             "align.files: list your preference files or globs (data/own/*.jsonl) for align.source=files"

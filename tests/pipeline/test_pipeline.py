@@ -431,7 +431,8 @@ def test_your_own_chat_data_trains_on_answers_is_judged_on_answers_and_versioned
     assert all(0 < sum(m) < len(m) for m in train["loss_mask"])  # answers learned, prompts not
     models = json.loads((dest / "metrics/eval.json").read_text())["models"]
     for name in ("base", "merged"):
-        assert {"exact_match", "answer_f1"} <= set(models[name]), name
+        assert {"exact_match", "answer_f1", "answer_tokens"} <= set(models[name]), name
+        assert 0 < models[name]["answer_tokens"]["value"] <= 64  # eval.reference_tokens at most
         lo, hi = models[name]["answer_f1"]["ci95"]
         assert lo <= models[name]["answer_f1"]["value"] <= hi
     page = (dest / "metrics/samples.md").read_text()

@@ -33,13 +33,31 @@ def test_dpo_runs_after_the_sft_it_starts_from_and_merge_takes_its_adapter(align
     result = json.loads((dest / "metrics/align.json").read_text())
     assert result["steps"] == 6 and result["method"] == "dpo" and result["packed"]
     held_out = result["held_out"]
+    reference = json.loads((dest / "metrics/reference.json").read_text())
     # the reference's implicit reward against itself is zero; the tuned adapter's is not
     assert held_out["reference"]["mean_reward_margin"]["value"] == 0
     assert held_out["aligned"]["mean_reward_margin"]["value"] != 0
     assert set(held_out) == {"base", "reference", "aligned"}
     page = (dest / "metrics/align.md").read_text()
     assert "| aligned | " in page and "| reference | 0." in page
-    reference = json.loads((dest / "metrics/reference.json").read_text())
+    # eval scores every model form on the held-out pairs, the SFT adapter it started from among them
+    evaluated = json.loads((dest / "metrics/eval.json").read_text())
+    models = evaluated["models"]
+    assert list(models) == [
+        "base",
+        "base_4bit",
+        "base_4bit_sft",
+        "base_4bit_adapter",
+        "merged",
+        "merged_int8_weight_only",
+    ]
+    assert evaluated["settings"]["held_out_preference_pairs"] == reference["pairs"]["test"]
+    for name, scores in models.items():
+        assert {"preference_accuracy", "preference_accuracy_per_token", "preference_margin"} <= set(scores), (
+            name
+        )
+    assert models["base_4bit_sft"]["reward_accuracy"]["value"] == 0  # the start against itself
+    assert models["base_4bit_adapter"]["reward_accuracy"]["value"] > 0
     assert reference["pairs"]["test"] >= 10 and reference["pairs"]["train"] > 100
     assert sorted(p.name for p in (dest / "data/pairs").iterdir()) == [
         "config.yaml",
@@ -70,6 +88,26 @@ def test_a_new_beta_or_method_retrains_but_never_rescores_the_reference(aligned,
     printed = sh("dvc", "repro", cwd=dest).stdout
     assert "Running stage 'reference@sft'" not in printed
     assert "Running stage 'align@" in printed and "Running stage 'merge'" in printed
+    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", "align=dpo", cwd=dest)
+    sh("dvc", "repro", cwd=dest)  # back to the module's state: restored from DVC's run cache
+
+
+def test_kto_rescores_the_reference_as_unpaired_examples_and_trains_on_them(aligned):
+    """KTO trains on examples (each pair split into a desirable and an undesirable one, each with a
+    KL completion of another prompt), so the switch rescores the reference; held-out pairs stay pairs."""
+    import pandas as pd
+
+    dest, _ = aligned
+    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", "align=kto", cwd=dest)
+    printed = sh("dvc", "repro", cwd=dest).stdout
+    assert "Running stage 'reference@sft'" in printed and "Running stage 'align@kto'" in printed
+    train = pd.read_parquet(dest / "data/pairs/train.parquet")
+    assert {"completion_ids", "kl_ids", "label", "reference_completion", "reference_kl"} <= set(train)
+    assert train["label"].any() and not train["label"].all()
+    assert "chosen_ids" in pd.read_parquet(dest / "data/pairs/test.parquet")
+    result = json.loads((dest / "metrics/align.json").read_text())
+    assert result["method"] == "kto" and "kl" in result["final"]
+    assert result["held_out"]["aligned"]["preference_accuracy"]["value"] > 0
     sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", "align=dpo", cwd=dest)
     sh("dvc", "repro", cwd=dest)  # back to the module's state: restored from DVC's run cache
 

@@ -8,7 +8,7 @@ import torch
 
 from lmtune.align import AlignError
 from lmtune.align.logps import sequence_logps
-from lmtune.align.losses import METHODS, preference_loss
+from lmtune.align.losses import METHODS, preference_loss, slots
 from lmtune.align.pairs import pair_sequences, read_pair, read_pairs, response_sequence
 from lmtune.checkpoint import load_tokenizer
 from lmtune.data.sequences import Sequence
@@ -114,8 +114,9 @@ def lora_model(tiny_base, seed: int = 0):
     return get_peft_model(model, config)
 
 
-def scored(model, pairs, pad_id, packed: bool) -> dict:
+def scored(model, pairs, pad_id, packed: bool, names=("chosen", "rejected")) -> dict:
     """Per-pair summed log-probs and lengths: all responses in one packed row, or each alone."""
+    first, second = names
     seqs = [s for pair in pairs for s in pair]
     if packed:
         sums, counts = sequence_logps(model, seqs, pad_id, packed=True)
@@ -123,10 +124,10 @@ def scored(model, pairs, pad_id, packed: bool) -> dict:
         each = [sequence_logps(model, [s], pad_id, packed=False) for s in seqs]
         sums, counts = torch.cat([s for s, _ in each]), torch.cat([c for _, c in each])
     return {
-        "chosen": sums[0::2],
-        "rejected": sums[1::2],
-        "chosen_tokens": counts[0::2],
-        "rejected_tokens": counts[1::2],
+        first: sums[0::2],
+        second: sums[1::2],
+        f"{first}_tokens": counts[0::2],
+        f"{second}_tokens": counts[1::2],
     }
 
 
@@ -144,9 +145,12 @@ def test_each_loss_and_every_lora_gradient_on_packed_rows_equal_the_pairs_scored
         if packed:
             model.get_base_model().set_attn_implementation(register_varlen_attention())
         with torch.no_grad(), model.disable_adapter():
-            reference = scored(model, pairs, tokenizer.pad_token_id, packed)
-        policy = scored(model, pairs, tokenizer.pad_token_id, packed)
-        loss, stats = preference_loss(method, policy, reference, beta=0.5, label_smoothing=0.1, gamma=0.3)
+            reference = scored(model, pairs, tokenizer.pad_token_id, packed, slots(method))
+        reference["label"] = torch.tensor([True, False, True, True, False])  # kto's: desirable or not
+        policy = scored(model, pairs, tokenizer.pad_token_id, packed, slots(method))
+        loss, stats = preference_loss(
+            method, policy, reference, beta=0.5, label_smoothing=0.1, gamma=0.3, desirable_weight=1.3
+        )
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((loss.detach(), stats, grads))
@@ -249,6 +253,87 @@ def test_dpo_and_ipo_equal_trls_dpo_trainer_on_the_same_batch(tiny_base, tmp_pat
     torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_kto_equals_trls_kto_trainer_on_the_same_batch(tiny_base, tmp_path):
+    """The KTO loss on trl's own batch (its completions, its mismatched KL completions, its labels),
+    the policy and reference scored by lmtune in one packed row, equals KTOTrainer's loss."""
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    from lmtune.train.kernels import register_varlen_attention
+
+    tokenizer = load_tokenizer(tiny_base)
+    model = lora_model(tiny_base)
+    rows = [
+        {"prompt": "To be, or", "completion": " not to be", "label": True},
+        {"prompt": "HAMLET:", "completion": " slings", "label": False},
+        {"prompt": "The", "completion": " slings and arrows", "label": True},
+        {"prompt": "Whether", "completion": " outrageous fortune, or to", "label": False},
+    ]
+    args = KTOConfig(
+        output_dir=str(tmp_path), beta=0.3, desirable_weight=1.2, report_to=[], use_cpu=True, bf16=False,
+        per_device_train_batch_size=len(rows), max_steps=1,
+    )  # fmt: skip
+    trainer = KTOTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+    model = trainer.model
+    with torch.no_grad():  # move the policy away from trl's reference (the frozen copy "ref")
+        for name, weight in model.named_parameters():
+            if "lora_B.default" in name:
+                weight.add_(torch.randn_like(weight) * 0.05)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    theirs = trainer.compute_loss(trainer.model, batch)
+
+    def sequences(prefix: str) -> list[Sequence]:
+        out = []
+        for ids, keep, learned in zip(
+            batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}completion_mask"],
+            strict=True,
+        ):  # fmt: skip
+            kept = keep.bool()
+            out.append(Sequence(ids[kept].tolist(), learned[kept].tolist()))
+        return out
+
+    items = list(zip(sequences(""), sequences("KL_"), strict=True))
+    assert any(a != b for a, b in items)
+    model.get_base_model().set_attn_implementation(register_varlen_attention())
+    with torch.no_grad():
+        model.set_adapter("ref")
+        reference = scored(model, items, tokenizer.pad_token_id, True, slots("kto"))
+        model.set_adapter("default")
+        policy = scored(model, items, tokenizer.pad_token_id, True, slots("kto"))
+    reference["label"] = torch.as_tensor(batch["label"], dtype=torch.bool)
+    assert not torch.allclose(policy["completion"], reference["completion"])
+    ours, stats = preference_loss("kto", policy, reference, beta=0.3, desirable_weight=1.2)
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
+    assert float(stats["kl"]) >= 0
+
+
+def test_kto_examples_unpair_pairs_and_take_a_kl_completion_of_another_prompt():
+    from lmtune.align.data import unpaired_examples
+    from lmtune.align.pairs import kl_partners, read_pairs
+
+    rows = read_pairs(
+        [
+            ({"prompt": "a?", "chosen": "yes", "rejected": "no"}, "f:1"),
+            ({"prompt": "b?", "completion": "maybe", "label": False}, "f:2"),
+            ({"prompt": "b?", "completion": "perhaps", "label": False}, "f:3"),
+            ({"prompt": "c?", "chosen": "sure", "rejected": "never"}, "f:4"),
+        ],
+        paired=False,
+    )
+    examples = unpaired_examples(rows)
+    assert [(e["completion"][0]["content"], e["label"]) for e in examples] == [
+        ("yes", True), ("sure", True), ("no", False), ("maybe", False), ("perhaps", False), ("never", False),
+    ]  # fmt: skip
+    partners = kl_partners(examples)
+    assert all(examples[j]["prompt"] != e["prompt"] for e, j in zip(examples, partners, strict=True))
+    # the previous example, cyclically, unless it shares the prompt ("perhaps" skips "maybe": both b?)
+    assert partners == [5, 0, 1, 2, 2, 4]
+    with pytest.raises(AlignError, match="at least two prompts"):
+        kl_partners(unpaired_examples(rows[:1]))
+
+
 def test_preference_training_killed_midway_resumes_to_the_adapter_an_uninterrupted_run_writes(
     tiny_base, tmp_path, smoke_cfg
 ):
@@ -339,3 +424,20 @@ def test_a_by_hand_adapter_folder_moves_the_adapter_merge_takes(monkeypatch):
     ]
     assert tuned_follows(["paths.adapter=/x", "paths.tuned=/y"]) == ["paths.adapter=/x", "paths.tuned=/y"]
     assert tuned_follows(["lora.r=8"]) == ["lora.r=8"]
+
+
+def test_a_sweep_grid_over_method_and_beta_is_valid_and_a_method_key_alone_is_refused():
+    """make sweep GRID="align=dpo,kto align.beta=0.1,0.3": four points, checked before any is
+    queued; align.method=... alone would leave the stages behind, and says to use the group."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    grid = [sys.executable, "-m", "lmtune.cli.params", "--validate-grid", "experiment=smoke"]
+    good = subprocess.run(
+        [*grid, "align=dpo,kto", "align.beta=0.1,0.3"], cwd=root, capture_output=True, text=True
+    )
+    assert good.returncode == 0 and "4 valid experiments" in good.stdout + good.stderr
+    bad = subprocess.run([*grid, "align.method=dpo,ipo"], cwd=root, capture_output=True, text=True)
+    assert bad.returncode == 2 and "switch with the group (align=dpo)" in bad.stderr

@@ -15,6 +15,7 @@ from lmtune.evaluate.scores import (
     generation_per_example,
     likelihood_per_passage,
     metric_functions,
+    preference_functions,
 )
 
 PREDICTIONS = ["the cat sat on the mat", "", "O Romeo, wherefore art thou", "héllo wörld — ça va?", "to be"]
@@ -106,6 +107,24 @@ def test_bootstrap_intervals_and_paired_deltas():
         {},
     )
     assert "| perplexity |" in page and "Δ" in page
+
+
+def test_preference_metrics_of_held_out_pairs_and_the_implicit_reward_against_the_start():
+    """Pairs scored as passages (chosen, rejected side by side): won summed and per token, the mean
+    margin, and the implicit reward accuracy (the margin above the starting policy's), 0 for it."""
+    # nll of chosen/rejected for 3 pairs; counts give per-token log-likelihoods
+    start = {"nll": np.array([5.0, 6.0, 4.0, 3.0, 9.0, 9.5]), "count": np.array([5, 5, 2, 6, 3, 3])}
+    tuned = {"nll": np.array([4.0, 7.0, 4.0, 2.0, 8.0, 9.5]), "count": np.array([5, 5, 2, 6, 3, 3])}
+    everything = np.arange(3)
+    fns = preference_functions(tuned, start)
+    # margins (chosen - rejected log-likelihood): 3, -2, 1.5; per token: -0.8 > -1.4, -2 < -1/3, -8/3 > -9.5/3
+    assert fns["preference_accuracy"](everything) == pytest.approx(2 / 3)
+    assert fns["preference_accuracy_per_token"](everything) == pytest.approx(2 / 3)
+    assert fns["preference_margin"](everything) == pytest.approx((3 - 2 + 1.5) / 3)
+    # the start's margins 1, -1, 0.5: tuned is above on pairs 0 and 2, below on pair 1
+    assert fns["reward_accuracy"](everything) == pytest.approx(2 / 3)
+    assert preference_functions(start, start)["reward_accuracy"](everything) == 0
+    assert fns["preference_accuracy"](np.array([1, 1])) == 0
 
 
 def test_too_few_passages_for_the_bootstrap_is_a_clear_error():

@@ -30,7 +30,23 @@ def load_splits(cfg: DictConfig, held_out: set[str] = frozenset()) -> dict[str, 
         read = records(files)
     except DataError as err:
         raise AlignError(str(err).replace("data.files", "align.files")) from None
-    return split_pairs(read_pairs(read, paired=True), cfg.align.test_fraction, cfg.seed, held_out)
+    rows = read_pairs(read, paired=not cfg.align.unpaired)
+    return split_pairs(rows, cfg.align.test_fraction, cfg.seed, held_out)
+
+
+def unpaired_examples(rows: list[dict]) -> list[dict]:
+    """KTO's examples: an unpaired row as it is, a pair as its chosen response (desirable) and its
+    rejected one (not), as trl's unpair_preference_dataset makes them; desirable ones first."""
+    examples = []
+    for row in rows:
+        if "label" in row:
+            examples.append(row)
+            continue
+        for side, label in (("chosen", True), ("rejected", False)):
+            examples.append(
+                {"prompt": row["prompt"], "completion": row[side], "label": label, "where": row["where"]}
+            )
+    return [e for e in examples if e["label"]] + [e for e in examples if not e["label"]]
 
 
 def chatterbot_splits(
@@ -118,48 +134,66 @@ def question(pair: dict) -> str:
     return next(m["content"] for m in reversed(pair["prompt"]) if m["role"] == "user").strip()
 
 
+def slots_of(items: list[dict]) -> tuple[str, str]:
+    """The two sequences of each item of a split: a pair's, or a KTO example's."""
+    return ("completion", "kl") if items and "label" in items[0] else ("chosen", "rejected")
+
+
+def labels(items: list[dict]) -> np.ndarray | None:
+    """KTO examples' labels (true: desirable), or None for pairs."""
+    return np.asarray([bool(p["label"]) for p in items]) if items and "label" in items[0] else None
+
+
 def write_split(
-    directory: str | Path, name: str, pairs: list[dict], seqs: list[tuple], reference: dict
+    directory: str | Path, name: str, items: list[dict], seqs: list[tuple], reference: dict
 ) -> None:
-    """One split of rendered pairs and their reference log-probabilities → <directory>/<name>.parquet."""
+    """One split of rendered items and their reference log-probabilities → <directory>/<name>.parquet:
+    pairs (chosen, rejected) or KTO's examples (completion, kl, label)."""
     import pandas as pd
 
-    frame = pd.DataFrame(
-        {
-            "where": [p["where"] for p in pairs],
-            "pair": [json.dumps({k: p[k] for k in ("prompt", "chosen", "rejected")}) for p in pairs],
-            "chosen_ids": [list(c) for c, _ in seqs],
-            "chosen_mask": [c.mask for c, _ in seqs],
-            "rejected_ids": [list(r) for _, r in seqs],
-            "rejected_mask": [r.mask for _, r in seqs],
-            **{f"reference_{k}": v for k, v in reference.items()},
-        }
-    )
-    frame.to_parquet(Path(directory) / f"{name}.parquet", index=False)
+    unpaired = "label" in items[0]
+    first, second = slots_of(items)
+    fields = ("prompt", "completion", "label") if unpaired else ("prompt", "chosen", "rejected")
+    columns = {
+        "where": [p["where"] for p in items],
+        "pair": [json.dumps({k: p[k] for k in fields}) for p in items],
+        f"{first}_ids": [list(a) for a, _ in seqs],
+        f"{first}_mask": [a.mask for a, _ in seqs],
+        f"{second}_ids": [list(b) for _, b in seqs],
+        f"{second}_mask": [b.mask for _, b in seqs],
+        **{f"reference_{k}": v for k, v in reference.items()},
+    }
+    if unpaired:
+        columns["label"] = [bool(p["label"]) for p in items]
+    pd.DataFrame(columns).to_parquet(Path(directory) / f"{name}.parquet", index=False)
 
 
 def read_split(
     directory: str | Path, name: str
 ) -> tuple[list[tuple[Sequence, Sequence]], dict[str, np.ndarray]]:
-    """A split as the reference stage wrote it: (chosen, rejected) sequences and the reference's
-    log-probabilities of each (chosen, rejected, chosen_tokens, rejected_tokens)."""
+    """A split as the reference stage wrote it: the two sequences of each item ((chosen, rejected),
+    or KTO's (completion, kl)) and the reference's log-probabilities of each (with `_tokens`, the
+    response lengths), plus the examples' `label` for KTO."""
     import pandas as pd
 
     path = Path(directory) / f"{name}.parquet"
     if not path.exists():
         raise AlignError(f"{path} not found: run the reference stage first (make run ARGS=align=dpo)")
     frame = pd.read_parquet(path)
+    first, second = ("completion", "kl") if "label" in frame else ("chosen", "rejected")
     seqs = [
-        (Sequence(list(ci), list(cm)), Sequence(list(ri), list(rm)))
-        for ci, cm, ri, rm in zip(
-            frame["chosen_ids"],
-            frame["chosen_mask"],
-            frame["rejected_ids"],
-            frame["rejected_mask"],
+        (Sequence(list(ai), list(am)), Sequence(list(bi), list(bm)))
+        for ai, am, bi, bm in zip(
+            frame[f"{first}_ids"],
+            frame[f"{first}_mask"],
+            frame[f"{second}_ids"],
+            frame[f"{second}_mask"],
             strict=True,
         )
     ]
     reference = {
         c.removeprefix("reference_"): frame[c].to_numpy() for c in frame if c.startswith("reference_")
     }
+    if "label" in frame:
+        reference["label"] = frame["label"].to_numpy(dtype=bool)
     return seqs, reference

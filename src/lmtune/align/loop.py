@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from lmtune.align.logps import sequence_logps
-from lmtune.align.losses import NEEDS_REFERENCE, preference_loss
+from lmtune.align.losses import NEEDS_REFERENCE, preference_loss, slots
 from lmtune.config import identity
 from lmtune.data.batching import batch_indices
 from lmtune.model.load import load_for_training
@@ -52,21 +52,29 @@ def start_policy(cfg: DictConfig, trainable: bool):
 
 @torch.no_grad()
 def score_pairs(
-    model, pairs: list[tuple], pad_id: int, packed: bool, desc: str, autocast=None
+    model,
+    pairs: list[tuple],
+    pad_id: int,
+    packed: bool,
+    desc: str,
+    autocast=None,
+    names: tuple[str, str] = ("chosen", "rejected"),
 ) -> dict[str, np.ndarray]:
-    """Summed log-probabilities and lengths of every pair's chosen and rejected response, under
-    `autocast` (the training's precision: lmtune.train.loop.precision) when given."""
+    """Summed log-probabilities and lengths of both sequences of every item (a pair's chosen and
+    rejected response; `names` = lmtune.align.losses.slots(method)), under `autocast` (the
+    training's precision: lmtune.train.loop.precision) when given."""
     was_training = model.training
     model.eval()
-    out = {k: [] for k in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")}
+    first, second = names
+    out = {k: [] for k in (first, second, f"{first}_tokens", f"{second}_tokens")}
     for start in tqdm(range(0, len(pairs), SCORE_PAIRS), desc=desc, unit="batch", dynamic_ncols=True):
         batch = pairs[start : start + SCORE_PAIRS]
         with autocast or nullcontext():
             sums, counts = sequence_logps(model, [s for pair in batch for s in pair], pad_id, packed)
-        out["chosen"] += sums[0::2].tolist()
-        out["rejected"] += sums[1::2].tolist()
-        out["chosen_tokens"] += counts[0::2].tolist()
-        out["rejected_tokens"] += counts[1::2].tolist()
+        out[first] += sums[0::2].tolist()
+        out[second] += sums[1::2].tolist()
+        out[f"{first}_tokens"] += counts[0::2].tolist()
+        out[f"{second}_tokens"] += counts[1::2].tolist()
     model.train(was_training)
     return {k: np.asarray(v, dtype=np.float64 if "tokens" not in k else np.int64) for k, v in out.items()}
 
@@ -81,8 +89,8 @@ def train_preferences(
     pad_id: int,
     on_step: Callable[[int, dict], None] | None = None,
 ) -> dict:
-    """Train the LoRA parameters on `pairs` ((chosen, rejected) Sequences) against the reference
-    log-probabilities; returns the curve and the last step's statistics."""
+    """Train the LoRA parameters on `pairs` ((chosen, rejected) Sequences; for kto (completion, kl))
+    against the reference log-probabilities; returns the curve and the last step's statistics."""
     from transformers import get_cosine_schedule_with_warmup
 
     a = cfg.align
@@ -99,6 +107,7 @@ def train_preferences(
         resumed_from = state["step"]
         print(f"resuming from {checkpoint} (step {resumed_from} of {a.max_steps})")
     ref = {k: torch.as_tensor(v) for k, v in reference.items()}
+    first, second = slots(a.method)
     model.train()
     bar = tqdm(total=a.max_steps, initial=state["step"], desc="align", unit="step", dynamic_ncols=True)
     while state["step"] < a.max_steps:
@@ -111,10 +120,10 @@ def train_preferences(
             with autocast:
                 sums, counts = sequence_logps(model, seqs, pad_id, packed)
             policy = {
-                "chosen": sums[0::2].float(),
-                "rejected": sums[1::2].float(),
-                "chosen_tokens": counts[0::2],
-                "rejected_tokens": counts[1::2],
+                first: sums[0::2].float(),
+                second: sums[1::2].float(),
+                f"{first}_tokens": counts[0::2],
+                f"{second}_tokens": counts[1::2],
             }
             reference_batch = (
                 {k: v[picked].to(sums.device) for k, v in ref.items()}
@@ -122,12 +131,14 @@ def train_preferences(
                 else None
             )
             loss, stats = preference_loss(
-                a.method, policy, reference_batch, a.beta, a.label_smoothing, a.gamma
-            )
+                a.method, policy, reference_batch, a.beta, a.label_smoothing, a.gamma,
+                a.desirable_weight, a.undesirable_weight,
+            )  # fmt: skip
             scaler.scale(loss / a.grad_accum).backward()
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / a.grad_accum
             for name, values in stats.items():
-                totals[name] = totals.get(name, 0.0) + float(values.float().mean()) / a.grad_accum
+                if values.numel():  # kto: a micro-batch may hold no example of one label
+                    totals[name] = totals.get(name, 0.0) + float(values.float().mean()) / a.grad_accum
             tokens += sum(len(s) for s in seqs)
         if not math.isfinite(totals["loss"]):
             raise TrainingError(
@@ -180,19 +191,33 @@ def _fingerprint(cfg: DictConfig, pairs: list[tuple]) -> str:
 
 
 def held_out_scores(
-    policy: dict[str, np.ndarray], reference: dict[str, np.ndarray], beta: float, resamples: int, seed: int
+    policy: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    beta: float,
+    resamples: int,
+    seed: int,
+    labels: np.ndarray | None = None,
 ) -> dict[str, dict]:
     """On held-out pairs, with 95% bootstrap intervals: preference accuracy (the share of pairs whose
     chosen response is the more likely one, summed and per token), the mean margin of summed
     log-probabilities, and the implicit reward accuracy against the reference (zero margin, so 0 for
-    the reference itself)."""
+    the reference itself), and the change in preference accuracy against the reference, pair by
+    pair. On held-out unpaired examples (`labels`, KTO's): the implicit reward
+    accuracy alone, the share of examples whose reward has their label's sign."""
+    if labels is not None:
+        reward = beta * (policy["completion"] - reference["completion"])
+        values = {"reward_accuracy": ((reward > 0) == labels).astype(float)}
+        return _bootstrap(values, resamples, seed)
     per_token = lambda side, d: d[side] / np.maximum(d[f"{side}_tokens"], 1)  # noqa: E731
     margin = policy["chosen"] - policy["rejected"]
     reward_margin = beta * (
         (policy["chosen"] - reference["chosen"]) - (policy["rejected"] - reference["rejected"])
     )
+    start_won = (reference["chosen"] - reference["rejected"] > 0).astype(float)
     values = {
         "preference_accuracy": (margin > 0).astype(float),
+        # pair by pair against the reference, so its interval is the difference's, not two noises
+        "preference_accuracy_vs_reference": (margin > 0).astype(float) - start_won,
         "preference_accuracy_per_token": (per_token("chosen", policy) > per_token("rejected", policy)).astype(
             float
         ),
@@ -200,8 +225,14 @@ def held_out_scores(
         "reward_accuracy": (reward_margin > 0).astype(float),
         "mean_reward_margin": reward_margin,
     }
+    return _bootstrap(values, resamples, seed)
+
+
+def _bootstrap(values: dict[str, np.ndarray], resamples: int, seed: int) -> dict[str, dict]:
+    """Each per-item value's mean with a 95% percentile-bootstrap interval (the same draws for all)."""
+    n = len(next(iter(values.values())))
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(margin), size=(resamples, len(margin)))
+    draws = rng.integers(0, n, size=(resamples, n))
     return {
         name: {
             "value": float(v.mean()),
@@ -213,6 +244,7 @@ def held_out_scores(
 
 HELD_OUT_COLUMNS = {
     "preference_accuracy": "chosen more likely",
+    "preference_accuracy_vs_reference": "vs the reference, paired",
     "preference_accuracy_per_token": "chosen more likely per token",
     "mean_margin": "mean log-prob margin",
     "reward_accuracy": "implicit reward accuracy",
@@ -221,16 +253,24 @@ HELD_OUT_COLUMNS = {
 
 def held_out_markdown(held_out: dict[str, dict], method: str, steps: int, pairs: int) -> str:
     """The held-out scores of each model as a page: value and 95% interval per column."""
-    cell = lambda s: f"{s['value']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"  # noqa: E731
+
+    def cell(key: str, s: dict) -> str:
+        sign = "+" if key.endswith("_vs_reference") else ""
+        return f"{s['value']:{sign}.3f} [{s['ci95'][0]:{sign}.3f}, {s['ci95'][1]:{sign}.3f}]"
+
+    paired = all("preference_accuracy" in scores for scores in held_out.values())
     lines = [
         f"# Preference tuning: {method}, {steps} steps",
         "",
-        f"{pairs} held-out pairs; 95% bootstrap intervals in brackets. The implicit reward is β times the",
-        "log-ratio to the reference (the starting policy), so the reference's own is zero.",
+        f"{pairs} held-out {'pairs' if paired else 'examples'}; 95% bootstrap intervals in brackets. The "
+        "implicit reward is β times the",
+        "log-ratio to the reference (the starting policy), so the reference's own is zero. \"vs the reference,",
+        'paired" is the change in the share of pairs won, pair by pair, with its own interval.',
         "",
         "| model | " + " | ".join(HELD_OUT_COLUMNS.values()) + " |",
         "|---|" + "---|" * len(HELD_OUT_COLUMNS),
     ]
     for name, scores in held_out.items():
-        lines.append(f"| {name} | " + " | ".join(cell(scores[k]) for k in HELD_OUT_COLUMNS) + " |")
+        cells = (cell(k, scores[k]) if k in scores else "-" for k in HELD_OUT_COLUMNS)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -164,3 +164,46 @@ def pair_sequences(
             + f": raise data.max_length to {longest}, or shorten or drop them"
         )
     return kept, out
+
+
+def kl_partners(examples: list[dict]) -> list[int]:
+    """For each example, the one whose completion estimates KTO's KL term under its prompt: the
+    nearest before it (cyclically) with another prompt, as trl's shift by one within a batch."""
+    n = len(examples)
+    partners = []
+    for i, example in enumerate(examples):
+        j = next(
+            ((i - k) % n for k in range(1, n) if examples[(i - k) % n]["prompt"] != example["prompt"]), None
+        )
+        if j is None:
+            raise AlignError("kto needs examples of at least two prompts to estimate its KL term")
+        partners.append(j)
+    return partners
+
+
+def example_sequences(
+    examples: list[dict], tokenizer, max_length: int, drop_long: bool = False
+) -> tuple[list[dict], list[tuple[Sequence, Sequence]]]:
+    """KTO: (the examples kept, their (completion, kl) sequences): the completion under its own
+    prompt, and the KL partner's completion under this prompt (lmtune.align.pairs.kl_partners).
+    Long examples are refused or, with `drop_long`, left out, as pair_sequences does."""
+    kept, completions, long = [], [], []
+    for example in examples:
+        seq = response_sequence(example["prompt"], example["completion"], tokenizer)
+        if len(seq) > max_length:
+            long.append((example["where"], len(seq)))
+            continue
+        kept.append(example)
+        completions.append(seq)
+    if long and not drop_long:
+        raise AlignError(
+            f"{len(long)} preference examples are longer than data.max_length={max_length} tokens, e.g. "
+            + ", ".join(f"{where} ({n})" for where, n in long[:5])
+            + f": raise data.max_length to {max(n for _, n in long)}, or shorten or drop them"
+        )
+    partners = kl_partners(kept)
+    kl = [
+        response_sequence(e["prompt"], kept[j]["completion"], tokenizer)
+        for e, j in zip(kept, partners, strict=True)
+    ]
+    return kept, list(zip(completions, kl, strict=True))

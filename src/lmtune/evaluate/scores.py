@@ -181,6 +181,24 @@ def metric_functions(likelihood: dict, generation: dict | None) -> dict[str, Cal
     return fns
 
 
+def preference_functions(pairs: dict, reference: dict) -> dict[str, Callable]:
+    """Held-out preference pairs, scored as passages with each pair's chosen and rejected response
+    side by side (chosen first): metric name → f(pair indices). `reference` is the starting policy's
+    scoring of the same pairs in the same run, against which the implicit reward is taken (its own
+    reward accuracy is 0: no pair's log-ratio margin is above zero)."""
+    logp, tokens = -pairs["nll"], np.maximum(pairs["count"], 1)
+    chosen, rejected = logp[0::2], logp[1::2]
+    margin = chosen - rejected
+    per_token = chosen / tokens[0::2] > rejected / tokens[1::2]
+    reward_margin = margin - (-reference["nll"][0::2] + reference["nll"][1::2])
+    return {
+        "preference_accuracy": lambda idx: float((margin[idx] > 0).mean()),
+        "preference_accuracy_per_token": lambda idx: float(per_token[idx].mean()),
+        "preference_margin": lambda idx: float(margin[idx].mean()),
+        "reward_accuracy": lambda idx: float((reward_margin[idx] > 0).mean()),
+    }
+
+
 def bootstrap(
     models: dict[str, dict[str, Callable]],
     sizes: dict[str, int],
@@ -229,8 +247,17 @@ EXPLAIN = {
     "rouge2": "ROUGE-2 F-measure: bigram overlap",
     "rougeL": "ROUGE-L F-measure: longest common subsequence",
     "bleu": "corpus BLEU (sacreBLEU defaults), 0-100",
+    "answer_tokens": "mean length of the greedy answers in tokens (preference tuning tends to lengthen them)",
+    "preference_accuracy": "share of held-out preference pairs whose chosen response is the more likely",
+    "preference_accuracy_per_token": "the same, comparing log-likelihood per response token",
+    "preference_margin": "mean log-likelihood of the chosen response minus the rejected one, held-out pairs",
+    "reward_accuracy": "share of held-out pairs whose log-likelihood margin is above the starting policy's "
+    "(DPO's implicit reward accuracy; 0 for the starting policy itself)",
 }
-_PERCENT = {"token_accuracy", "exact_match", "answer_f1", "rouge1", "rouge2", "rougeL"}
+_PERCENT = {
+    "token_accuracy", "exact_match", "answer_f1", "rouge1", "rouge2", "rougeL",
+    "preference_accuracy", "preference_accuracy_per_token", "reward_accuracy",
+}  # fmt: skip
 
 
 def _fmt(metric: str, value: float, signed: bool = False) -> str:
