@@ -78,21 +78,11 @@ def run(cfg) -> dict:
         if results is not None:
             benchmarks[name] = results
         predictions = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
-        chat = cfg.data.format == "chat"
-        generation = generation_per_example(predictions, references, chat, e.metrics_source)
-        functions[name] = metric_functions(likelihood, generation)
-        if chat:  # preference tuning tends to lengthen answers: show it
-            lengths = np.array([len(c) for c in continuations], dtype=float)
-            functions[name]["answer_tokens"] = lambda idx, lengths=lengths: float(lengths[idx].mean())
+        functions[name] = answer_functions(cfg, likelihood, continuations, predictions, references)
         examples[name] = predictions[:3]
     sizes = {m: len(seqs) if m in LIKELIHOOD_METRICS else len(prompts) for m in functions["base"]}
-    if pairs:  # every model on the held-out pairs, the implicit reward against the starting policy
-        start = roles["sft"] if cfg.align.start == "sft" else roles.get("quantized_base", "base")
-        for name in functions:
-            functions[name] |= preference_functions(pair_scores[name], pair_scores[start])
-        sizes |= dict.fromkeys(
-            preference_functions(pair_scores["base"], pair_scores["base"]), len(pairs) // 2
-        )
+    if pairs:
+        sizes |= add_preference_functions(cfg, functions, pair_scores, roles)
     scores = bootstrap(functions, sizes, "base", e.bootstrap_resamples, cfg.seed)
     settings = settings_of(cfg, seqs, prompts, dtype)
     if pairs:
@@ -112,6 +102,28 @@ def context_length(cfg, seqs, prompts) -> int:
     if cfg.eval.benchmarks and "quantized" in cfg.eval.benchmark_models:
         n_ctx = max(n_ctx, 2048)
     return n_ctx
+
+
+def answer_functions(cfg, likelihood, continuations, predictions, references) -> dict:
+    """One model's metric functions of the test split (lmtune.evaluate.scores.metric_functions),
+    and on chat data the answers' mean length: preference tuning tends to lengthen them."""
+    chat = cfg.data.format == "chat"
+    generation = generation_per_example(predictions, references, chat, cfg.eval.metrics_source)
+    functions = metric_functions(likelihood, generation)
+    if chat:
+        lengths = np.array([len(c) for c in continuations], dtype=float)
+        functions["answer_tokens"] = lambda idx: float(lengths[idx].mean())
+    return functions
+
+
+def add_preference_functions(cfg, functions: dict, pair_scores: dict, roles: dict) -> dict[str, int]:
+    """Every model's metrics on the held-out pairs, the implicit reward against the starting policy
+    as this stage scored it (the SFT adapter, or the base as training saw it); returns their sizes."""
+    start = roles["sft"] if cfg.align.start == "sft" else roles.get("quantized_base", "base")
+    for name in functions:
+        added = preference_functions(pair_scores[name], pair_scores[start])
+        functions[name] |= added
+    return dict.fromkeys(added, len(pair_scores[start]["nll"]) // 2)
 
 
 def held_out_pairs(cfg) -> list:

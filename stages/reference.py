@@ -17,12 +17,11 @@ from lmtune.align.data import (
     labels,
     load_splits,
     question,
+    render_splits,
     slots_of,
-    unpaired_examples,
     write_split,
 )
 from lmtune.align.loop import held_out_scores, score_pairs, start_policy
-from lmtune.align.pairs import example_sequences, pair_sequences
 from lmtune.artifacts import atomic_dir, save_config, write_json
 from lmtune.checkpoint import load_tokenizer
 from lmtune.cli.runner import run_stage
@@ -52,21 +51,15 @@ def run(cfg) -> dict:
         for q in read_prompts(paths.processed, name)
         if q["question"]
     }
-    splits = load_splits(cfg, held_out)
-    drop_long = a.source == "chatterbot"  # the shipped set leaves out its few long pairs; yours are refused
-    everything = splits["train"] + splits["test"]
-    kept, rendered = pair_sequences(
-        [p for p in everything if "label" not in p], tokenizer, cfg.data.max_length, drop_long
+    # the shipped set leaves out its few long pairs, as prepare does long conversations; yours are refused
+    splits, seqs, left_out = render_splits(
+        load_splits(cfg, held_out),
+        tokenizer,
+        cfg.data.max_length,
+        a.unpaired,
+        drop_long=a.source == "chatterbot",
     )
-    rendered = {id(pair): seq for pair, seq in zip(kept, rendered, strict=True)}
-    if a.unpaired:  # kto trains on examples; held-out pairs stay pairs, unpaired rows examples
-        splits["train"] = unpaired_examples(splits["train"])
-        for name in ("train", "test") if any("label" in p for p in splits["test"]) else ("train",):
-            kept, examples = example_sequences(splits[name], tokenizer, cfg.data.max_length, drop_long)
-            rendered |= {id(e): seq for e, seq in zip(kept, examples, strict=True)}
-    splits = {name: [p for p in split if id(p) in rendered] for name, split in splits.items()}
     check_held_out(splits, a.test_fraction)
-    seqs = {name: [rendered[id(pair)] for pair in split] for name, split in splits.items()}
     model, packed = start_policy(cfg, trainable=False)  # every pair is checked before the model loads
     autocast, _ = precision(cfg)  # the numerics the align stage trains in, so its rewards start at 0
     scores = {
@@ -83,7 +76,7 @@ def run(cfg) -> dict:
     metrics = {
         "pairs": {name: len(p) for name, p in splits.items()},
         "held_out_as_the_sft_data_holds_them_out": sum(question(p) in held_out for p in splits["test"]),
-        "left_out_longer_than_max_length": len(everything) - len(kept),
+        "left_out_longer_than_max_length": left_out,
         "response_tokens": {
             name: int(sum(v.sum() for k, v in s.items() if k.endswith("_tokens")))
             for name, s in scores.items()
@@ -95,7 +88,7 @@ def run(cfg) -> dict:
     write_json(Path(paths.metrics) / "reference.json", metrics)
     return {
         "pairs": metrics["pairs"],
-        "preference_accuracy": metrics["held_out"]["preference_accuracy"]["value"],
+        "held_out": {k: v["value"] for k, v in metrics["held_out"].items() if "accuracy" in k},
     }
 
 

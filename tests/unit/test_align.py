@@ -441,3 +441,29 @@ def test_a_sweep_grid_over_method_and_beta_is_valid_and_a_method_key_alone_is_re
     assert good.returncode == 0 and "4 valid experiments" in good.stdout + good.stderr
     bad = subprocess.run([*grid, "align.method=dpo,ipo"], cwd=root, capture_output=True, text=True)
     assert bad.returncode == 2 and "switch with the group (align=dpo)" in bad.stderr
+
+
+def test_kto_renders_train_pairs_as_examples_and_keeps_held_out_pairs_as_pairs(tiny_base):
+    from lmtune.align.data import render_splits
+
+    tokenizer = load_tokenizer(tiny_base)
+    rows = read_pairs(
+        [
+            ({"prompt": "a?", "chosen": "yes", "rejected": "no"}, "f:1"),
+            ({"prompt": "b?", "chosen": "sure", "rejected": "never"}, "f:2"),
+            ({"prompt": "c?", "chosen": "fine", "rejected": "bad"}, "f:3"),
+            ({"prompt": "d?", "completion": "ok", "label": True}, "f:4"),
+        ],
+        paired=False,
+    )
+    splits, seqs, left_out = render_splits({"train": rows[:2], "test": rows[2:3]}, tokenizer, 64, True, False)
+    assert [e["label"] for e in splits["train"]] == [True, True, False, False] and left_out == 0
+    assert "label" not in splits["test"][0]  # held-out pairs stay pairs
+    completion, kl = seqs["train"][2]  # "no" under a?, and the KL completion "sure" (b?'s) under a?
+    assert completion == response_sequence(rows[0]["prompt"], rows[0]["rejected"], tokenizer)
+    assert kl == response_sequence(rows[0]["prompt"], rows[1]["chosen"], tokenizer)
+    # a held-out split with an unpaired row is all examples
+    splits, _, _ = render_splits({"train": rows[:2], "test": rows[2:]}, tokenizer, 64, True, False)
+    assert [e["label"] for e in splits["test"]] == [True, True, False]
+    splits, seqs, _ = render_splits({"train": rows[:2], "test": rows[2:3]}, tokenizer, 64, False, False)
+    assert seqs["train"][0][1] == response_sequence(rows[0]["prompt"], rows[0]["rejected"], tokenizer)

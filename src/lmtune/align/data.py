@@ -12,7 +12,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from lmtune.align import AlignError
-from lmtune.align.pairs import read_pairs
+from lmtune.align.pairs import example_sequences, pair_sequences, read_pairs
 from lmtune.data import DataError
 from lmtune.data.sequences import Sequence
 from lmtune.data.sources import chatterbot_conversations, records
@@ -32,6 +32,30 @@ def load_splits(cfg: DictConfig, held_out: set[str] = frozenset()) -> dict[str, 
         raise AlignError(str(err).replace("data.files", "align.files")) from None
     rows = read_pairs(read, paired=not cfg.align.unpaired)
     return split_pairs(rows, cfg.align.test_fraction, cfg.seed, held_out)
+
+
+def render_splits(
+    splits: dict[str, list[dict]], tokenizer, max_length: int, unpaired: bool, drop_long: bool
+) -> tuple[dict[str, list[dict]], dict[str, list[tuple]], int]:
+    """(the items kept per split, their two sequences each, how many were left out): pairs as (chosen, rejected); with
+    `unpaired` (kto) the train split as examples (completion, kl), and the held-out split too when
+    it holds any unpaired row (held-out pairs otherwise stay pairs, to be scored as pairs). Long
+    items are refused, or left out with `drop_long` (the shipped set)."""
+    splits = dict(splits)
+    if unpaired:
+        for name in ("train", "test") if any("label" in p for p in splits["test"]) else ("train",):
+            splits[name] = unpaired_examples(splits[name])
+    rendered, left_out = {}, 0
+    for split in splits.values():
+        pairs = [p for p in split if "label" not in p]
+        examples = [p for p in split if "label" in p]
+        for items, render in ((pairs, pair_sequences), (examples, example_sequences)):
+            if items:
+                kept, seqs = render(items, tokenizer, max_length, drop_long)
+                rendered |= {id(item): seq for item, seq in zip(kept, seqs, strict=True)}
+                left_out += len(items) - len(kept)
+    splits = {name: [p for p in split if id(p) in rendered] for name, split in splits.items()}
+    return splits, {name: [rendered[id(p)] for p in split] for name, split in splits.items()}, left_out
 
 
 def unpaired_examples(rows: list[dict]) -> list[dict]:
