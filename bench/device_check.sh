@@ -18,5 +18,5 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONU
 nvidia-smi -L || echo "no GPU seen by nvidia-smi"
 python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__)"
 # the gpu tests first (a minute or two); the benchmark runs whatever they found
-python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_gpu_training.py 2>&1 | tee "$out/gpu_tests.log" || true
+python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/unit/test_gpu_training.py 2>&1 | tee "$out/gpu_tests.log" || true
 exec bash bench/gpu_check.sh --out "$out/gpu_check.json" "$@" 2>&1 | tee "$out/gpu_check.log"

@@ -131,30 +131,41 @@ def scored(model, pairs, pad_id, packed: bool, names=("chosen", "rejected")) -> 
     }
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_each_loss_and_every_lora_gradient_on_packed_rows_equal_the_pairs_scored_one_by_one(
-    tiny_base, method
-):
+def loss_and_gradients(tiny_base, method: str, packed: bool, device="cpu", dtype=torch.float32):
+    """One preference step on five random pairs: (loss, stats, LoRA gradients), the pairs packed in
+    one row through the varlen attention or scored one by one."""
     from lmtune.train.kernels import register_varlen_attention
 
     tokenizer = load_tokenizer(tiny_base)
     pairs = random_pairs(5, tokenizer.vocab_size)
-    results = []
-    for packed in (True, False):
-        model = lora_model(tiny_base)
-        if packed:
-            model.get_base_model().set_attn_implementation(register_varlen_attention())
-        with torch.no_grad(), model.disable_adapter():
-            reference = scored(model, pairs, tokenizer.pad_token_id, packed, slots(method))
-        reference["label"] = torch.tensor([True, False, True, True, False])  # kto's: desirable or not
-        policy = scored(model, pairs, tokenizer.pad_token_id, packed, slots(method))
-        loss, stats = preference_loss(
-            method, policy, reference, beta=0.5, label_smoothing=0.1, gamma=0.3, desirable_weight=1.3
-        )
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        results.append((loss.detach(), stats, grads))
-    (packed_loss, packed_stats, packed_grads), (alone_loss, alone_stats, alone_grads) = results
+    model = lora_model(tiny_base).to(device, dtype)
+    if packed:
+        model.get_base_model().set_attn_implementation(register_varlen_attention())
+    with torch.no_grad(), model.disable_adapter():
+        reference = scored(model, pairs, tokenizer.pad_token_id, packed, slots(method))
+    reference["label"] = torch.tensor([True, False, True, True, False], device=device)  # kto's
+    policy = scored(model, pairs, tokenizer.pad_token_id, packed, slots(method))
+    loss, stats = preference_loss(
+        method, policy, reference, beta=0.5, label_smoothing=0.1, gamma=0.3, desirable_weight=1.3
+    )
+    loss.backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach().float(), stats, grads
+
+
+def gradient_error(grads: dict, exact: dict) -> float:
+    """Relative error of all LoRA gradients taken as one vector."""
+    got = torch.cat([grads[name].flatten() for name in exact])
+    want = torch.cat([g.flatten() for g in exact.values()])
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_loss_and_every_lora_gradient_on_packed_rows_equal_the_pairs_scored_one_by_one(
+    tiny_base, method
+):
+    packed_loss, packed_stats, packed_grads = loss_and_gradients(tiny_base, method, packed=True)
+    alone_loss, alone_stats, alone_grads = loss_and_gradients(tiny_base, method, packed=False)
     assert packed_grads and all(g.abs().sum() > 0 for g in packed_grads.values())
     torch.testing.assert_close(packed_loss, alone_loss, rtol=1e-5, atol=1e-7)
     # each gradient as a whole within 1e-5 of the other (elementwise, entries near zero differ in
