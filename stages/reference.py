@@ -12,6 +12,7 @@ preference accuracy on the held-out ones.
 import sys
 from pathlib import Path
 
+from lmtune.align import AlignError
 from lmtune.align.data import (
     check_held_out,
     labels,
@@ -21,7 +22,7 @@ from lmtune.align.data import (
     slots_of,
     write_split,
 )
-from lmtune.align.loop import held_out_scores, score_pairs, start_policy
+from lmtune.align.loop import held_out_scores, score_pairs, start_policy, with_own_answers
 from lmtune.artifacts import atomic_dir, save_config, write_json
 from lmtune.checkpoint import load_tokenizer
 from lmtune.cli.runner import run_stage
@@ -37,6 +38,8 @@ PARAMS = (
     "align.start",
     "align.source",
     "align.files",
+    "align.rejected",
+    "align.own_answer_tokens",
     "align.test_fraction",
     "align.unpaired",
 )
@@ -51,17 +54,28 @@ def run(cfg) -> dict:
         for q in read_prompts(paths.processed, name)
         if q["question"]
     }
+    pairs = load_splits(cfg, held_out)
+    if a.rejected == "own" and any("label" in p for split in pairs.values() for p in split):
+        raise AlignError(
+            "align.rejected=own replaces the rejected answer of each pair, and align.files holds unpaired "
+            "(prompt/completion/label) rows: give pairs, or set align.rejected=data"
+        )
+
     # the shipped set leaves out its few long pairs, as prepare does long conversations; yours are refused
     splits, seqs, left_out = render_splits(
-        load_splits(cfg, held_out),
-        tokenizer,
-        cfg.data.max_length,
-        a.unpaired,
-        drop_long=a.source == "chatterbot",
+        pairs, tokenizer, cfg.data.max_length, a.unpaired, drop_long=a.source == "chatterbot"
     )
     check_held_out(splits, a.test_fraction)
     model, packed = start_policy(cfg, trainable=False)  # every pair is checked before the model loads
     autocast, _ = precision(cfg)  # the numerics the align stage trains in, so its rewards start at 0
+    own_left_out = {}
+    if a.rejected == "own":  # generated answers are the model's, not yours: long ones are left out
+        pairs, own_left_out = with_own_answers(model, pairs, tokenizer, a.own_answer_tokens, autocast)
+        splits, seqs, own_long = render_splits(
+            pairs, tokenizer, cfg.data.max_length, a.unpaired, drop_long=True
+        )
+        left_out += own_long
+        check_held_out(splits, a.test_fraction)
     scores = {
         name: score_pairs(
             model, s, tokenizer.pad_token_id, packed, f"reference {name}", autocast, slots_of(splits[name])
@@ -77,6 +91,8 @@ def run(cfg) -> dict:
         "pairs": {name: len(p) for name, p in splits.items()},
         "held_out_as_the_sft_data_holds_them_out": sum(question(p) in held_out for p in splits["test"]),
         "left_out_longer_than_max_length": left_out,
+        "rejected": a.rejected,
+        **{f"left_out_{reason}": n for reason, n in own_left_out.items()},
         "response_tokens": {
             name: int(sum(v.sum() for k, v in s.items() if k.endswith("_tokens")))
             for name, s in scores.items()

@@ -246,6 +246,8 @@ class Align:
     start: str = one_of("sft", "base")
     source: str = one_of("chatterbot", "files")
     files: list[str] = MISSING
+    rejected: str = one_of("data", "own")  # own: the starting policy's greedy answer is the rejected one
+    own_answer_tokens: int = positive()
     test_fraction: float = within(0, 1, low_in=False, high_in=False)
     beta: float = within(0, low_in=False)
     label_smoothing: float = within(0, 0.5, high_in=False)

@@ -79,6 +79,53 @@ def score_pairs(
     return {k: np.asarray(v, dtype=np.float64 if "tokens" not in k else np.int64) for k, v in out.items()}
 
 
+@torch.no_grad()
+def with_own_answers(
+    model, splits: dict[str, list[dict]], tokenizer, max_new_tokens: int, autocast=None
+) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """Every pair's rejected response replaced by the starting policy's own greedy answer to its
+    prompt (on-policy pairs: tuning learns to prefer the data's answer to what the model says now).
+    A pair whose own answer is its chosen one (already learned) or empty is left out. Returns the
+    pairs and how many were left out, by reason."""
+    from lmtune.evaluate.generation import greedy_continuations
+
+    prompts = sorted({repr(p["prompt"]): p["prompt"] for split in splits.values() for p in split}.items())
+    ids = [
+        tokenizer(
+            tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False,
+        )["input_ids"]
+        for _, prompt in prompts
+    ]
+    with autocast or nullcontext():
+        answers = greedy_continuations(
+            model,
+            ids,
+            max_new_tokens,
+            tokenizer.pad_token_id,
+            tokenizer.eos_token_id,
+            SCORE_PAIRS * 2,
+            "own answers",
+        )
+    own = {
+        key: tokenizer.decode(a, skip_special_tokens=True).strip()
+        for (key, _), a in zip(prompts, answers, strict=True)
+    }
+    out, left_out = {}, {"own_answer_is_the_chosen_one": 0, "own_answer_empty": 0}
+    for name, split in splits.items():
+        out[name] = []
+        for pair in split:
+            answer = own[repr(pair["prompt"])]
+            chosen = " ".join(m["content"] for m in pair["chosen"]).strip()
+            if not answer:
+                left_out["own_answer_empty"] += 1
+            elif answer == chosen:
+                left_out["own_answer_is_the_chosen_one"] += 1
+            else:
+                out[name].append(pair | {"rejected": [{"role": "assistant", "content": answer}]})
+    return out, left_out
+
+
 def train_preferences(
     model,
     pairs: list[tuple],
