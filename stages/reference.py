@@ -12,7 +12,6 @@ preference accuracy on the held-out ones.
 import sys
 from pathlib import Path
 
-from lmtune.align import AlignError
 from lmtune.align.data import (
     check_held_out,
     labels,
@@ -55,11 +54,6 @@ def run(cfg) -> dict:
         if q["question"]
     }
     pairs = load_splits(cfg, held_out)
-    if a.rejected == "own" and any("label" in p for split in pairs.values() for p in split):
-        raise AlignError(
-            "align.rejected=own replaces the rejected answer of each pair, and align.files holds unpaired "
-            "(prompt/completion/label) rows: give pairs, or set align.rejected=data"
-        )
 
     # the shipped set leaves out its few long pairs, as prepare does long conversations; yours are refused
     splits, seqs, left_out = render_splits(

@@ -478,3 +478,53 @@ def test_kto_renders_train_pairs_as_examples_and_keeps_held_out_pairs_as_pairs(t
     assert [e["label"] for e in splits["test"]] == [True, True, False]
     splits, seqs, _ = render_splits({"train": rows[:2], "test": rows[2:3]}, tokenizer, 64, False, False)
     assert seqs["train"][0][1] == response_sequence(rows[0]["prompt"], rows[0]["rejected"], tokenizer)
+
+
+def test_own_answers_replace_the_rejected_ones_and_a_pair_already_answered_is_left_out(tiny_base):
+    from lmtune.align.loop import with_own_answers
+
+    tokenizer = load_tokenizer(tiny_base)
+    model = lora_model(tiny_base)
+    questions = ("Who are you?", "What is blue?", "Why?")
+    prompts = [[{"role": "user", "content": q}] for q in questions]
+
+    def pair(prompt, chosen):
+        reply = [{"role": "assistant", "content": chosen}]
+        return {"prompt": prompt, "chosen": reply, "rejected": REJECTED, "where": prompt[0]["content"]}
+
+    splits = {
+        "train": [pair(prompts[0], "I am a bot."), pair(prompts[1], "A colour.")],
+        "test": [pair(prompts[2], "Because.")],
+    }
+    own, left_out = with_own_answers(model, splits, tokenizer, max_new_tokens=8)
+    assert [len(v) for v in own.values()] == [2, 1] and sum(left_out.values()) == 0
+    for split, pairs in splits.items():  # chosen answers and prompts kept, the rejected one generated
+        assert [(p["prompt"], p["chosen"]) for p in own[split]] == [(p["prompt"], p["chosen"]) for p in pairs]
+    text = tokenizer.apply_chat_template(prompts[0], tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    by_hand = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.decode(by_hand[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    assert own["train"][0]["rejected"] == [{"role": "assistant", "content": expected}]
+
+    splits["train"][1] = pair(prompts[1], own["train"][1]["rejected"][0]["content"])  # the answer it gives
+    again, left_out = with_own_answers(model, splits, tokenizer, max_new_tokens=8)
+    assert [p["where"] for p in again["train"]] == ["Who are you?"]
+    assert left_out == {"own_answer_is_the_chosen_one": 1, "own_answer_empty": 0}
+
+
+def test_own_answers_for_unpaired_rows_are_refused_before_any_model_loads(tmp_path, monkeypatch):
+    import json
+
+    from conftest import ROOT
+
+    from lmtune.align.data import load_splits
+    from lmtune.cli.params import compose_conf
+
+    monkeypatch.chdir(tmp_path)  # align.files are read relative to the repo root, under data.dir
+    (tmp_path / "own").mkdir()
+    rows = [{"prompt": f"Q{i}?", "completion": f"A{i}.", "label": i % 2 == 0} for i in range(120)]
+    (tmp_path / "own/kto.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    keys = ["align=kto", "align.source=files", "align.files=[own/kto.jsonl]", "data.dir=own"]
+    assert len(load_splits(compose_conf(keys, conf_dir=ROOT / "conf"))["train"]) > 0
+    with pytest.raises(AlignError, match="align.rejected=own replaces the rejected answer"):
+        load_splits(compose_conf([*keys, "align.rejected=own"], conf_dir=ROOT / "conf"))

@@ -31,6 +31,11 @@ def load_splits(cfg: DictConfig, held_out: set[str] = frozenset()) -> dict[str, 
     except DataError as err:
         raise AlignError(str(err).replace("data.files", "align.files")) from None
     rows = read_pairs(read, paired=not cfg.align.unpaired)
+    if cfg.align.rejected == "own" and any("label" in row for row in rows):
+        raise AlignError(
+            "align.rejected=own replaces the rejected answer of each pair, and align.files holds unpaired "
+            "(prompt/completion/label) rows: give pairs, or set align.rejected=data"
+        )
     return split_pairs(rows, cfg.align.test_fraction, cfg.seed, held_out)
 
 

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Two network namespaces joined by a veth pair, standing in for two hosts.
+#
+#   netns.sh up   [PREFIX]   # create PREFIX0, PREFIX1 (idempotent)
+#   netns.sh down [PREFIX]   # delete them (idempotent)
+#   netns.sh show [PREFIX]   # print addresses, exit 1 if not up
+#
+# PREFIX defaults to "lmt".  Host i (0 or 1) is namespace PREFIXi with
+# address ${NETNS_SUBNET:-10.77.0}.(i+1)/24 on an interface named PREFIXeth
+# in both (like eth0 on two real hosts).  Run a command on a host with:
+#   ip netns exec PREFIX0 CMD...
+# Gloo finds its own address via the hostname, which both namespaces share
+# (and /etc/hosts maps to 127.0.0.1), so ranks must set
+# GLOO_SOCKET_IFNAME=PREFIXeth; the common name lets one value serve all ranks.
+# Root only.
+set -euo pipefail
+
+die() { echo "netns.sh: $*" >&2; exit 1; }
+
+[[ $# -ge 1 && $# -le 2 ]] || die "usage: $0 {up|down|show} [PREFIX]"
+cmd=$1
+P=${2:-lmt}
+NET=${NETNS_SUBNET:-10.77.0}
+IF=${P}eth
+# Interface names are capped at 15 bytes.
+(( ${#P} <= 12 )) || die "PREFIX '$P' too long (max 12 chars)"
+
+ns_exists() { ip netns list | awk '{print $1}' | grep -qxF "$1"; }
+
+is_up() {
+    local i
+    for i in 0 1; do
+        ns_exists "$P$i" || return 1
+        ip -n "$P$i" -o addr show dev "$IF" 2>/dev/null \
+            | grep -qF "inet $NET.$((i + 1))/24" || return 1
+        ip -n "$P$i" link show dev "$IF" 2>/dev/null | grep -q 'state UP' || return 1
+    done
+}
+
+down() {
+    local i
+    for i in 0 1; do
+        # Deleting a namespace also destroys the veth end inside it, and
+        # with it the peer.
+        if ns_exists "$P$i"; then ip netns delete "$P$i"; fi
+    done
+    # A half-built pair may still sit in the root namespace.
+    if ip link show dev "${P}v0" >/dev/null 2>&1; then ip link delete "${P}v0"; fi
+    if ip link show dev "${P}v1" >/dev/null 2>&1; then ip link delete "${P}v1"; fi
+    return 0
+}
+
+up() {
+    local i
+    is_up && { show; return 0; }
+    down       # start clean rather than patch a partial setup
+    for i in 0 1; do ip netns add "$P$i"; done
+    ip link add "${P}v0" type veth peer name "${P}v1"
+    for i in 0 1; do
+        # Both ends need distinct names in the root namespace; rename once
+        # each sits in its own namespace.
+        ip link set "${P}v$i" netns "$P$i"
+        ip -n "$P$i" link set "${P}v$i" name "$IF"
+        ip -n "$P$i" addr add "$NET.$((i + 1))/24" dev "$IF"
+        ip -n "$P$i" link set "$IF" up
+        # Loopback is down in a fresh namespace; many tools bind to 127.0.0.1.
+        ip -n "$P$i" link set lo up
+    done
+    # LOWER_UP = carrier, i.e. both ends are up and linked (ping is not
+    # installed everywhere, so no packet test here).
+    for i in 0 1; do
+        ip -n "$P$i" link show dev "$IF" | grep -q LOWER_UP \
+            || die "$IF in $P$i has no carrier"
+    done
+    show
+}
+
+show() {
+    local i
+    is_up || { echo "netns.sh: ${P}0/${P}1 not up" >&2; return 1; }
+    for i in 0 1; do
+        echo "$P$i $IF $NET.$((i + 1))"
+    done
+}
+
+case $cmd in
+    up) up ;;
+    down) down ;;
+    show) show ;;
+    *) die "unknown subcommand '$cmd' (up|down|show)" ;;
+esac
