@@ -12,7 +12,7 @@ export NO_MKDOCS_2_WARNING := 1
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help setup run params eval ui server test test-fast test-slow lint format docs clean bench gpu-check gpu-wheels sweep compare plots register promote chat serve
+.PHONY: help setup run params eval ui server test test-fast test-slow test-cluster lint format docs clean bench gpu-check gpu-wheels sweep compare plots register promote chat serve
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -61,13 +61,17 @@ server: setup  ## an MLflow tracking server for a team on http://127.0.0.1:5000 
 XDIST = -n $(or $(WORKERS),auto) --dist loadfile
 
 test: setup  ## the test suite (unit + smoke pipeline), offline, CPU, one worker per core (WORKERS=1: serial)
-	$(PY) -m pytest -m "not slow and not gpu" -q $(XDIST)
+	$(PY) -m pytest -m "not slow and not gpu and not cluster" -q $(XDIST)
 
 test-fast: setup  ## the unit tests only (no pipeline run), a few minutes
-	$(PY) -m pytest tests/unit -m "not slow and not gpu" -q $(XDIST)
+	$(PY) -m pytest tests/unit -m "not slow and not gpu and not cluster" -q $(XDIST)
 
 test-slow: setup  ## long checks on the real default model
 	$(PY) -m pytest -m slow -q
+
+test-cluster: setup  ## sweeps on a real one-node SLURM cluster started by the tests (installs Debian's slurm and munge)
+	command -v slurmctld >/dev/null || { apt-get update -qq && apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null; }
+	$(PY) -m pytest -m cluster -q
 
 lint: setup  ## ruff check and format check
 	$(PY) -m ruff check src stages tests bench
@@ -87,11 +91,16 @@ clean:  ## remove pipeline outputs (not the venv, not mlflow.db)
 GRID ?= lora.r=4,8,16 quant.bits=4,16
 # the columns a sweep is read by: what it varies, and the headline numbers (dvc exp show has hundreds)
 SWEEP_COLUMNS = Experiment$$|Created$$|State$$|lora\.r$$|quant\.bits$$|train\.max_steps$$|final_(train|val)_loss$$|peak_memory_gib$$|tokens_per_second$$|models\.merged\.perplexity\.value$$
-sweep: setup  ## queue and run a sweep on the sweep profile (GRID="lora.r=4,8,16 quant.bits=4,16"), one at a time
+sweep: setup  ## queue and run a sweep on the sweep profile (GRID="lora.r=4,8,16 quant.bits=4,16"), one at a time (LAUNCHER=slurm: a SLURM job each)
 	$(PY) -m lmtune.cli.params --validate-grid experiment=sweep $(GRID)
+ifeq ($(LAUNCHER),slurm)
+	$(PY) -m lmtune.cli.slurm --sbatch '$(SLURM)' $(GRID); done=$$?; \
+	  dvc exp show --no-pager --md -A --only-changed --drop '.*' --keep '$(SWEEP_COLUMNS)'; exit $$done
+else
 	dvc exp run --queue -S experiment=sweep $(foreach g,$(GRID),-S '$(g)')
 	$(PY) -m lmtune.cli.sweep --jobs $(or $(JOBS),1); done=$$?; \
 	  dvc exp show --no-pager --md -A --only-changed --drop '.*' --keep '$(SWEEP_COLUMNS)'; exit $$done
+endif
 
 plots: setup  ## the loss curves as an HTML page that works offline (vega inlined from npm): metrics/plots.html
 	dvc plots show --html-template $$($(PY) -m lmtune.cli.plots) -o .cache/dvc_plots

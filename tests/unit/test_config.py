@@ -12,8 +12,8 @@ CONF = ROOT / "conf"
 
 
 def group_options():
-    # conf/accelerate/ holds accelerate's own launch configs (train.distributed), not a Hydra group
-    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name != "accelerate"):
+    # conf/accelerate/ and conf/slurm/ hold launch configs (accelerate's, sbatch scripts), not Hydra groups
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name not in ("accelerate", "slurm")):
         for option in sorted(group.glob("*.yaml")):
             yield f"{group.name}={option.stem}"
 

@@ -326,7 +326,8 @@ def _override_value(value) -> str:
 GROUPS_NOT_IN_PARAMS = (
     "experiment",
     "accelerate",
-)  # a profile sets other sections; accelerate is launch-time
+    "slurm",
+)  # a profile sets other sections; accelerate and slurm are launch-time
 
 
 def recover_overrides(path: Path = Path(PARAMS_FILE), conf_dir: Path | None = None) -> list[str] | None:
