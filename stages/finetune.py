@@ -38,7 +38,7 @@ def run(cfg) -> dict:
     paths, metrics_dir = cfg.paths, Path(cfg.paths.metrics)
     if cfg.train.distributed != "none" and not distributed.in_worker():
         distributed.launch(cfg, __file__)  # the processes train; the main one writes what follows
-        return read_json(metrics_dir / "train.json")
+        return read_json(metrics_dir / "train.json") if distributed.is_main() else {}
     tokenizer = load_tokenizer(paths.base)
     train_seqs, val_seqs = (
         read_sequences(paths.processed, "train"),
@@ -84,6 +84,7 @@ def run(cfg) -> dict:
         "trainable_share": trainable / total,
         "peak_memory_gib": peak_memory_gib(),
         "ran_with": ran_with,
+        "nodes": cfg.train.num_nodes,
     }
     write_json(metrics_dir / "train.json", metrics)
     shutil.rmtree(paths.checkpoints, ignore_errors=True)  # the adapter is safe; resume state is not needed

@@ -175,6 +175,7 @@ class Train:
     threads: int | None = within(1, nullable=True)
     distributed: str = one_of("none", "ddp", "fsdp")
     num_processes: int = positive()
+    num_nodes: int = positive()
 
 
 @dataclass
@@ -407,6 +408,8 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
         )
     if cfg.train.distributed == "none" and cfg.train.num_processes != 1:
         problems.append(f"train.num_processes={cfg.train.num_processes}: needs train.distributed=ddp or fsdp")
+    if cfg.train.distributed == "none" and cfg.train.num_nodes != 1:
+        problems.append(f"train.num_nodes={cfg.train.num_nodes}: needs train.distributed=ddp or fsdp")
     if cfg.train.distributed == "fsdp" and cfg.quant.bits == 8:
         problems.append("train.distributed=fsdp with quant.bits=8: FSDP shards 4-bit (QLoRA) or 16-bit bases")
     if unknown := [m for m in cfg.eval.benchmark_models if m not in EVAL_MODELS]:

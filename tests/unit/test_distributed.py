@@ -3,6 +3,7 @@ same global batch, and only the main process writes."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,95 @@ def test_two_processes_train_as_one_does_with_the_same_global_batch(workspace):
     for run in (one_json, two_json):  # global tokens over the wall time of the steps, for 1 and N alike
         assert run["tokens_per_second"] == pytest.approx(run["train_tokens"] / run["train_seconds"])
     assert not (two / "ckpt").exists()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None,
+    reason="two hosts are made of network namespaces: needs root and iproute2",
+)
+def test_two_hosts_train_one_adapter_as_one_process_does_and_only_the_main_node_writes(workspace):
+    """Two hosts made on this machine with network namespaces (tests/cluster/netns.sh: a veth pair,
+    each namespace only its own address), one process each, gloo over that link: train.num_nodes=2
+    runs the stage on both, node 1 finding node 0 by LMTUNE_MAIN_ADDR as it would by SLURM's node
+    list. The loss curve equals one process with twice the accumulation, and node 1 writes nothing."""
+    root, env = workspace
+    netns = ROOT / "tests" / "cluster" / "netns.sh"
+    subprocess.run(["bash", netns, "up", "lmtd"], check=True, capture_output=True)
+    try:
+        one = finetune(workspace, "one", "train.grad_accum=2")
+        nodes = []
+        for rank in (0, 1):
+            out = root / f"node{rank}"
+            paths = [
+                f"paths.adapter={out}/adapter",
+                f"paths.metrics={out}/metrics",
+                f"paths.checkpoints={out}/ckpt",
+            ]
+            keys = [
+                "train.distributed=ddp",
+                "train.num_nodes=2",
+                "train.num_processes=1",
+                "train.grad_accum=1",
+            ]
+            node_env = {
+                **env,
+                "LMTUNE_NODE_RANK": str(rank),
+                "LMTUNE_MAIN_ADDR": "10.77.0.1",  # node 0's address on the link, never the loopback
+                "LMTUNE_MAIN_PORT": "29517",
+                "GLOO_SOCKET_IFNAME": "lmtdeth",
+            }
+            command = ["ip", "netns", "exec", f"lmtd{rank}", sys.executable, ROOT / "stages/finetune.py"]
+            nodes.append(
+                subprocess.Popen(
+                    [*command, *FP32, *keys, *paths],
+                    env=node_env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+        printed = [node.communicate(timeout=900)[0] for node in nodes]
+        assert [node.returncode for node in nodes] == [0, 0], printed[0][-3000:] + printed[1][-3000:]
+    finally:
+        subprocess.run(["bash", netns, "down", "lmtd"], capture_output=True)
+    two = root / "node0"
+    assert not (root / "node1").exists()  # node 1 trained, and wrote nothing
+    assert "on node 1 of 2" in printed[1] and "--machine_rank 1" in printed[1]
+    curves = [pd.read_csv(run / "metrics/train_loss.csv")["loss"] for run in (one, two)]
+    assert len(curves[0]) == 4 and curves[0].tolist() == pytest.approx(curves[1].tolist(), rel=1e-5, abs=1e-6)
+    a, b = (load_file(run / "adapter/adapter_model.safetensors") for run in (one, two))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    recorded = json.loads((two / "metrics/train.json").read_text())
+    assert (recorded["nodes"], recorded["processes"]) == (2, 2)
+
+
+def test_several_nodes_need_a_way_to_find_the_main_one_and_the_allocation_must_match(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from lmtune.config import ConfigError
+    from lmtune.train.distributed import DistributedError, nodes
+
+    with pytest.raises(ConfigError, match="train.num_nodes=2: needs train.distributed=ddp or fsdp"):
+        compose_conf(["experiment=smoke", "train.num_nodes=2"], conf_dir=ROOT / "conf")
+    cfg = OmegaConf.create({"train": {"num_nodes": 2}})
+    for name in (
+        "LMTUNE_MAIN_ADDR",
+        "LMTUNE_NODE_RANK",
+        "SLURM_JOB_NODELIST",
+        "SLURM_NNODES",
+        "SLURM_NODEID",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    assert nodes(OmegaConf.create({"train": {"num_nodes": 1}})) == []
+    with pytest.raises(DistributedError, match="start this stage on every node.*LMTUNE_MAIN_ADDR"):
+        nodes(cfg)
+    monkeypatch.setenv("SLURM_NNODES", "3")
+    with pytest.raises(DistributedError, match="this SLURM allocation has 3 nodes: sbatch --nodes=2"):
+        nodes(cfg)
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    monkeypatch.setenv("LMTUNE_MAIN_ADDR", "10.0.0.7")
+    assert nodes(cfg) == ["--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "10.0.0.7"] + [
+        "--main_process_port",
+        "29500",
+    ]

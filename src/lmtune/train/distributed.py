@@ -3,12 +3,18 @@
 `python stages/finetune.py` with train.distributed=ddp|fsdp relaunches itself under `accelerate
 launch` (conf/accelerate/<kind>.yaml, train.num_processes processes); the processes it starts
 (workers: torchrun's WORLD_SIZE is set) train together, and only the main one writes outputs. The
-global batch is train.batch_size x train.grad_accum x train.num_processes, whatever the count of
-processes: each one reads its own micro-batches of the one seeded order (see `micro_batch_index`).
+global batch is train.batch_size x train.grad_accum x train.num_processes x train.num_nodes: each
+process reads its own micro-batches of the one seeded order (see `micro_batch_index`).
+
+With train.num_nodes > 1 the stage runs on every node (conf/slurm/finetune.sbatch); each node's
+launch joins the others through accelerate's multi-node flags: its rank and the main node's address
+from SLURM's environment, or LMTUNE_NODE_RANK and LMTUNE_MAIN_ADDR where no scheduler is. Only node 0
+writes outputs and the MLflow run.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -32,8 +38,50 @@ def in_worker() -> bool:
     return process().num_processes > 1
 
 
+def node_rank() -> int:
+    """This machine's place among train.num_nodes: LMTUNE_NODE_RANK by hand, else SLURM's node id."""
+    return int(os.environ.get("LMTUNE_NODE_RANK", os.environ.get("SLURM_NODEID", "0")))
+
+
 def is_main() -> bool:
-    return process().is_main_process
+    """The process that writes outputs: rank 0 of the launched processes, or, before the launch,
+    the stage on node 0."""
+    return process().is_main_process and (in_worker() or node_rank() == 0)
+
+
+MAIN_PORT = 29500
+
+
+def nodes(cfg: DictConfig) -> list[str]:
+    """accelerate launch's multi-node flags for this node (none for one node): its rank, the main
+    node's address and port. Refuses, saying how to start it, when they cannot be known."""
+    count = cfg.train.num_nodes
+    if count == 1:
+        return []
+    if "SLURM_NNODES" in os.environ and int(os.environ["SLURM_NNODES"]) != count:
+        raise DistributedError(
+            f"train.num_nodes={count}, but this SLURM allocation has {os.environ['SLURM_NNODES']} nodes: "
+            f"sbatch --nodes={count} (or set train.num_nodes to the allocation's)"
+        )
+    address = os.environ.get("LMTUNE_MAIN_ADDR")
+    if not address and "SLURM_JOB_NODELIST" in os.environ:  # the allocation's first node is the main one
+        hosts = subprocess.run(
+            ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+            capture_output=True,
+            text=True,
+        )
+        address = hosts.stdout.split()[0] if hosts.returncode == 0 and hosts.stdout.split() else None
+    if not address:
+        raise DistributedError(
+            f"train.num_nodes={count}: start this stage on every node, under SLURM "
+            "(sbatch conf/slurm/finetune.sbatch) or with LMTUNE_NODE_RANK (0 on the main node) and "
+            "LMTUNE_MAIN_ADDR (its address) set on each"
+        )
+    port = os.environ.get("LMTUNE_MAIN_PORT", str(MAIN_PORT))
+    return [
+        "--num_machines", str(count), "--machine_rank", str(node_rank()),
+        "--main_process_ip", address, "--main_process_port", port,
+    ]  # fmt: skip
 
 
 def micro_batch_index(step: int, micro: int, grad_accum: int, rank: int = 0, processes: int = 1) -> int:
@@ -58,6 +106,7 @@ def launch(cfg: DictConfig, script: str) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="lmtune-config-") as resolved:
         resolved.write(OmegaConf.to_yaml(cfg, resolve=True))
         resolved.flush()
+        processes = cfg.train.num_processes * cfg.train.num_nodes  # accelerate counts them all
         command = [
             sys.executable,
             "-m",
@@ -65,11 +114,15 @@ def launch(cfg: DictConfig, script: str) -> None:
             "--config_file",
             str(CONFIGS / f"{kind}.yaml"),
             "--num_processes",
-            str(cfg.train.num_processes),
+            str(processes),
+            *nodes(cfg),
             script,
             f"{RESOLVED}={resolved.name}",
         ]
-        print(f"launching {cfg.train.num_processes} processes ({kind}): {' '.join(command[2:])}", flush=True)
+        on = f" on node {node_rank()} of {cfg.train.num_nodes}" if cfg.train.num_nodes > 1 else ""
+        print(
+            f"launching {cfg.train.num_processes} processes ({kind}){on}: {' '.join(command[2:])}", flush=True
+        )
         failed = subprocess.run(command).returncode != 0
     if failed:
         raise DistributedError(
