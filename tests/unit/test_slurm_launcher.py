@@ -41,6 +41,10 @@ def test_a_commit_not_on_the_git_remote_or_no_dvc_remote_is_refused_before_any_j
     with pytest.raises(slurm.ClusterError, match="is not on the git remote origin.*git push origin HEAD"):
         slurm.remotes(repo, "origin")
     git("push", "-q", "origin", "HEAD:main", cwd=repo)
+    (repo / "a.txt").write_text("edited")
+    with pytest.raises(slurm.ClusterError, match="without your edits to a.txt: commit and push"):
+        slurm.remotes(repo, "origin")
+    git("checkout", "--", "a.txt", cwd=repo)
     subprocess.run(["dvc", "init", "-q"], cwd=repo, check=True)
     git("add", "-A", cwd=repo)
     git("commit", "-qm", "dvc", cwd=repo)

@@ -73,6 +73,15 @@ def remotes(root: Path, git_remote: str) -> tuple[str, str]:
             f"HEAD {head[:8]} is not on the git remote {git_remote}: the jobs clone it from there. "
             f"Commit, then `git push {git_remote} HEAD`"
         )
+    # params.yaml, dvc.lock and metrics/ are rewritten by runs; every other edit would not reach the jobs
+    status = run("git", "status", "--porcelain", "--untracked-files=no", cwd=root).splitlines()
+    paths = [line.split(maxsplit=1)[1].split(" -> ")[-1] for line in status]
+    edited = [p for p in paths if p not in ("params.yaml", "dvc.lock") and not p.startswith("metrics/")]
+    if edited:
+        raise ClusterError(
+            f"the jobs run the pushed commit, without your edits to {', '.join(edited[:5])}: commit and push "
+            "them (or stash them)"
+        )
     try:
         name = run("dvc", "remote", "default", cwd=root)
     except ClusterError:  # it fails when none is set
