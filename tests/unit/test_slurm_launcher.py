@@ -74,3 +74,17 @@ def test_without_sbatch_the_error_says_where_to_run_it(monkeypatch):
         slurm.ClusterError, match="not found: run this on a machine that can submit SLURM jobs"
     ):
         slurm.run("squeue", "-h")
+
+
+def test_a_failed_job_is_named_with_its_log_and_the_finished_ones_are_pulled(tmp_path, monkeypatch):
+    called = []
+    monkeypatch.setattr(slurm, "run", lambda *cmd, cwd=None: called.append(cmd) or "")
+    jobs = {
+        "slurm-1-0": {"job": "7", "log": tmp_path / "slurm-1-0.log"},
+        "slurm-1-1": {"job": "8", "log": tmp_path / "slurm-1-1.log"},
+    }
+    with pytest.raises(
+        slurm.ClusterError, match=r"1 of 2 jobs failed: slurm-1-1 \(job 8, log .*slurm-1-1.log\)"
+    ):
+        slurm.pull(tmp_path, jobs, {"slurm-1-0": "done", "slurm-1-1": "failed"})
+    assert called == [("dvc", "exp", "pull", "origin", "slurm-1-0")]  # the finished one still comes back
