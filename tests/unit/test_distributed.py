@@ -89,7 +89,9 @@ def test_two_hosts_train_one_adapter_as_one_process_does_and_only_the_main_node_
     list. The loss curve equals one process with twice the accumulation, and node 1 writes nothing."""
     root, env = workspace
     netns = ROOT / "tests" / "cluster" / "netns.sh"
-    subprocess.run(["bash", netns, "up", "lmtd"], check=True, capture_output=True)
+    made = subprocess.run(["bash", netns, "up", "lmtd"], capture_output=True, text=True)
+    if made.returncode != 0:  # a container without CAP_NET_ADMIN
+        pytest.skip(f"network namespaces cannot be made here: {made.stderr.strip()[-300:]}")
     try:
         one = finetune(workspace, "one", "train.grad_accum=2")
         nodes = []
