@@ -52,7 +52,10 @@ def test_a_commit_not_on_the_git_remote_or_no_dvc_remote_is_refused_before_any_j
     with pytest.raises(slurm.ClusterError, match="no default DVC remote.*dvc remote add -d"):
         slurm.remotes(repo, "origin")
     subprocess.run(["dvc", "remote", "add", "--local", "-d", "team", "../dvc"], cwd=repo, check=True)
-    assert slurm.remotes(repo, "origin") == (str(remote), str(tmp_path / "dvc"))  # ../dvc from the repo
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True
+    ).stdout.strip()
+    assert slurm.remotes(repo, "origin") == (str(remote), str(tmp_path / "dvc"), head)  # ../dvc from the repo
 
 
 def test_job_states_come_from_the_queue_then_from_the_status_the_script_wrote(tmp_path, monkeypatch):
@@ -62,7 +65,7 @@ def test_job_states_come_from_the_queue_then_from_the_status_the_script_wrote(tm
         if status is not None:
             path.write_text(status)
         jobs[name] = {"job": str(len(jobs) + 1), "status": path}
-    monkeypatch.setattr(slurm, "run", lambda *cmd, cwd=None: "1 RUNNING\n2 PENDING")
+    monkeypatch.setattr(slurm, "run", lambda *cmd, cwd=None, env=None: "1 RUNNING\n2 PENDING")
     current = slurm.states(jobs)
     assert current == {"a": "running", "b": "pending", "c": "done", "d": "failed", "e": "failed"}
     assert slurm.progress(current, started=0).startswith("sweep: 1/5 done, 1 running, 1 pending, 2 failed")
@@ -78,7 +81,7 @@ def test_without_sbatch_the_error_says_where_to_run_it(monkeypatch):
 
 def test_a_failed_job_is_named_with_its_log_and_the_finished_ones_are_pulled(tmp_path, monkeypatch):
     called = []
-    monkeypatch.setattr(slurm, "run", lambda *cmd, cwd=None: called.append(cmd) or "")
+    monkeypatch.setattr(slurm, "run", lambda *cmd, cwd=None, env=None: called.append(cmd) or "")
     jobs = {
         "slurm-1-0": {"job": "7", "log": tmp_path / "slurm-1-0.log"},
         "slurm-1-1": {"job": "8", "log": tmp_path / "slurm-1-1.log"},

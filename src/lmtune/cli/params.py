@@ -196,11 +196,16 @@ def write_params(cfg: DictConfig, path: Path, overrides: list[str] | None = None
     return text
 
 
+def grid_points(overrides: list[str]) -> list[list[str]]:
+    """`lora.r=4,8 quant.bits=4,16` → every combination of the axes, as a sweep runs them."""
+    axes = [[f"{o.split('=', 1)[0]}={v}" for v in o.split("=", 1)[1].split(",")] for o in overrides]
+    return [list(point) for point in itertools.product(*axes)]
+
+
 def validate_grid(overrides: list[str]) -> int:
     """Compose and validate every point of a sweep grid (`lora.r=4,8 quant.bits=4,16`) before
     anything is queued: one impossible value fails the whole sweep up front, naming it."""
-    axes = [[f"{o.split('=', 1)[0]}={v}" for v in o.split("=", 1)[1].split(",")] for o in overrides]
-    points = list(itertools.product(*axes))
+    points = grid_points(overrides)
     for point in points:
         try:
             compose_conf(list(point))

@@ -3,7 +3,7 @@ each a DVC experiment run in its own clone and pushed to the git and DVC remotes
 a progress line, names the log of every failed job, and pulls the finished experiments back, so that
 `dvc exp show`, `make compare` and the MLflow UI show them as a local sweep's.
 
-    python -m lmtune.cli.slurm [--sbatch "--partition=gpu --gres=gpu:1"] [--no-wait] GRID...
+    python -m lmtune.cli.slurm [--sbatch "--partition=gpu --gres=gpu:1"] [--timeout SECONDS] GRID...
 
 The repository (with its .venv) must sit on a filesystem the nodes share, as SLURM's job logs do;
 the committed HEAD must be on the git remote, and DVC needs a default remote (the jobs' outputs go
@@ -13,7 +13,6 @@ there). MLFLOW_TRACKING_URI, set here, reaches every job.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import shlex
 import subprocess
@@ -23,6 +22,8 @@ from collections import Counter
 from pathlib import Path
 
 from lmtune import LmtuneError
+from lmtune.cli.params import grid_points
+from lmtune.cli.sweep import progress_line
 
 SCRIPT = Path("conf/slurm/sweep.sbatch")
 RUNS = Path(".slurm")  # logs, status files and each job's clone (git-ignored)
@@ -34,9 +35,11 @@ class ClusterError(LmtuneError, RuntimeError):
     """The sweep cannot be submitted as asked, or a job failed."""
 
 
-def run(*cmd: str, cwd: Path | None = None) -> str:
+def run(*cmd: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
+    """A command's output; its failure, or its absence, as a ClusterError. `env` adds to this one."""
     try:
-        result = subprocess.run(list(cmd), capture_output=True, text=True, cwd=cwd)
+        full = {**os.environ, **env} if env else None
+        result = subprocess.run(list(cmd), capture_output=True, text=True, cwd=cwd, env=full)
     except FileNotFoundError:
         raise ClusterError(
             f"`{cmd[0]}` not found: run this on a machine that can submit SLURM jobs"
@@ -44,14 +47,6 @@ def run(*cmd: str, cwd: Path | None = None) -> str:
     if result.returncode != 0:
         raise ClusterError(f"`{shlex.join(cmd)}` failed: {(result.stderr or result.stdout).strip()}")
     return result.stdout.strip()
-
-
-def grid_points(grid: list[str]) -> list[list[str]]:
-    """`lora.r=4,8 quant.bits=4,16` → every combination, as `make sweep` queues them."""
-    axes = [
-        [f"{key}={value}" for value in values.split(",")] for key, values in (g.split("=", 1) for g in grid)
-    ]
-    return [list(point) for point in itertools.product(*axes)]
 
 
 def absolute_url(url: str, base: Path) -> str:
@@ -63,8 +58,8 @@ def absolute_url(url: str, base: Path) -> str:
     )
 
 
-def remotes(root: Path, git_remote: str) -> tuple[str, str]:
-    """(git remote URL, DVC default remote URL), checked: HEAD committed and on the git remote."""
+def remotes(root: Path, git_remote: str) -> tuple[str, str, str]:
+    """(git remote URL, DVC default remote URL, HEAD), checked: HEAD committed and on the git remote."""
     git_url = absolute_url(run("git", "remote", "get-url", git_remote, cwd=root), root)
     run("git", "fetch", "-q", git_remote, cwd=root)
     head = run("git", "rev-parse", "HEAD", cwd=root)
@@ -92,7 +87,7 @@ def remotes(root: Path, git_remote: str) -> tuple[str, str]:
             "(or s3://..., ssh://...)"
         )
     dvc_url = absolute_url(run("dvc", "config", f"remote.{name}.url", cwd=root), root / ".dvc")
-    return git_url, dvc_url
+    return git_url, dvc_url, head
 
 
 def submit(
@@ -100,8 +95,7 @@ def submit(
 ) -> dict[str, dict]:
     """One job per grid point on the conf/experiment `profile`; returns experiment name → {job, log,
     status, point}."""
-    git_url, dvc_url = remotes(root, git_remote)
-    head = run("git", "rev-parse", "HEAD", cwd=root)
+    git_url, dvc_url, head = remotes(root, git_remote)
     sweep = time.strftime("%Y%m%d-%H%M%S")
     runs = (root / RUNS).resolve()
     runs.mkdir(exist_ok=True)
@@ -118,25 +112,11 @@ def submit(
             "LMTUNE_STATUS": str(status),
             "LMTUNE_SET": " ".join([f"experiment={profile}", *point]),
         }
-        job = _sbatch(root, name, log, sbatch, env)
+        command = ["sbatch", "--parsable", f"--job-name=lmtune-{name}", f"--output={log}", *sbatch]
+        job = run(*command, str(root / SCRIPT), cwd=root, env=env).split(";")[0]
         jobs[name] = {"job": job, "log": log, "status": status, "point": point}
         print(f"submitted {name} (job {job}): {' '.join(point)}", flush=True)
     return jobs
-
-
-def _sbatch(root: Path, name: str, log: Path, options: list[str], env: dict[str, str]) -> str:
-    cmd = [
-        "sbatch",
-        "--parsable",
-        f"--job-name=lmtune-{name}",
-        f"--output={log}",
-        *options,
-        str(root / SCRIPT),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env={**os.environ, **env})
-    if result.returncode != 0:
-        raise ClusterError(f"`{shlex.join(cmd)}` failed: {(result.stderr or result.stdout).strip()}")
-    return result.stdout.strip().split(";")[0]
 
 
 def states(jobs: dict[str, dict]) -> dict[str, str]:
@@ -160,11 +140,8 @@ def states(jobs: dict[str, dict]) -> dict[str, str]:
 
 def progress(current: dict[str, str], started: float) -> str:
     counts = Counter(current.values())
-    minutes, seconds = divmod(int(time.monotonic() - started), 60)
-    return (
-        f"sweep: {counts['done']}/{len(current)} done, {counts['running']} running, "
-        f"{counts['pending']} pending, {counts['failed']} failed · {minutes}m{seconds:02d}s"
-    )
+    others = {"running": counts["running"], "pending": counts["pending"], "failed": counts["failed"]}
+    return progress_line(counts["done"], len(current), others, started)
 
 
 def wait(jobs: dict[str, dict], poll: float = POLL_SECONDS, timeout: float | None = None) -> dict[str, str]:

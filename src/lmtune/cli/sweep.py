@@ -45,13 +45,17 @@ def queue_tasks(status: str) -> dict[str, str]:
     return tasks
 
 
+def progress_line(done: int, total: int, others: dict[str, int], started: float) -> str:
+    """`sweep: 1/4 done, 2 running, 1 queued, 0 failed · 3m05s`, for any launcher's states."""
+    minutes, seconds = divmod(int(time.monotonic() - started), 60)
+    rest = "".join(f", {count} {state}" for state, count in others.items())
+    return f"sweep: {done}/{total} done{rest} · {minutes}m{seconds:02d}s"
+
+
 def progress(tasks: dict[str, str], started: float) -> str:
     counts = Counter(tasks.values())
-    minutes, seconds = divmod(int(time.monotonic() - started), 60)
-    return (
-        f"sweep: {counts['Success']}/{len(tasks)} done, {counts['Running']} running, "
-        f"{counts['Queued']} queued, {counts['Failed']} failed · {minutes}m{seconds:02d}s"
-    )
+    others = {"running": counts["Running"], "queued": counts["Queued"], "failed": counts["Failed"]}
+    return progress_line(counts["Success"], len(tasks), others, started)
 
 
 def run_queue(jobs: int = 1, timeout: float | None = None, poll: float = POLL_SECONDS) -> dict[str, str]:
