@@ -69,7 +69,7 @@ test-fast: setup  ## the unit tests only (no pipeline run), a few minutes
 test-slow: setup  ## long checks on the real default model
 	$(PY) -m pytest -m slow -q
 
-test-cluster: setup  ## sweeps on a real one-node SLURM cluster started by the tests (installs Debian's slurm and munge)
+test-cluster: setup  ## sweeps and multi-node training on real SLURM clusters the tests start (installs Debian's slurm and munge)
 	command -v slurmctld >/dev/null || { apt-get update -qq && apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null; }
 	$(PY) -m pytest -m cluster -q
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Two network namespaces joined by a veth pair, standing in for two hosts.
+# Two network namespaces standing in for two hosts, on one switch with this machine.
 #
 #   netns.sh up   [PREFIX]   # create PREFIX0, PREFIX1 (idempotent)
 #   netns.sh down [PREFIX]   # delete them (idempotent)
@@ -7,7 +7,10 @@
 #
 # PREFIX defaults to "lmt".  Host i (0 or 1) is namespace PREFIXi with
 # address ${NETNS_SUBNET:-10.77.0}.(i+1)/24 on an interface named PREFIXeth
-# in both (like eth0 on two real hosts).  Run a command on a host with:
+# in both (like eth0 on two real hosts).  Each is a veth pair whose other end
+# sits on a bridge, PREFIXbr, in the root namespace; the bridge holds .254, so
+# this machine reaches both hosts as a login node reaches compute nodes (a
+# SLURM controller here, slurmd on the hosts).  Run a command on a host with:
 #   ip netns exec PREFIX0 CMD...
 # Gloo finds its own address via the hostname, which both namespaces share
 # (and /etc/hosts maps to 127.0.0.1), so ranks must set
@@ -25,10 +28,14 @@ IF=${P}eth
 # Interface names are capped at 15 bytes.
 (( ${#P} <= 12 )) || die "PREFIX '$P' too long (max 12 chars)"
 
+BR=${P}br
+
 ns_exists() { ip netns list | awk '{print $1}' | grep -qxF "$1"; }
+link_exists() { ip link show dev "$1" >/dev/null 2>&1; }
 
 is_up() {
     local i
+    ip -o addr show dev "$BR" 2>/dev/null | grep -qF "inet $NET.254/24" || return 1
     for i in 0 1; do
         ns_exists "$P$i" || return 1
         ip -n "$P$i" -o addr show dev "$IF" 2>/dev/null \
@@ -41,12 +48,15 @@ down() {
     local i
     for i in 0 1; do
         # Deleting a namespace also destroys the veth end inside it, and
-        # with it the peer.
+        # with it the peer on the bridge.
         if ns_exists "$P$i"; then ip netns delete "$P$i"; fi
+        # A half-built pair may still sit in the root namespace (the kernel
+        # removes a deleted namespace's peers asynchronously: it may be gone
+        # between the check and the delete).
+        if link_exists "${P}v$i"; then ip link delete "${P}v$i" 2>/dev/null || true; fi
+        if link_exists "${P}b$i"; then ip link delete "${P}b$i" 2>/dev/null || true; fi
     done
-    # A half-built pair may still sit in the root namespace.
-    if ip link show dev "${P}v0" >/dev/null 2>&1; then ip link delete "${P}v0"; fi
-    if ip link show dev "${P}v1" >/dev/null 2>&1; then ip link delete "${P}v1"; fi
+    if link_exists "$BR"; then ip link delete "$BR"; fi
     return 0
 }
 
@@ -54,11 +64,16 @@ up() {
     local i
     is_up && { show; return 0; }
     down       # start clean rather than patch a partial setup
-    for i in 0 1; do ip netns add "$P$i"; done
-    ip link add "${P}v0" type veth peer name "${P}v1"
+    ip link add "$BR" type bridge
+    ip addr add "$NET.254/24" dev "$BR"
+    ip link set "$BR" up
     for i in 0 1; do
-        # Both ends need distinct names in the root namespace; rename once
-        # each sits in its own namespace.
+        ip netns add "$P$i"
+        ip link add "${P}v$i" type veth peer name "${P}b$i"
+        ip link set "${P}b$i" master "$BR"
+        ip link set "${P}b$i" up
+        # The host ends need distinct names in the root namespace; rename
+        # once each sits in its own namespace.
         ip link set "${P}v$i" netns "$P$i"
         ip -n "$P$i" link set "${P}v$i" name "$IF"
         ip -n "$P$i" addr add "$NET.$((i + 1))/24" dev "$IF"
@@ -78,6 +93,7 @@ up() {
 show() {
     local i
     is_up || { echo "netns.sh: ${P}0/${P}1 not up" >&2; return 1; }
+    echo "root $BR $NET.254"
     for i in 0 1; do
         echo "$P$i $IF $NET.$((i + 1))"
     done

@@ -1,9 +1,12 @@
 """A sweep on a real SLURM cluster: Debian's slurmctld, slurmd and munge started as a one-node
 cluster by tests/cluster/slurm.sh (state under a temporary folder), a bare git remote, a directory
 DVC remote and an MLflow tracking server, as a team has them. The sweep's jobs run the smoke profile
-in their own clones and come back into `dvc exp show`, MLflow and `dvc exp apply` + `dvc pull`."""
+in their own clones and come back into `dvc exp show`, MLflow and `dvc exp apply` + `dvc pull`.
+And multi-node training through the stage, on a two-node cluster whose nodes are network
+namespaces."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -156,3 +159,71 @@ def test_a_job_requeued_midway_resumes_to_the_adapter_an_uninterrupted_job_write
     assert (dest / ".slurm" / name / adapter).read_bytes() == (
         dest / ".slurm" / uninterrupted / adapter
     ).read_bytes()
+
+
+@pytest.fixture
+def two_nodes(tmp_path_factory):
+    """A two-node cluster: each node a network namespace with its own address and its own slurmd
+    (tests/cluster/netns.sh), the controller on this machine as on a login node. Its own controller
+    port, so that it may run beside the one-node cluster."""
+    if os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("nsenter")):
+        pytest.skip("nodes are made of network namespaces: needs root, iproute2 and nsenter")
+    state = tmp_path_factory.mktemp("slurm2")
+    env = {
+        **os.environ,
+        "SLURM_TEST_NETNS": "lmtc",
+        "NETNS_SUBNET": "10.78.0",
+        "SLURM_TEST_CTLD_PORT": "6827",
+    }
+    started = subprocess.run(["bash", SLURM, "start", state], env=env, capture_output=True, text=True)
+    if started.returncode != 0 and "Operation not permitted" in started.stderr:  # no CAP_NET_ADMIN
+        pytest.skip(f"network namespaces cannot be made here: {started.stderr.strip()[-300:]}")
+    assert started.returncode == 0, started.stderr[-3000:]
+    try:
+        yield {"SLURM_CONF": str(state / "etc" / "slurm.conf")}
+    finally:
+        subprocess.run(["bash", SLURM, "stop", state], capture_output=True, timeout=120)
+
+
+def test_a_two_node_allocation_trains_through_the_stage_as_one_process_with_twice_the_accumulation(
+    two_nodes, smoke_template, tmp_path
+):
+    """conf/slurm/finetune.sbatch on a real two-node allocation: node 0 runs the stage through DVC,
+    node 1 the stage script; node 1 finds node 0 through SLURM's node list and scontrol, at the
+    address the cluster knows it by (never a name that resolves to the loopback). In fp32 the loss
+    curve and the adapter are one process's with twice the accumulation, dvc.lock records the
+    stage, and one MLflow run is made, node 0's."""
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    template, _ = smoke_template
+    dest = tmp_path / "project"
+    shutil.copytree(template, dest, symlinks=True)
+    fp32 = ["quant.bits=16", "quant.bnb_4bit_compute_dtype=fp32"]
+    two = ["train.distributed=ddp", "train.num_nodes=2", "train.num_processes=1", "train.grad_accum=1"]
+    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", *fp32, *two, cwd=dest)
+    one = tmp_path / "one"
+    sh(
+        sys.executable, "stages/finetune.py", "train.distributed=none", "train.num_nodes=1",
+        "train.grad_accum=2", f"paths.adapter={one}/adapter", f"paths.metrics={one}/metrics",
+        f"paths.checkpoints={one}/ckpt", cwd=dest, env={"MLFLOW_TRACKING_URI": f"sqlite:///{one}.db"},
+    )  # fmt: skip
+
+    log = tmp_path / "job.log"
+    env = {**two_nodes, "GLOO_SOCKET_IFNAME": "lmtceth"}  # the nodes' interface, as eth0 on real hosts
+    sh("sbatch", "--wait", "--output", log, "conf/slurm/finetune.sbatch", cwd=dest, env=env, timeout=900)
+    printed = log.read_text()
+    assert "on node 1 of 2" in printed and "--machine_rank 1" in printed, printed[-3000:]
+    assert "--main_process_ip 10.78.0.1" in printed  # node 0's NodeAddr, from scontrol
+
+    recorded = json.loads((dest / "metrics/train.json").read_text())
+    assert (recorded["nodes"], recorded["processes"]) == (2, 2)
+    curves = [pd.read_csv(run / "metrics/train_loss.csv")["loss"] for run in (one, dest)]
+    assert len(curves[0]) == 6 and curves[0].tolist() == pytest.approx(curves[1].tolist(), rel=1e-5, abs=1e-6)
+    a, b = (load_file(run / "adapter/adapter_model.safetensors") for run in (one, dest / "models"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5  # fp32: reduction order only
+    assert "up to date" in sh("dvc", "status", "finetune", cwd=dest).stdout
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.data.params.get("train.num_nodes") for r in runs].count("2") == 1

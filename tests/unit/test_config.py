@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lmtune.cli.params import ParamsModified, compose_conf, main, read_header, write_params
+from lmtune.cli.params import LAUNCH_CONFIGS, ParamsModified, compose_conf, main, read_header, write_params
 from lmtune.config import Config, ConfigError, flatten, load
 from lmtune.track.run_params import safe_params
 
@@ -12,8 +12,8 @@ CONF = ROOT / "conf"
 
 
 def group_options():
-    # conf/accelerate/ and conf/slurm/ hold launch configs (accelerate's, sbatch scripts), not Hydra groups
-    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name not in ("accelerate", "slurm")):
+    # conf/accelerate/, conf/slurm/ and conf/skypilot/ hold launch configs, not Hydra groups
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name not in LAUNCH_CONFIGS):
         for option in sorted(group.glob("*.yaml")):
             yield f"{group.name}={option.stem}"
 

@@ -83,8 +83,8 @@ def test_two_processes_train_as_one_does_with_the_same_global_batch(workspace):
     reason="two hosts are made of network namespaces: needs root and iproute2",
 )
 def test_two_hosts_train_one_adapter_as_one_process_does_and_only_the_main_node_writes(workspace):
-    """Two hosts made on this machine with network namespaces (tests/cluster/netns.sh: a veth pair,
-    each namespace only its own address), one process each, gloo over that link: train.num_nodes=2
+    """Two hosts made on this machine with network namespaces (tests/cluster/netns.sh: each with its
+    own address on one bridge), one process each, gloo over that link: train.num_nodes=2
     runs the stage on both, node 1 finding node 0 by LMTUNE_MAIN_ADDR as it would by SLURM's node
     list. The loss curve equals one process with twice the accumulation, and node 1 writes nothing."""
     root, env = workspace
@@ -170,3 +170,35 @@ def test_several_nodes_need_a_way_to_find_the_main_one_and_the_allocation_must_m
         "--main_process_port",
         "29500",
     ]
+
+
+def test_under_slurm_the_main_node_is_the_allocations_first_at_the_address_slurm_reaches_it_by(
+    tmp_path, monkeypatch
+):
+    """SLURM_JOB_NODELIST's first node, resolved by scontrol (a stand-in here that answers as
+    SLURM 22.05's does) to its NodeAddr: the address the cluster's own daemons use for it."""
+    from omegaconf import OmegaConf
+
+    from lmtune.train.distributed import nodes
+
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in\n'
+        '  "show hostnames gpu[07-08]") printf "gpu07\\ngpu08\\n" ;;\n'
+        '  "--oneliner show node gpu07") echo "NodeName=gpu07 Arch=x86_64 NodeAddr=10.1.2.7 NodeHostName=gpu07" ;;\n'
+        '  "show hostnames cpu[1-2]") printf "cpu1\\ncpu2\\n" ;;\n'
+        "  *) exit 1 ;;\n"
+        "esac\n"
+    )
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv("LMTUNE_MAIN_ADDR", raising=False)
+    monkeypatch.delenv("LMTUNE_NODE_RANK", raising=False)
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    cfg = OmegaConf.create({"train": {"num_nodes": 2}})
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08]")
+    assert nodes(cfg)[2:6] == ["--machine_rank", "1", "--main_process_ip", "10.1.2.7"]
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "cpu[1-2]")  # no node record: its name, as DNS knows it
+    assert nodes(cfg)[4:6] == ["--main_process_ip", "cpu1"]

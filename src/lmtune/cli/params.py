@@ -328,11 +328,12 @@ def _override_value(value) -> str:
     return json.dumps(value) if isinstance(value, list) else ("null" if value is None else str(value))
 
 
-GROUPS_NOT_IN_PARAMS = (
-    "experiment",
+LAUNCH_CONFIGS = (
     "accelerate",
     "slurm",
-)  # a profile sets other sections; accelerate and slurm are launch-time
+    "skypilot",
+)  # conf/ folders read when starting a run, not Hydra groups
+GROUPS_NOT_IN_PARAMS = ("experiment", *LAUNCH_CONFIGS)  # a profile sets other sections
 
 
 def recover_overrides(path: Path = Path(PARAMS_FILE), conf_dir: Path | None = None) -> list[str] | None:

@@ -15,6 +15,7 @@ writes outputs and the MLflow run.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -64,13 +65,8 @@ def nodes(cfg: DictConfig) -> list[str]:
             f"sbatch --nodes={count} (or set train.num_nodes to the allocation's)"
         )
     address = os.environ.get("LMTUNE_MAIN_ADDR")
-    if not address and "SLURM_JOB_NODELIST" in os.environ:  # the allocation's first node is the main one
-        hosts = subprocess.run(
-            ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
-            capture_output=True,
-            text=True,
-        )
-        address = hosts.stdout.split()[0] if hosts.returncode == 0 and hosts.stdout.split() else None
+    if not address and "SLURM_JOB_NODELIST" in os.environ:
+        address = first_node_address(os.environ["SLURM_JOB_NODELIST"])
     if not address:
         raise DistributedError(
             f"train.num_nodes={count}: start this stage on every node, under SLURM "
@@ -82,6 +78,25 @@ def nodes(cfg: DictConfig) -> list[str]:
         "--num_machines", str(count), "--machine_rank", str(node_rank()),
         "--main_process_ip", address, "--main_process_port", port,
     ]  # fmt: skip
+
+
+def first_node_address(node_list: str) -> str | None:
+    """The main node of a SLURM allocation (the first of its node list) at the address SLURM itself
+    reaches it by: its NodeAddr, which is its name unless slurm.conf sets another. None where
+    scontrol cannot say."""
+
+    def scontrol(*args: str) -> str:
+        try:
+            done = subprocess.run(["scontrol", *args], capture_output=True, text=True)
+        except FileNotFoundError:  # SLURM's variables, but not its commands
+            return ""
+        return done.stdout if done.returncode == 0 else ""
+
+    names = scontrol("show", "hostnames", node_list).split()
+    if not names:
+        return None
+    record = re.search(r"\bNodeAddr=(\S+)", scontrol("--oneliner", "show", "node", names[0]))
+    return record.group(1) if record else names[0]
 
 
 def micro_batch_index(step: int, micro: int, grad_accum: int, rank: int = 0, processes: int = 1) -> int:
