@@ -70,7 +70,8 @@ test-slow: setup  ## long checks on the real default model
 	$(PY) -m pytest -m slow -q
 
 test-cluster: setup  ## sweeps and multi-node training on real SLURM clusters the tests start (installs Debian's slurm and munge)
-	command -v slurmctld >/dev/null || { apt-get update -qq && apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null; }
+	@# iproute2: the two-node cluster's nodes are network namespaces
+	command -v slurmctld >/dev/null && command -v ip >/dev/null || { apt-get update -qq && apt-get install -y -qq slurmctld slurmd slurm-client munge iproute2 >/dev/null; }
 	$(PY) -m pytest -m cluster -q
 
 lint: setup  ## ruff check and format check

@@ -11,7 +11,8 @@
 # sits on a bridge, PREFIXbr, in the root namespace; the bridge holds .254, so
 # this machine reaches both hosts as a login node reaches compute nodes (a
 # SLURM controller here, slurmd on the hosts).  Run a command on a host with:
-#   ip netns exec PREFIX0 CMD...
+#   ip netns exec PREFIX0 CMD...          (also remounts /sys for the namespace)
+#   nsenter --net=/run/netns/PREFIX0 CMD  (the network alone)
 # Gloo finds its own address via the hostname, which both namespaces share
 # (and /etc/hosts maps to 127.0.0.1), so ranks must set
 # GLOO_SOCKET_IFNAME=PREFIXeth; the common name lets one value serve all ranks.
@@ -64,7 +65,9 @@ up() {
     local i
     is_up && { show; return 0; }
     down       # start clean rather than patch a partial setup
-    ip link add "$BR" type bridge
+    # Bridged frames skip iptables: on a host whose FORWARD policy drops
+    # (Docker's), br_netfilter would otherwise drop the hosts' traffic.
+    ip link add "$BR" type bridge nf_call_iptables 0 nf_call_ip6tables 0
     ip addr add "$NET.254/24" dev "$BR"
     ip link set "$BR" up
     for i in 0 1; do
@@ -81,10 +84,15 @@ up() {
         # Loopback is down in a fresh namespace; many tools bind to 127.0.0.1.
         ip -n "$P$i" link set lo up
     done
-    # LOWER_UP = carrier, i.e. both ends are up and linked (ping is not
-    # installed everywhere, so no packet test here).
+    # The links come up asynchronously (a bridge port a moment after its
+    # veth): wait for state UP with carrier on both (ping is not installed
+    # everywhere, so no packet test here).
+    for _ in $(seq 50); do
+        is_up && break
+        sleep 0.1
+    done
     for i in 0 1; do
-        ip -n "$P$i" link show dev "$IF" | grep -q LOWER_UP \
+        ip -n "$P$i" link show dev "$IF" | grep -q 'LOWER_UP.*state UP' \
             || die "$IF in $P$i has no carrier"
     done
     show

@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# Throw-away one-node SLURM cluster for tests.
+# Throw-away SLURM cluster for tests: one node, or two (SLURM_TEST_NETNS).
 #
-#   slurm.sh start STATE_DIR   # write config, start munged/slurmctld/slurmd, wait for idle
+#   slurm.sh start STATE_DIR   # write config, start munged/slurmctld/slurmd(s), wait for idle
 #   slurm.sh stop  STATE_DIR   # cancel jobs, stop the daemons started by `start`
 #   slurm.sh status STATE_DIR  # print daemon PIDs and sinfo
 #
 # Everything (munge key, slurm.conf, state, spool, logs, PID files) lives
 # under STATE_DIR, so nothing in /etc is touched and several state dirs can
-# be used one after another.  Must run as root (daemons and jobs run as
-# root).  Needs the Debian packages slurmctld, slurmd, slurm-client, munge.
+# be used one after another; the two-node mode adds network namespaces and a
+# bridge, which `stop` removes.  Must run as root (daemons and jobs run as
+# root).  Needs the Debian packages slurmctld, slurmd, slurm-client, munge
+# (and iproute2 and nsenter for two nodes).
 #
 # Tunables (environment):
 #   SLURM_TEST_CTLD_PORT / SLURM_TEST_SLURMD_PORT  ports (default 6817/6818)
-#   SLURM_TEST_START_TIMEOUT  seconds to wait for the node to go idle (60)
+#   SLURM_TEST_START_TIMEOUT  seconds to wait for the nodes to go idle (60)
 #   SLURM_TEST_MIN_JOB_AGE    seconds a finished job stays in squeue/scontrol (30)
 #   SLURM_TEST_CRED_EXPIRE    munge cred lifetime; also the delay before a
 #                             requeued job may start again (default 10)
@@ -21,8 +23,8 @@
 #                             PREFIX0 and PREFIX1 made by netns.sh (NETNS_SUBNET
 #                             as there), one slurmd in each as node PREFIXi at
 #                             its own address, the controller on this machine
-#                             at the bridge's .254 (a login node).  `stop`
-#                             removes the namespaces again.
+#                             at the bridge's .254 (as on a cluster's head
+#                             node).  `stop` removes the namespaces again.
 set -euo pipefail
 
 die() { echo "slurm.sh: $*" >&2; exit 1; }
@@ -40,22 +42,21 @@ CONF=$S/etc/slurm.conf
 MUNGE_SOCK=$S/munge/munge.socket.2
 export SLURM_CONF=$CONF
 NETNS_SH=$(dirname "${BASH_SOURCE[0]}")/netns.sh
-# Two-node mode is chosen at start and remembered for stop and status.
+# Two-node mode is chosen at start and remembered (etc/netns) for stop and
+# status; start writes it only once it knows no cluster runs in STATE_DIR.
 if [[ $cmd == start ]]; then
     NETNS=${SLURM_TEST_NETNS:-}
     SUBNET=${NETNS_SUBNET:-10.77.0}
-    if [[ -n $NETNS ]]; then
-        mkdir -p "$S/etc"
-        echo "$NETNS $SUBNET" >"$S/etc/netns"
-    else
-        rm -f "$S/etc/netns"
-    fi
 elif [[ -s $S/etc/netns ]]; then
     read -r NETNS SUBNET <"$S/etc/netns"
 else
     NETNS=""
 fi
 if [[ -n $NETNS ]]; then SLURMDS=(slurmd0 slurmd1); else SLURMDS=(slurmd); fi
+DAEMONS=(munged slurmctld "${SLURMDS[@]}")
+network() {                     # network up|down: the two-node mode's namespaces
+    [[ -z $NETNS ]] || NETNS_SUBNET=$SUBNET bash "$NETNS_SH" "$1" "$NETNS" >/dev/null
+}
 
 pid_alive() {                   # pid_alive FILE -> true if the PID in FILE runs
     local p
@@ -99,8 +100,8 @@ write_config() {
         # Each node at its own namespace's address; slurmd's own files named
         # by node (%n), since both read this one slurm.conf.
         ctld_addr=$SUBNET.254
-        nodes="${node_line/NodeName=* CPUs=/NodeName=${NETNS}0 NodeAddr=$SUBNET.1 CPUs=}
-${node_line/NodeName=* CPUs=/NodeName=${NETNS}1 NodeAddr=$SUBNET.2 CPUs=}"
+        nodes="NodeName=${NETNS}0 NodeAddr=$SUBNET.1 ${node_line#NodeName=* }
+NodeName=${NETNS}1 NodeAddr=$SUBNET.2 ${node_line#NodeName=* }"
         spool=$S/spool/%n slurmd_pid=$S/spool/%n/slurmd.pid slurmd_log=$S/log/slurmd-%n.log
     else
         nodes="$node_line NodeAddr=127.0.0.1"
@@ -174,13 +175,11 @@ EOF
 
 start() {
     local f
-    for f in munged slurmctld "${SLURMDS[@]}"; do
+    for f in munged slurmctld slurmd slurmd0 slurmd1; do
         pid_alive "$S/run/$f.pid" && die "$f already running for $S (pid $(<"$S/run/$f.pid")); stop it first"
     done
-    if [[ -n $NETNS ]]; then
-        NETNS_SUBNET=$SUBNET bash "$NETNS_SH" up "$NETNS" >/dev/null
-        mkdir -p "$S/spool/${NETNS}0" "$S/spool/${NETNS}1"
-    fi
+    mkdir -p "$S/etc"
+    if [[ -n $NETNS ]]; then echo "$NETNS $SUBNET" >"$S/etc/netns"; else rm -f "$S/etc/netns"; fi
     # Unix socket paths are limited to 108 bytes.
     (( ${#MUNGE_SOCK} < 100 )) || die "STATE_DIR too long for a munge socket path: $MUNGE_SOCK"
     mkdir -p "$S"/{etc,munge,state,spool,log,run}
@@ -212,6 +211,10 @@ start() {
     spawn slurmctld slurmctld -D -c -f "$CONF"
     # -N: do not rely on the hostname matching NodeName.
     if [[ -n $NETNS ]]; then
+        network up
+        mkdir -p "$S/spool/${NETNS}0" "$S/spool/${NETNS}1"
+        # nsenter --net enters the node's network alone: `ip netns exec`
+        # would also remount /sys, hiding the cgroup filesystem slurmd reads.
         for f in 0 1; do
             spawn "slurmd$f" nsenter --net="/run/netns/$NETNS$f" slurmd -D -f "$CONF" -N "$NETNS$f"
         done
@@ -223,7 +226,7 @@ start() {
     while (( SECONDS < deadline )); do
         state=$(sinfo -h -N -n "$NODES" -o %t 2>/dev/null | sort -u | paste -sd, || true)
         [[ $state == idle ]] && break
-        for f in munged slurmctld "${SLURMDS[@]}"; do
+        for f in "${DAEMONS[@]}"; do
             pid_alive "$S/run/$f.pid" || { state="$f exited"; break 2; }
         done
         sleep 0.5
@@ -232,6 +235,7 @@ start() {
         echo "slurm.sh: nodes $NODES not idle (last state: '${state:-none}')" >&2
         log_tails
         stop_daemons
+        network down
         die "start failed"
     fi
 
@@ -268,7 +272,6 @@ stop_daemons() {
     # munged last: the Slurm daemons still talk through it while exiting.
     terminate "${SLURMDS[@]}" slurmctld
     terminate munged
-    if [[ -n $NETNS ]]; then NETNS_SUBNET=$SUBNET bash "$NETNS_SH" down "$NETNS"; fi
 }
 
 descendants() {                 # descendants PID -> PID and all below it
@@ -311,11 +314,12 @@ stop() {
     fi
     stop_daemons
     kill_stray_stepds
+    network down
 }
 
 status() {
     local f
-    for f in munged slurmctld "${SLURMDS[@]}"; do
+    for f in "${DAEMONS[@]}"; do
         if pid_alive "$S/run/$f.pid"; then echo "$f: running (pid $(<"$S/run/$f.pid"))"
         else echo "$f: stopped"; fi
     done

@@ -164,35 +164,38 @@ def test_a_job_requeued_midway_resumes_to_the_adapter_an_uninterrupted_job_write
 @pytest.fixture
 def two_nodes(tmp_path_factory):
     """A two-node cluster: each node a network namespace with its own address and its own slurmd
-    (tests/cluster/netns.sh), the controller on this machine as on a login node. Its own controller
-    port, so that it may run beside the one-node cluster."""
+    (tests/cluster/netns.sh), the controller on this machine as on a cluster's head node. Its own
+    controller port, so that it may run beside the one-node cluster."""
     if os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("nsenter")):
         pytest.skip("nodes are made of network namespaces: needs root, iproute2 and nsenter")
-    state = tmp_path_factory.mktemp("slurm2")
     env = {
         **os.environ,
         "SLURM_TEST_NETNS": "lmtc",
         "NETNS_SUBNET": "10.78.0",
         "SLURM_TEST_CTLD_PORT": "6827",
     }
-    started = subprocess.run(["bash", SLURM, "start", state], env=env, capture_output=True, text=True)
-    if started.returncode != 0 and "Operation not permitted" in started.stderr:  # no CAP_NET_ADMIN
-        pytest.skip(f"network namespaces cannot be made here: {started.stderr.strip()[-300:]}")
-    assert started.returncode == 0, started.stderr[-3000:]
+    netns = ROOT / "tests" / "cluster" / "netns.sh"
+    made = subprocess.run(["bash", netns, "up", "lmtc"], env=env, capture_output=True, text=True)
+    subprocess.run(["bash", netns, "down", "lmtc"], env=env, capture_output=True)
+    if made.returncode != 0:  # a container without CAP_NET_ADMIN, or without bridges
+        pytest.skip(f"network namespaces cannot be made here: {made.stderr.strip()[-300:]}")
+    state = tmp_path_factory.mktemp("slurm2")
     try:
+        started = subprocess.run(["bash", SLURM, "start", state], env=env, capture_output=True, text=True)
+        assert started.returncode == 0, started.stderr[-3000:]
         yield {"SLURM_CONF": str(state / "etc" / "slurm.conf")}
-    finally:
+    finally:  # the namespaces too, whatever happened
         subprocess.run(["bash", SLURM, "stop", state], capture_output=True, timeout=120)
 
 
 def test_a_two_node_allocation_trains_through_the_stage_as_one_process_with_twice_the_accumulation(
     two_nodes, smoke_template, tmp_path
 ):
-    """conf/slurm/finetune.sbatch on a real two-node allocation: node 0 runs the stage through DVC,
-    node 1 the stage script; node 1 finds node 0 through SLURM's node list and scontrol, at the
-    address the cluster knows it by (never a name that resolves to the loopback). In fp32 the loss
-    curve and the adapter are one process's with twice the accumulation, dvc.lock records the
-    stage, and one MLflow run is made, node 0's."""
+    """conf/slurm/finetune.sbatch on a real two-node allocation: node 0 prepares the data first,
+    then runs the stage through DVC, node 1 the stage script; node 1 finds node 0 through SLURM's
+    node list and scontrol, at the address the cluster knows it by (never a name that resolves to
+    the loopback). In fp32 the loss curve and the adapter are one process's with twice the
+    accumulation, dvc.lock records the stage, and one MLflow run is made, node 0's."""
     import pandas as pd
     from safetensors.torch import load_file
 
@@ -209,12 +212,18 @@ def test_a_two_node_allocation_trains_through_the_stage_as_one_process_with_twic
         f"paths.checkpoints={one}/ckpt", cwd=dest, env={"MLFLOW_TRACKING_URI": f"sqlite:///{one}.db"},
     )  # fmt: skip
 
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
+    runs = lambda: client.search_runs([e.experiment_id for e in client.search_experiments()])  # noqa: E731
+    before = {r.info.run_id for r in runs()}
+    shutil.rmtree(dest / "data" / "processed")  # node 0 must make it again before node 1 reads it
+
     log = tmp_path / "job.log"
     env = {**two_nodes, "GLOO_SOCKET_IFNAME": "lmtceth"}  # the nodes' interface, as eth0 on real hosts
     sh("sbatch", "--wait", "--output", log, "conf/slurm/finetune.sbatch", cwd=dest, env=env, timeout=900)
     printed = log.read_text()
-    assert "on node 1 of 2" in printed and "--machine_rank 1" in printed, printed[-3000:]
-    assert "--main_process_ip 10.78.0.1" in printed  # node 0's NodeAddr, from scontrol
+    assert "'prepare'" in printed and (dest / "data" / "processed").is_dir(), printed[-3000:]
+    (launch,) = [line for line in printed.splitlines() if "on node 1 of 2" in line]
+    assert "--machine_rank 1" in launch and "--main_process_ip 10.78.0.1" in launch  # node 0's NodeAddr
 
     recorded = json.loads((dest / "metrics/train.json").read_text())
     assert (recorded["nodes"], recorded["processes"]) == (2, 2)
@@ -224,6 +233,5 @@ def test_a_two_node_allocation_trains_through_the_stage_as_one_process_with_twic
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5  # fp32: reduction order only
     assert "up to date" in sh("dvc", "status", "finetune", cwd=dest).stdout
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert [r.data.params.get("train.num_nodes") for r in runs].count("2") == 1
+    (made,) = [r for r in runs() if r.info.run_id not in before]  # one run: node 1 opened none
+    assert made.data.params["train.num_nodes"] == "2"

@@ -179,7 +179,7 @@ def test_under_slurm_the_main_node_is_the_allocations_first_at_the_address_slurm
     SLURM 22.05's does) to its NodeAddr: the address the cluster's own daemons use for it."""
     from omegaconf import OmegaConf
 
-    from lmtune.train.distributed import nodes
+    from lmtune.train.distributed import DistributedError, nodes
 
     scontrol = tmp_path / "scontrol"
     scontrol.write_text(
@@ -202,3 +202,6 @@ def test_under_slurm_the_main_node_is_the_allocations_first_at_the_address_slurm
     assert nodes(cfg)[2:6] == ["--machine_rank", "1", "--main_process_ip", "10.1.2.7"]
     monkeypatch.setenv("SLURM_JOB_NODELIST", "cpu[1-2]")  # no node record: its name, as DNS knows it
     assert nodes(cfg)[4:6] == ["--main_process_ip", "cpu1"]
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # SLURM's variables, but not its commands
+    with pytest.raises(DistributedError, match="start this stage on every node"):
+        nodes(cfg)
