@@ -12,6 +12,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from lmtune.align import AlignError
+from lmtune.align.losses import PAIRED_SLOTS, UNPAIRED_SLOTS
 from lmtune.align.pairs import example_sequences, pair_sequences, read_pairs
 from lmtune.data import DataError
 from lmtune.data.sequences import Sequence
@@ -164,8 +165,8 @@ def question(pair: dict) -> str:
 
 
 def slots_of(items: list[dict]) -> tuple[str, str]:
-    """The two sequences of each item of a split: a pair's, or a KTO example's."""
-    return ("completion", "kl") if items and "label" in items[0] else ("chosen", "rejected")
+    """The two sequences of each item of a split: a pair's, or a KTO example's (it has a label)."""
+    return UNPAIRED_SLOTS if items and "label" in items[0] else PAIRED_SLOTS
 
 
 def labels(items: list[dict]) -> np.ndarray | None:
@@ -209,7 +210,7 @@ def read_split(
     if not path.exists():
         raise AlignError(f"{path} not found: run the reference stage first (make run ARGS=align=dpo)")
     frame = pd.read_parquet(path)
-    first, second = ("completion", "kl") if "label" in frame else ("chosen", "rejected")
+    first, second = UNPAIRED_SLOTS if "label" in frame else PAIRED_SLOTS
     seqs = [
         (Sequence(list(ai), list(am)), Sequence(list(bi), list(bm)))
         for ai, am, bi, bm in zip(

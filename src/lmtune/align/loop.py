@@ -27,7 +27,7 @@ from lmtune.train import TrainingError
 from lmtune.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmtune.train.exact_path import choose_exact_path
 from lmtune.train.kernels import register_varlen_attention
-from lmtune.train.loop import precision
+from lmtune.train.loop import optimizer_step, precision, unchanged_matrices
 
 SCORE_PAIRS = 16  # pairs per forward pass when scoring without gradients
 
@@ -193,11 +193,7 @@ def train_preferences(
                 f"checkpoint stays in {checkpoint_dir}. Try a lower align.lr or align.beta."
             )
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, scheduler, scaler, params, a.max_grad_norm)
         state["step"] = step = step + 1
         state["tokens"] += tokens
         state["seconds"] += time.perf_counter() - started
@@ -212,9 +208,7 @@ def train_preferences(
         if step % a.checkpoint_every == 0 and step < a.max_steps:
             save_checkpoint(checkpoint_dir, model, optimizer, scheduler, scaler, state, keep=2)
     bar.close()
-    final = lora_state(model)
-    if unchanged := [n for n, v in final.items() if torch.equal(v, initial[n])]:
-        raise TrainingError(f"{len(unchanged)} LoRA matrices never changed, e.g. {unchanged[:3]}")
+    unchanged_matrices(lora_state(model), initial)
     return {
         "steps": state["step"],
         "resumed_from_step": resumed_from,
@@ -276,17 +270,14 @@ def held_out_scores(
 
 
 def _bootstrap(values: dict[str, np.ndarray], resamples: int, seed: int) -> dict[str, dict]:
-    """Each per-item value's mean with a 95% percentile-bootstrap interval (the same draws for all)."""
+    """Each per-item value's mean with its 95% interval, by the eval stage's bootstrap (the same
+    draws for all)."""
+    from lmtune.evaluate.scores import bootstrap
+
     n = len(next(iter(values.values())))
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n, size=(resamples, n))
-    return {
-        name: {
-            "value": float(v.mean()),
-            "ci95": [float(x) for x in np.percentile(v[draws].mean(axis=1), [2.5, 97.5])],
-        }
-        for name, v in values.items()
-    }
+    means = {name: (lambda idx, v=v: float(v[idx].mean())) for name, v in values.items()}
+    sizes = dict.fromkeys(values, n)  # a small held-out set still gets its (wide) interval
+    return bootstrap({"held_out": means}, sizes, "held_out", resamples, seed, min_examples=1)["held_out"]
 
 
 HELD_OUT_COLUMNS = {

@@ -32,10 +32,13 @@ NEEDS_REFERENCE = ("dpo", "ipo", "kto")
 UNPAIRED = ("kto",)
 
 
+PAIRED_SLOTS, UNPAIRED_SLOTS = ("chosen", "rejected"), ("completion", "kl")
+
+
 def slots(method: str) -> tuple[str, str]:
     """The two sequences of one training item: a pair's responses, or an unpaired example's
     completion and its mismatched KL completion."""
-    return ("completion", "kl") if method in UNPAIRED else ("chosen", "rejected")
+    return UNPAIRED_SLOTS if method in UNPAIRED else PAIRED_SLOTS
 
 
 def preference_loss(

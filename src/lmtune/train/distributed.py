@@ -7,9 +7,9 @@ global batch is train.batch_size x train.grad_accum x train.num_processes x trai
 process reads its own micro-batches of the one seeded order (see `micro_batch_index`).
 
 With train.num_nodes > 1 the stage runs on every node (conf/slurm/finetune.sbatch); each node's
-launch joins the others through accelerate's multi-node flags: its rank and the main node's address
-from SLURM's environment, or LMTUNE_NODE_RANK and LMTUNE_MAIN_ADDR where no scheduler is. Only node 0
-writes outputs and the MLflow run.
+launch joins the others through accelerate's multi-node flags: its rank from SLURM's environment and
+the main node's address from the allocation's node list (through scontrol), or LMTUNE_NODE_RANK and
+LMTUNE_MAIN_ADDR where no scheduler is. Only node 0 writes outputs and the MLflow run.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def nodes(cfg: DictConfig) -> list[str]:
 
 def first_node_address(node_list: str) -> str | None:
     """The main node of a SLURM allocation (the first of its node list) at the address SLURM itself
-    reaches it by: its NodeAddr, which is its name unless slurm.conf sets another. None where
-    scontrol cannot say."""
+    reaches it by: its NodeAddr, which is its name unless slurm.conf sets another (its name, too,
+    where scontrol has no record of it). None where scontrol cannot list the nodes."""
 
     def scontrol(*args: str) -> str:
         try:

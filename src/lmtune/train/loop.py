@@ -176,7 +176,7 @@ def train(
     bar.close()
 
     final = lora_state(plain)
-    unchanged = _unchanged_matrices(final, initial)
+    unchanged = unchanged_matrices(final, initial)
     return {
         "steps": state["step"],
         "resumed_from_step": resumed_from,
@@ -312,12 +312,18 @@ def _optimizer_step(
             f"loss is {train_loss} at step {step + 1}; training stopped. The last good checkpoint "
             f"stays in {checkpoint_dir}. Try a lower train.lr or quant.bnb_4bit_compute_dtype=fp32."
         )
-    torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+    optimizer_step(optimizer, scheduler, scaler, params, tc.max_grad_norm)
+    return train_loss, tokens
+
+
+def optimizer_step(optimizer, scheduler, scaler, params: list, max_grad_norm: float) -> None:
+    """Clip the unscaled gradients, step the optimizer and the schedule, clear the gradients: the
+    end of every training step, SFT's and preference tuning's."""
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     scaler.step(optimizer)  # fp16: skipped when a gradient overflowed, and the scale lowered
     scaler.update()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return train_loss, tokens
 
 
 def _record_step(state: dict, train_loss: float, tokens: int, seconds: float) -> int:
@@ -330,7 +336,7 @@ def _record_step(state: dict, train_loss: float, tokens: int, seconds: float) ->
     return step
 
 
-def _unchanged_matrices(final: dict, initial: dict) -> list[str]:
+def unchanged_matrices(final: dict, initial: dict) -> list[str]:
     """Guard against silently frozen layers (the bitsandbytes CPU repack bug, a bad target list):
     every LoRA matrix must have moved from its initial value."""
     unchanged = [n for n, v in final.items() if torch.equal(v, initial[n])]
