@@ -9,7 +9,7 @@
 # address ${NETNS_SUBNET:-10.77.0}.(i+1)/24 on an interface named PREFIXeth
 # in both (like eth0 on two real hosts).  Each is a veth pair whose other end
 # sits on a bridge, PREFIXbr, in the root namespace; the bridge holds .254, so
-# this machine reaches both hosts as a login node reaches compute nodes (a
+# this machine reaches both hosts as a head node reaches compute nodes (a
 # SLURM controller here, slurmd on the hosts).  Run a command on a host with:
 #   ip netns exec PREFIX0 CMD...          (also remounts /sys for the namespace)
 #   nsenter --net=/run/netns/PREFIX0 CMD  (the network alone)
