@@ -19,7 +19,7 @@ import pandas as pd
 
 from lmtune.align.data import read_split
 from lmtune.align.loop import held_out_markdown, held_out_scores, score_pairs, start_policy, train_preferences
-from lmtune.align.losses import slots
+from lmtune.align.losses import PAIRED_SLOTS, UNPAIRED_SLOTS
 from lmtune.artifacts import atomic_dir, save_config, write_json, write_text
 from lmtune.checkpoint import load_tokenizer, save_tokenizer
 from lmtune.cli.runner import run_stage
@@ -49,7 +49,7 @@ def run(cfg) -> dict:
     )
     autocast, _ = precision(cfg)  # as the reference was scored
     labels = test_reference.get("label")  # held-out KTO examples (unpaired files); else pairs
-    names = slots(a.method)  # config.load holds align.unpaired to the method's
+    names = UNPAIRED_SLOTS if labels is not None else PAIRED_SLOTS  # kto holds out pairs, too
     scored = {}
     for name in ("base", "aligned"):
         with model.disable_adapter() if name == "base" else nullcontext():  # base: as training sees it

@@ -31,17 +31,19 @@ IF=${P}eth
 
 BR=${P}br
 
-ns_exists() { ip netns list | awk '{print $1}' | grep -qxF "$1"; }
+# grep reads all its input (no -q): under pipefail, -q's early exit would
+# fail the pipeline with the writer's SIGPIPE whenever ip's output is long.
+ns_exists() { ip netns list | awk '{print $1}' | grep -xF "$1" >/dev/null; }
 link_exists() { ip link show dev "$1" >/dev/null 2>&1; }
 
 is_up() {
     local i
-    ip -o addr show dev "$BR" 2>/dev/null | grep -qF "inet $NET.254/24" || return 1
+    ip -o addr show dev "$BR" 2>/dev/null | grep -F "inet $NET.254/24" >/dev/null || return 1
     for i in 0 1; do
         ns_exists "$P$i" || return 1
         ip -n "$P$i" -o addr show dev "$IF" 2>/dev/null \
-            | grep -qF "inet $NET.$((i + 1))/24" || return 1
-        ip -n "$P$i" link show dev "$IF" 2>/dev/null | grep -q 'state UP' || return 1
+            | grep -F "inet $NET.$((i + 1))/24" >/dev/null || return 1
+        ip -n "$P$i" link show dev "$IF" 2>/dev/null | grep 'state UP' >/dev/null || return 1
     done
 }
 
@@ -92,7 +94,7 @@ up() {
         sleep 0.1
     done
     for i in 0 1; do
-        ip -n "$P$i" link show dev "$IF" | grep -q 'LOWER_UP.*state UP' \
+        ip -n "$P$i" link show dev "$IF" | grep 'LOWER_UP.*state UP' >/dev/null \
             || die "$IF in $P$i has no carrier"
     done
     show

@@ -287,7 +287,8 @@ kill_stray_stepds() {
     local d p
     for d in /proc/[0-9]*; do
         [[ $(cat "$d/comm" 2>/dev/null) == slurmstepd ]] || continue
-        tr '\0' '\n' <"$d/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$CONF" || continue
+        # grep reads all (no -q): under pipefail, a writer's SIGPIPE would fail the test
+        tr '\0' '\n' <"$d/environ" 2>/dev/null | grep -xF "SLURM_CONF=$CONF" >/dev/null || continue
         p=${d#/proc/}
         echo "slurm.sh: killing leftover slurmstepd $p and its children" >&2
         local victims
@@ -296,7 +297,7 @@ kill_stray_stepds() {
         kill -KILL $victims 2>/dev/null || true
         for _ in $(seq 50); do
             # shellcheck disable=SC2086
-            ps -o pid= -p ${victims//$'\n'/,} 2>/dev/null | grep -q . || break
+            ps -o pid= -p ${victims//$'\n'/,} 2>/dev/null | grep . >/dev/null || break
             sleep 0.1
         done
     done

@@ -91,6 +91,7 @@ def test_two_hosts_train_one_adapter_as_one_process_does_and_only_the_main_node_
     netns = ROOT / "tests" / "cluster" / "netns.sh"
     made = subprocess.run(["bash", netns, "up", "lmtd"], capture_output=True, text=True)
     if made.returncode != 0:  # a container without CAP_NET_ADMIN
+        subprocess.run(["bash", netns, "down", "lmtd"], capture_output=True)  # what half-made
         pytest.skip(f"network namespaces cannot be made here: {made.stderr.strip()[-300:]}")
     try:
         one = finetune(workspace, "one", "train.grad_accum=2")
