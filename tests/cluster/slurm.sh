@@ -178,11 +178,10 @@ start() {
     for f in munged slurmctld slurmd slurmd0 slurmd1; do
         pid_alive "$S/run/$f.pid" && die "$f already running for $S (pid $(<"$S/run/$f.pid")); stop it first"
     done
-    mkdir -p "$S/etc"
-    if [[ -n $NETNS ]]; then echo "$NETNS $SUBNET" >"$S/etc/netns"; else rm -f "$S/etc/netns"; fi
     # Unix socket paths are limited to 108 bytes.
     (( ${#MUNGE_SOCK} < 100 )) || die "STATE_DIR too long for a munge socket path: $MUNGE_SOCK"
     mkdir -p "$S"/{etc,munge,state,spool,log,run}
+    if [[ -n $NETNS ]]; then echo "$NETNS $SUBNET" >"$S/etc/netns"; else rm -f "$S/etc/netns"; fi
     # munged refuses a socket dir others can write, and warns unless all
     # can traverse it; the key file itself must be private (0400 below).
     chmod 0755 "$S" "$S/munge" "$S/etc"
