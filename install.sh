@@ -39,11 +39,34 @@ fi
 $PY -c "import torch; c = torch.version.cuda; print('installed torch', torch.__version__, f'(CUDA {c} build)' if c else '(CPU build)')"
 # everything else is constrained to that torch (==2.13.0 matches 2.13.0+cpu): no second download
 echo "torch==2.13.0" > $VENV/constraints.txt
-# llama-cpp-python comes as source only: pip builds llama.cpp (a few minutes on 2 cores; pip caches
-# the wheel), without the multimodal library lmtune does not use
-CMAKE_ARGS="-DLLAVA_BUILD=OFF" $PY -m pip install -q -c $VENV/constraints.txt -e '.[dev]'
-# the converter of that same llama.cpp release, from the same source package: GGUF export runs it
+# llama-cpp-python comes as source only, so llama.cpp is built here, with its build chosen on purpose:
+# the host's own instruction set (-march=native: full speed on each CPU kind) except AMX. ggml's AMX
+# backend repacks q8_0/q4_K weights and segfaults in ggml_backend_amx_mul_mat on AMX hosts (Sapphire
+# Rapids and later; an open upstream bug), and -march=native alone would compile it in exactly there.
+# Explicit -mno-amx-* flags win over -march whatever their order. No multimodal library (unused).
 $PY -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$LLAMA_CPP -d .cache/sdist
+LLAMA_CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+LLAMA_CMAKE="-DLLAVA_BUILD=OFF -DGGML_NATIVE=ON"
+# The wheel is kept per (release, flags, this CPU's feature set): pip's own wheel cache ignores build
+# flags, so it would hand a wheel built on another CPU kind, or with other flags, back unchanged.
+cpu_key=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | tr ' ' '\n' | sort | tr -d '\n' | sha256sum | cut -c1-12)
+build_key=$(echo "$LLAMA_CPP $LLAMA_CFLAGS $LLAMA_CMAKE $cpu_key" | sha256sum | cut -c1-12)
+wheels=${LMTUNE_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lmtune/llama-cpp-$build_key}
+if ! compgen -G "$wheels/llama_cpp_python-$LLAMA_CPP-*.whl" >/dev/null; then
+    echo "building llama.cpp (llama-cpp-python $LLAMA_CPP, native flags without AMX): a few minutes on 2 cores"
+    CFLAGS="$LLAMA_CFLAGS" CXXFLAGS="$LLAMA_CFLAGS" CMAKE_ARGS="$LLAMA_CMAKE" \
+        $PY -m pip wheel -q --no-deps --no-cache-dir -w "$wheels.tmp" .cache/sdist/llama_cpp_python-$LLAMA_CPP.tar.gz
+    rm -rf "$wheels" && mv "$wheels.tmp" "$wheels"
+fi
+if [ "$(cat $VENV/.llama-build 2>/dev/null)" != "$build_key" ]; then
+    $PY -m pip install -q --force-reinstall --no-deps "$wheels"/llama_cpp_python-$LLAMA_CPP-*.whl
+    echo "$build_key" > $VENV/.llama-build
+fi
+# how it was built, for provenance (lmtune.export.llamacpp.build)
+printf '{"release": "%s", "cflags": "%s", "cmake_args": "%s", "cpu_key": "%s", "build_key": "%s"}\n' \
+    "$LLAMA_CPP" "$LLAMA_CFLAGS" "$LLAMA_CMAKE" "$cpu_key" "$build_key" > $VENV/llama-cpp-build.json
+$PY -m pip install -q -c $VENV/constraints.txt -e '.[dev]'
+# the converter of that same llama.cpp release, from the same source package: GGUF export runs it
 mkdir -p $VENV/share/llama.cpp
 files=()
 for f in convert_hf_to_gguf.py conversion gguf-py; do files+=("llama_cpp_python-$LLAMA_CPP/vendor/llama.cpp/$f"); done

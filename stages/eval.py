@@ -39,7 +39,8 @@ from lmtune.evaluate.scores import (
     metric_functions,
     preference_functions,
 )
-from lmtune.export.llamacpp import GGUFModel
+from lmtune.export.llamacpp import GGUFModel, check_decodes
+from lmtune.export.quantize import GGUF_FILE
 from lmtune.model.hardware import device, free_device_memory, resolve_dtype
 
 
@@ -66,6 +67,8 @@ def run(cfg) -> dict:
         )
     manager = lm_eval_tasks.task_manager(cfg) if e.benchmarks else None
     lm_eval_tasks.check_tasks(cfg, manager)  # before any model loads
+    if (gguf := Path(paths.quantized) / GGUF_FILE).is_file():
+        check_decodes(gguf)  # a llama.cpp that crashes on this file is named now, not after hours
     pairs = held_out_pairs(cfg)
     loaders = model_loaders(cfg, dtype, context_length(cfg, seqs + pairs, prompts))
     functions, examples, speed, benchmarks, pair_scores, roles = {}, {}, {}, {}, {}, {}

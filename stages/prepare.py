@@ -9,6 +9,7 @@ and reference answer that evaluate and sample use. metrics/prepare.json counts r
 tokens per split, and what was dropped and why.
 """
 
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -21,7 +22,14 @@ from lmtune.checkpoint import load_tokenizer
 from lmtune.cli.runner import run_stage
 from lmtune.config import MIN_EVAL_EXAMPLES
 from lmtune.data import DataError
-from lmtune.data.sequences import SPLITS, chat_prompt, chat_sequence, split, text_windows
+from lmtune.data.sequences import (
+    SPLITS,
+    chat_prompt,
+    chat_sequence,
+    require_tool_support,
+    split,
+    text_windows,
+)
 from lmtune.data.sources import load_rows
 
 
@@ -30,11 +38,12 @@ def sequences(rows: list[dict], tokenizer, d) -> tuple[list[dict], Counter]:
     records, dropped = [], Counter()
     for row in rows:
         if "messages" in row:
-            seq = chat_sequence(row["messages"], tokenizer)
+            seq = chat_sequence(row["messages"], tokenizer, row.get("tools"))
             if len(seq) > d.max_length:
                 dropped["too_long"] += 1  # a conversation is not split: its answer needs its question
                 continue
-            prompt_ids = chat_prompt(row["messages"], tokenizer)
+            prompt_ids = chat_prompt(row["messages"], tokenizer, row.get("tools"))
+            answer = row["messages"][-1]
             records.append(
                 {
                     "text": tokenizer.decode(seq),
@@ -45,7 +54,7 @@ def sequences(rows: list[dict], tokenizer, d) -> tuple[list[dict], Counter]:
                     "question": next(
                         m["content"] for m in reversed(row["messages"][:-1]) if m["role"] == "user"
                     ),
-                    "reference": row["messages"][-1]["content"],
+                    "reference": answer["content"] or json.dumps(answer.get("tool_calls")),
                     "source": row["source"],
                 }
             )
@@ -72,6 +81,7 @@ def run(cfg) -> dict:
     if d.format == "chat" and not tokenizer.chat_template:
         raise DataError(f"data.format=chat: {cfg.model.name} has no chat template; set model.chat_template")
     rows, dropped = load_rows(d)
+    require_tool_support(rows, tokenizer, cfg.model.name)  # before tokenizing anything
     splits = split(rows, cfg.seed, d.validation_fraction, d.test_fraction, d.max_samples)
     metrics = {"corpus": d.name, "format": d.format, "rows": len(rows), "dropped": dict(dropped)}
     with atomic_dir(cfg.paths.processed) as out:

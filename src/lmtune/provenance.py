@@ -11,6 +11,7 @@ had uncommitted changes) and the machine. Written beside what a stage produced, 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
@@ -34,7 +35,14 @@ LIBRARIES = (
     "dvc",
     "mlflow",
 )
-CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides the CPU's bf16 speed
+CPU_FEATURES = (
+    "avx2",
+    "avx512f",
+    "avx512_bf16",
+    "amx_bf16",
+    "amx_int8",
+    "amx_tile",
+)  # bf16 speed; llama.cpp's kernels
 
 
 def versions() -> dict[str, str | None]:
@@ -47,8 +55,14 @@ def versions() -> dict[str, str | None]:
     return found
 
 
+# What the pipeline itself writes into git-tracked files (dvc.lock; metrics/, cache: false): a
+# stage that runs after another has written them is still running the committed code and config.
+PIPELINE_WRITES = ("dvc.lock", "metrics")
+
+
 def git_state(cwd: Path | str = ".") -> dict:
-    """{commit, dirty}: the commit checked out, and whether tracked files differ from it."""
+    """{commit, dirty, changed}: the commit checked out, and whether (and which) tracked files of
+    code or config differ from it; the pipeline's own outputs do not count."""
 
     def git(*args: str) -> str | None:
         try:
@@ -57,10 +71,13 @@ def git_state(cwd: Path | str = ".") -> dict:
             return None
 
     commit = git("rev-parse", "HEAD")
-    changed = git("status", "--porcelain", "--untracked-files=no")
+    excluded = [f":(exclude,top){path}" for path in PIPELINE_WRITES]
+    changed = git("diff", "HEAD", "--name-only", "--", ":(top)", *excluded)
+    files = sorted(changed.split()) if changed is not None else None
     return {
         "commit": commit.strip() if commit else None,
-        "dirty": bool(changed) if changed is not None else None,
+        "dirty": bool(files) if files is not None else None,
+        "changed": files,
     }
 
 
@@ -103,6 +120,20 @@ def host() -> dict:
     }
 
 
+def llama_cpp_build() -> dict | None:
+    """How llama.cpp was built (install.sh writes its flags into the environment) and, where this
+    process has loaded it, the features its CPU backend runs (`AMX_INT8 = 1`, ...)."""
+    import sys
+
+    written = Path(sys.prefix) / "llama-cpp-build.json"
+    if not written.is_file():
+        return None
+    found = json.loads(written.read_text())
+    if "llama_cpp" in sys.modules:
+        found["system_info"] = sys.modules["llama_cpp"].llama_print_system_info().decode().strip()
+    return found
+
+
 def made_by(
     cfg: DictConfig, stage: str, keys: list[str] | tuple[str, ...], ran_with: dict | None = None
 ) -> dict:
@@ -116,6 +147,7 @@ def made_by(
         "config": select(ran, tuple(keys)),
         "ran_with": ran_with or {},
         "versions": versions(),
+        "llama_cpp": llama_cpp_build(),
         "git": git_state(),
         "host": host(),
     }

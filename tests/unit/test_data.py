@@ -430,3 +430,117 @@ def test_a_file_no_row_of_which_fits_the_settings_is_not_advised_to_skip_rows(tm
     one_bad = json.dumps({"body": "x"}) + "\n" + json.dumps({"text": "fine"}) + "\n"
     with pytest.raises(DataError, match=r"Fix the row, or set data.on_bad_row=skip"):
         load_rows(files_cfg(tmp_path, "b.jsonl", one_bad))
+
+
+# A chat template with tool use, in the shape of those that have it (tool schemas in the system
+# turn, an assistant's calls as JSON, tool answers as their own turns).
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|system|>\nYou may call: {{ tools | tojson }}{{ eos_token }}\n{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+    "{% for call in m.get('tool_calls', []) %}<call>{{ call['function'] | tojson }}</call>{% endfor %}"
+    "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+CHATML = (  # SmolLM2's shape: role and content, nothing else
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "today's weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def tool_rows(n: int) -> list[dict]:
+    """OpenAI fine-tuning rows with a tool call and its answer, the tools in trl's `tools` column."""
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"Weather in city{i}?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": f"call_{i}",
+                            "type": "function",
+                            "function": {
+                                "name": "get_weather",
+                                "arguments": json.dumps({"city": f"city{i}"}),
+                            },
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": f"call_{i}", "content": f"sunny{i}"},
+                {"role": "assistant", "content": f"It is sunny{i} there."},
+            ],
+            "tools": json.dumps([WEATHER]),
+        }
+        for i in range(n)
+    ]
+
+
+def test_tool_use_rows_train_on_the_calls_and_answers_not_on_what_tools_return(tmp_path, tiny_seqs):
+    from lmtune.data.sequences import require_tool_support, tool_support_problem
+
+    cfg = files_cfg(tmp_path, "t.jsonl", "".join(json.dumps(x) + "\n" for x in tool_rows(3)), format="chat")
+    rows = load_rows(cfg)[0]
+    assert rows[0]["tools"] == [WEATHER]
+    call = rows[0]["messages"][1]["tool_calls"][0]
+    assert call["function"] == {"name": "get_weather", "arguments": {"city": "city0"}}  # JSON parsed
+    _, tokenizer = tiny_seqs
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    assert tool_support_problem(tokenizer) is None
+    require_tool_support(rows, tokenizer, "tiny")  # no refusal
+    seq = chat_sequence(rows[0]["messages"], tokenizer, rows[0]["tools"])
+    text = tokenizer.decode(seq)
+    learned = tokenizer.decode([t for t, m in zip(seq, seq.mask, strict=True) if m])
+    assert "today's weather" in text and "sunny0" in text  # the schemas and the tool's answer are seen
+    assert '"get_weather"' in learned and '"city0"' in learned  # the call is learned, its JSON included
+    assert "It is sunny0 there." in learned
+    assert "Weather in city0" not in learned and "today's weather" not in learned
+    assert "<|tool|>\nsunny0" not in learned  # what the tool returned is context, not learned
+    tokenizer.chat_template = CHATML
+    assert "tool calls" in tool_support_problem(tokenizer) and "tool schemas" in tool_support_problem(
+        tokenizer
+    )
+    with pytest.raises(
+        DataError, match=r"t\.jsonl: conversations with tool calls.*tiny has no tool support.*model=qwen3_8b"
+    ):
+        require_tool_support(rows, tokenizer, "tiny")
+    require_tool_support(
+        [{"messages": [{"role": "user", "content": "a"}]}], tokenizer, "tiny"
+    )  # no tools: fine
+
+
+@pytest.mark.parametrize(
+    "turns, match",
+    [
+        (
+            [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}],
+            "a tool turn must follow an assistant turn with tool_calls",
+        ),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"function": {"name": "f", "arguments": "{not json"}}],
+                },
+            ],
+            "tool call 'f': its arguments are not valid JSON",
+        ),
+        (
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": None}],
+            r"role: system\|user\|assistant\|tool",
+        ),
+    ],
+)
+def test_malformed_tool_use_is_named_by_file_and_row(tmp_path, turns, match):
+    cfg = files_cfg(tmp_path, "t.jsonl", json.dumps({"messages": turns}) + "\n", format="chat")
+    with pytest.raises(DataError, match=rf"t\.jsonl:1: .*{match}"):
+        load_rows(cfg)

@@ -218,3 +218,80 @@ def test_a_family_the_converter_does_not_know_is_refused_in_its_words(llama2_sty
         ModelError, match=r"llama.cpp's converter refused (.|\n)*Model NoSuchForCausalLM is not supported"
     ):
         export_gguf(folder, tmp_path / GGUF_FILE, "f16")
+
+
+# llama.cpp's build on this host: quantized files decode (in a child process, so that a crash in
+# one of its CPU kernels fails a test instead of killing the test run), and the build never has
+# ggml's AMX backend, whose q8_0/q4_K kernels crash on AMX CPUs.
+
+
+@pytest.fixture(scope="module")
+def k_quant_files(tmp_path_factory):
+    """A tiny Llama whose rows are 256 wide, so that Q4_K_M really holds Q4_K (and Q6_K) blocks,
+    exported to q8_0 and q4_k_m."""
+    from lmtune.base.build import build_base
+
+    overrides = ["experiment=smoke", "model.tiny.tokenizer=sentencepiece", "model.tiny.hidden_size=256"]
+    cfg = compose_conf([*overrides, "model.tiny.intermediate_size=512"], conf_dir=ROOT / "conf")
+    base = tmp_path_factory.mktemp("k_quants")
+    build_base(OmegaConf.merge(OmegaConf.structured(Config), cfg), base, TEXTS * 3)
+    files = {kind: base.parent / f"{base.name}.{kind}.gguf" for kind in ("q8_0", "q4_k_m")}
+    for kind, path in files.items():
+        export_gguf(base, path, kind)
+    return files
+
+
+def test_q8_0_and_q4_k_m_files_decode_in_llama_cpp_on_this_cpu(k_quant_files):
+    from lmtune.export.llamacpp import check_decodes
+
+    assert "Q8_0" in tensor_types(k_quant_files["q8_0"])
+    assert "Q4_K" in tensor_types(k_quant_files["q4_k_m"])
+    for path in k_quant_files.values():
+        check_decodes(path)  # a crash raises, naming it
+
+
+def test_llama_cpp_is_built_for_this_cpu_without_the_amx_backend():
+    import json
+    import sys
+    from pathlib import Path
+
+    from lmtune.export.llamacpp import system_info
+    from lmtune.provenance import llama_cpp_build
+
+    info = system_info()
+    assert "AVX2 = 1" in info or "AVX = 1" in info or "NEON = 1" in info, info  # the host's own SIMD
+    assert "AMX_INT8 = 1" not in info, info
+    flags = json.loads((Path(sys.prefix) / "llama-cpp-build.json").read_text())
+    assert {"-mno-amx-int8", "-mno-amx-tile"} <= set(flags["cflags"].split())
+    assert "-DGGML_NATIVE=ON" in flags["cmake_args"]
+    assert llama_cpp_build()["build_key"] == flags["build_key"]
+
+
+def test_a_crash_inside_llama_cpp_is_one_line_naming_the_cause(k_quant_files, monkeypatch):
+    import sys
+
+    from lmtune.export import llamacpp
+
+    crash = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+    monkeypatch.setattr(llamacpp, "_probe_command", lambda path: [sys.executable, "-c", crash])
+    llamacpp._decodes.cache_clear()
+    with pytest.raises(
+        llamacpp.LlamaCppError, match=r"llama\.cpp crashed \(SIGSEGV\) decoding .*q8_0\.gguf: "
+    ):
+        llamacpp.check_decodes(k_quant_files["q8_0"])
+    monkeypatch.setattr(llamacpp, "system_info", lambda: "CPU : AVX512 = 1 | AMX_INT8 = 1 |")
+    llamacpp._decodes.cache_clear()
+    with pytest.raises(
+        llamacpp.LlamaCppError, match=r"AMX backend.*rm -f \.venv/\.llama-build && make setup"
+    ):
+        llamacpp.check_decodes(k_quant_files["q8_0"])
+    llamacpp._decodes.cache_clear()
+
+
+def test_a_file_llama_cpp_cannot_load_is_named(tmp_path):
+    from lmtune.export.llamacpp import LlamaCppError, check_decodes
+
+    broken = tmp_path / "model.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(LlamaCppError, match=r"llama\.cpp cannot run .*model\.gguf: .*dvc repro quantize"):
+        check_decodes(broken)

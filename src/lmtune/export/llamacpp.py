@@ -7,11 +7,75 @@ tokenizer llama.cpp reads from the file is checked against transformers' by the 
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from lmtune import LmtuneError
+
+PROBE_TOKENS = 4  # decoded by the probe: enough to run every kind of matrix product once
+
+
+class LlamaCppError(LmtuneError):
+    """llama.cpp cannot run a GGUF on this machine: the cause and the fix, in one line."""
+
+
+def system_info() -> str:
+    """llama.cpp's own line of the features its CPU backend was built with (`AMX_INT8 = 1`, ...)."""
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode().strip()
+
+
+def _probe_command(path: Path) -> list[str]:
+    return [sys.executable, "-m", "lmtune.export.llamacpp", str(path)]
+
+
+@cache
+def _decodes(path: Path, stamp: tuple[int, int]) -> None:
+    probe = subprocess.run(_probe_command(path), capture_output=True, text=True, timeout=600)
+    if probe.returncode == 0:
+        return
+    if probe.returncode < 0:  # killed by a signal: a crash inside llama.cpp
+        crash = signal.Signals(-probe.returncode).name
+        info = system_info()
+        cause = (
+            "this llama.cpp build has ggml's AMX backend (AMX_INT8 = 1 in its system info), which crashes "
+            "on quantized weights on AMX CPUs; rebuild it without: rm -f .venv/.llama-build && make setup"
+            if "AMX_INT8 = 1" in info
+            else f"llama.cpp itself fails on this CPU ({info[:160]}); an f16 export (quantize=gguf_f16) "
+            "uses other kernels"
+        )
+        raise LlamaCppError(f"llama.cpp crashed ({crash}) decoding {path}: {cause}")
+    said = (probe.stderr.strip().splitlines() or ["no message"])[-1]
+    raise LlamaCppError(f"llama.cpp cannot run {path}: {said}; export it again (dvc repro quantize)")
+
+
+def check_decodes(path: str | Path) -> None:
+    """Load the GGUF and decode a few tokens in a child process, so that a native crash (a
+    segfault in one of llama.cpp's CPU kernels) becomes a LlamaCppError naming the cause and the
+    fix, not a dead server or stage. Checked once per file version in a process."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise LlamaCppError(f"{path}: no such GGUF file")
+    _decodes(path, (path.stat().st_size, path.stat().st_mtime_ns))
+
+
+def _probe(path: str) -> None:
+    """The child of check_decodes: greedy decoding of PROBE_TOKENS tokens after the BOS/EOS token."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_batch=64, verbose=False)
+    start = llm.token_bos() if llm.token_bos() >= 0 else llm.token_eos()
+    for _, _token in zip(range(PROBE_TOKENS), llm.generate([start], temp=0.0), strict=False):
+        pass
+    llm.close()
 
 
 class GGUFModel:
@@ -20,6 +84,7 @@ class GGUFModel:
     def __init__(self, path: str | Path, n_ctx: int):
         import llama_cpp
 
+        check_decodes(path)  # a crash in a child process is an error here, not a dead stage
         self.llm = llama_cpp.Llama(
             model_path=str(path),
             n_ctx=n_ctx,
@@ -66,3 +131,7 @@ class GGUFModel:
 
     def close(self) -> None:
         self.llm.close()
+
+
+if __name__ == "__main__":  # check_decodes' child process
+    _probe(sys.argv[1])
