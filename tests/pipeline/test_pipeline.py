@@ -120,7 +120,12 @@ def test_every_output_says_what_made_it_without_changing_what_dvc_hashes(repo):
     ):
         made = json.loads((dest / folder / "provenance.json").read_text())
         assert made == json.loads((dest / "metrics/made_by" / f"{stage}.json").read_text())
-        assert made["stage"] == stage and made["git"] == {"commit": ran_at, "dirty": True}
+        assert made["stage"] == stage and made["git"] == {
+            "commit": ran_at,
+            "dirty": True,
+            "changed": ["params.yaml"],
+        }
+        assert made["llama_cpp"]["cflags"] == "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
         assert made["versions"]["torch"] == torch.__version__ and made["host"]["cores"] >= 1
     assert json.loads((dest / "models/adapter/provenance.json").read_text())["config"]["lora"]["r"] == 16
     for stage in ("eval", "sample"):

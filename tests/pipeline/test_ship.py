@@ -286,6 +286,62 @@ def test_make_serve_answers_the_openai_client_as_llama_cpp_does_in_process(shipp
     assert refused.value.status_code == 401
 
 
+def test_make_serve_reads_what_clients_send_as_the_openai_api_does(served):
+    """Each request of the table below through the OpenAI client: what the OpenAI API takes is
+    answered, what it refuses gets 400 naming the parameter; nothing is a 500 or silently ignored."""
+    import openai
+
+    url, server = served
+    client = openai.OpenAI(base_url=url, api_key=API_KEY)
+    question = [{"role": "user", "content": "Who art thou?"}]
+    greedy = {"model": "smollm2_135m", "temperature": 0, "max_tokens": 8}
+    parts = [
+        {"role": "user", "content": [{"type": "text", "text": "Who art "}, {"type": "text", "text": "thou?"}]}
+    ]
+    as_parts = client.chat.completions.create(messages=parts, **greedy)
+    as_text = client.chat.completions.create(messages=question, **greedy)
+    assert as_parts.choices[0].message.content.strip()
+    assert as_parts.usage.prompt_tokens == as_text.usage.prompt_tokens  # the same prompt, read as text
+    chunks = list(
+        client.chat.completions.create(
+            messages=question, stream=True, stream_options={"include_usage": True}, **greedy
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    said = "".join(c.choices[0].delta.content or "" for c in chunks[:-1] if c.choices)
+    assert said.strip() and chunks[-1].usage.prompt_tokens == as_text.usage.prompt_tokens
+    assert (
+        chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + chunks[-1].usage.completion_tokens
+    )
+    assert 1 <= chunks[-1].usage.completion_tokens <= 8
+    plain = list(client.chat.completions.create(messages=question, stream=True, **greedy))
+    assert all(c.usage is None for c in plain)  # usage only when asked for
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    refused = [
+        ({"messages": [{"role": "user", "content": None}]}, "messages", "content is null"),
+        ({"messages": question, "top_logprobs": 2}, "top_logprobs", "needs logprobs"),
+        ({"messages": question, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+        ({"messages": question, "tools": [weather]}, "tools", "no tool support"),
+        ({"messages": question, "tools": [weather], "tool_choice": "auto"}, "tools", "no tool support"),
+        (
+            {"messages": [*question, {"role": "tool", "tool_call_id": "call_1", "content": "x"}]},
+            "messages",
+            "tool_calls",
+        ),
+    ]
+    for extra, param, words in refused:
+        with pytest.raises(openai.BadRequestError, match=words) as error:
+            client.chat.completions.create(**{**greedy, **extra})
+        assert error.value.status_code == 400 and error.value.body["param"] == param, extra
+    answered = [*question, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    answered.append({"role": "tool", "tool_call_id": "call_1", "content": "sunny"})
+    with pytest.raises(openai.BadRequestError, match="no tool support"):  # its template cannot show them
+        client.chat.completions.create(messages=answered, **greedy)
+    assert client.chat.completions.create(messages=question, stop=["a", "b", "c", "d"], **greedy).choices
+    assert server.poll() is None  # still serving
+
+
 def test_lm_eval_against_make_serve_gets_the_eval_stages_benchmark_number(shipped, served, monkeypatch):
     """lm-eval's own OpenAI-API client (`local-completions`, token-id prompts with echo) runs
     lmtune's likelihood task against the server and gets what the eval stage got in-process."""

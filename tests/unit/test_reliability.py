@@ -241,3 +241,34 @@ def test_the_sweep_runner_gives_up_at_its_deadline_naming_what_waits(monkeypatch
     monkeypatch.setattr(sweep, "dvc", lambda *args: _queue_status(("exp-a", "Running")))
     with pytest.raises(sweep.SweepError, match=r"within 0 s; still waiting: exp-a \(Running\)"):
         sweep.run_queue(jobs=1, timeout=0, poll=0)
+
+
+def test_dirty_names_changed_code_or_config_not_what_the_pipeline_wrote(tmp_path):
+    """A stage that runs after others wrote dvc.lock and metrics/ runs the committed code: clean.
+    An edit to code or config is dirty, and provenance names the file."""
+    import subprocess
+
+    from lmtune.provenance import git_state
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True)
+
+    for name in ("dvc.lock", "params.yaml", "metrics/eval.json", "src/lmtune/config.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("committed\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    (tmp_path / "dvc.lock").write_text("a stage ran\n")
+    (tmp_path / "metrics/eval.json").write_text("{}\n")
+    (tmp_path / "metrics/made_by").mkdir()
+    (tmp_path / "metrics/made_by/eval.json").write_text("{}\n")  # untracked: not counted either
+    state = git_state(tmp_path / "src")  # asked from a subfolder: the whole tree counts
+    assert state["dirty"] is False and state["changed"] == [] and len(state["commit"]) == 40
+    (tmp_path / "params.yaml").write_text("edited\n")
+    (tmp_path / "src/lmtune/config.py").write_text("edited\n")
+    assert git_state(tmp_path) | {"commit": None} == {
+        "commit": None,
+        "dirty": True,
+        "changed": ["params.yaml", "src/lmtune/config.py"],
+    }

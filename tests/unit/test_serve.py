@@ -132,10 +132,15 @@ def test_tool_turns_that_answer_a_call_and_declined_tools_are_taken():
         "tools": [{"type": "function", "function": {"name": "f"}}],
         "tool_choice": "none",
     }
-    for body in (answered, declined):
-        assert request_error(CHAT, json.dumps(body).encode(), "smollm2_135m") is None
-    with_tools = {"messages": TURN, "tools": [{"type": "function", "function": {"name": "f"}}]}
+    assert request_error(CHAT, json.dumps(declined).encode(), "smollm2_135m") is None
+    with_tools = {**answered, "tools": [{"type": "function", "function": {"name": "f"}}]}
     assert request_error(CHAT, json.dumps(with_tools).encode(), "smollm2_135m", tools=True) is None
+    status, error = request_error(CHAT, json.dumps(answered).encode(), "smollm2_135m")  # no tool support
+    assert (
+        status == 400
+        and error["error"]["param"] == "messages"
+        and "no tool support" in error["error"]["message"]
+    )
 
 
 def test_without_the_api_key_the_server_answers_first():

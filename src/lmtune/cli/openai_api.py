@@ -166,6 +166,14 @@ def _chat_options_error(request: dict, tools: bool) -> tuple[int, dict] | None:
     stop = request.get("stop")
     if isinstance(stop, list) and len(stop) > 4:
         return _refusal(400, f"stop takes at most 4 sequences; got {len(stop)}", "stop")
+    history = [m for m in request["messages"] if m.get("role") == "tool" or m.get("tool_calls")]
+    if history and not tools:
+        return _refusal(
+            400,
+            "messages hold tool calls or tool results, but this model's chat template has no tool "
+            "support: it cannot show them to the model",
+            "messages",
+        )
     declined = "none" in (request.get("tool_choice"), request.get("function_call"))  # no call wanted
     for name in ("tools", "tool_choice", "functions", "function_call"):
         if request.get(name) is not None and not tools and not declined:
