@@ -147,7 +147,7 @@ def run_side(args) -> None:
 
     from lmtune.checkpoint import load_tokenizer
     from lmtune.model.hardware import resolve_dtype
-    from lmtune.train.loop import peak_memory_gib
+    from lmtune.train.engine import peak_memory_gib
 
     cfg = settings(args)
     tokenizer = load_tokenizer(args.model_dir)
@@ -235,7 +235,7 @@ def main() -> None:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (CPU)"
     from report import matmul_gflops
 
-    from lmtune.train.loop import steady_rate
+    from lmtune.train.engine import steady_rate
 
     peak = matmul_gflops(8192 if torch.cuda.is_available() else 1024) / 1000  # TFLOP/s
     sheet = datasheet_tflops(card)

@@ -24,7 +24,7 @@ from lmtune.align.pairs import pair_sequences
 from lmtune.checkpoint import load_tokenizer
 from lmtune.config import load
 from lmtune.model.hardware import resolve_dtype
-from lmtune.train.loop import precision
+from lmtune.train.engine import precision
 
 PAIRS = 96  # the first pairs of the shipped set (seeded order); steps x batch of them are trained on
 

@@ -5,7 +5,7 @@ import json
 import sys
 import time
 
-from lmtune.train.loop import peak_memory_gib
+from lmtune.train.engine import peak_memory_gib
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:

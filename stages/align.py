@@ -25,7 +25,7 @@ from lmtune.checkpoint import load_tokenizer, save_tokenizer
 from lmtune.cli.runner import run_stage
 from lmtune.model.lora import save_adapter
 from lmtune.track import runs as tracking
-from lmtune.train.loop import precision
+from lmtune.train.engine import precision
 
 PARAMS = ("seed", "quant", "lora", "align")  # as in dvc.yaml: what this stage reads
 

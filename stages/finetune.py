@@ -28,7 +28,8 @@ from lmtune.model.load import load_for_training
 from lmtune.model.lora import add_lora, save_adapter
 from lmtune.track import runs as tracking
 from lmtune.train import distributed
-from lmtune.train.loop import peak_memory_gib, train
+from lmtune.train.engine import peak_memory_gib
+from lmtune.train.loop import train
 
 PARAMS = ("seed", "data.max_length", "quant", "lora", "train")  # as in dvc.yaml: what this stage reads
 

@@ -26,7 +26,7 @@ from lmtune.artifacts import atomic_dir, save_config, write_json
 from lmtune.checkpoint import load_tokenizer
 from lmtune.cli.runner import run_stage
 from lmtune.data.sequences import read_prompts
-from lmtune.train.loop import precision
+from lmtune.train.engine import precision
 
 # as in dvc.yaml: what this stage reads
 PARAMS = (

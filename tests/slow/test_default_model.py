@@ -58,7 +58,7 @@ def test_without_the_guard_the_real_model_loses_gradients_and_training_stops(smo
     gradient after the first no-grad forward (the head check before training, as a validation
     would); train() stops at the first step and names them."""
     from lmtune.model import load
-    from lmtune.train.loop import TrainingError
+    from lmtune.train import TrainingError
 
     monkeypatch.setattr(load, "keep_4bit_trainable", lambda model: 0)
     with pytest.raises(TrainingError, match=r"step 1: 150 LoRA matrices got no gradient .*layers\.0\."):

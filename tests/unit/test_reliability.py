@@ -18,7 +18,8 @@ from lmtune.model.lora import add_lora
 from lmtune.track import runs as tracking
 from lmtune.track import store
 from lmtune.track.run_params import params_hash
-from lmtune.train.loop import TrainingError, train
+from lmtune.train import TrainingError
+from lmtune.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
 

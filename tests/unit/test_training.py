@@ -14,8 +14,9 @@ from lmtune.model import load
 from lmtune.model.hardware import cpu_has_bf16
 from lmtune.model.load import load_for_training, load_full, set_recompute
 from lmtune.model.lora import add_lora, lora_state
-from lmtune.train import recompute
-from lmtune.train.loop import WARMUP_STEPS, TrainingError, train
+from lmtune.train import TrainingError, recompute
+from lmtune.train.engine import WARMUP_STEPS
+from lmtune.train.loop import train
 from lmtune.train.recompute import choose_recompute
 from lmtune.train.step import micro_batch_loss, prepare_model
 

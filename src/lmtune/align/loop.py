@@ -6,8 +6,6 @@ after."""
 from __future__ import annotations
 
 import hashlib
-import math
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,12 +20,10 @@ from lmtune.align.losses import NEEDS_REFERENCE, preference_loss, slots
 from lmtune.config import identity
 from lmtune.data.batching import batch_indices
 from lmtune.model.load import load_for_training
-from lmtune.model.lora import add_lora, lora_state
-from lmtune.train import TrainingError
-from lmtune.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmtune.model.lora import add_lora
+from lmtune.train.engine import Method, Schedule, fit
 from lmtune.train.exact_path import choose_exact_path
 from lmtune.train.kernels import register_varlen_attention
-from lmtune.train.loop import optimizer_step, precision, unchanged_matrices
 
 SCORE_PAIRS = 16  # pairs per forward pass when scoring without gradients
 
@@ -62,7 +58,7 @@ def score_pairs(
 ) -> dict[str, np.ndarray]:
     """Summed log-probabilities and lengths of both sequences of every item (a pair's chosen and
     rejected response; `names` = lmtune.align.losses.slots(method)), under `autocast` (the
-    training's precision: lmtune.train.loop.precision) when given."""
+    training's precision: lmtune.train.engine.precision) when given."""
     was_training = model.training
     model.eval()
     first, second = names
@@ -137,86 +133,51 @@ def train_preferences(
     on_step: Callable[[int, dict], None] | None = None,
 ) -> dict:
     """Train the LoRA parameters on `pairs` ((chosen, rejected) Sequences; for kto (completion, kl))
-    against the reference log-probabilities; returns the curve and the last step's statistics."""
-    from transformers import get_cosine_schedule_with_warmup
-
+    against the reference log-probabilities, on the engine; returns the curve and the last step's
+    statistics."""
     a = cfg.align
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, a.warmup_steps, a.max_steps)
-    autocast, scaler = precision(cfg)
-    initial = lora_state(model)
-    fp = _fingerprint(cfg, pairs)
-    state = {"step": 0, "fingerprint": fp, "curve": [], "tokens": 0, "seconds": 0.0}
-    resumed_from = None
-    if checkpoint := latest_checkpoint(checkpoint_dir, fp):
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
-        resumed_from = state["step"]
-        print(f"resuming from {checkpoint} (step {resumed_from} of {a.max_steps})")
     ref = {k: torch.as_tensor(v) for k, v in reference.items()}
     first, second = slots(a.method)
-    model.train()
-    bar = tqdm(total=a.max_steps, initial=state["step"], desc="align", unit="step", dynamic_ncols=True)
-    while state["step"] < a.max_steps:
-        started, step = time.perf_counter(), state["step"]
-        totals: dict[str, float] = {}
-        tokens = 0
-        for micro in range(a.grad_accum):
-            picked = batch_indices(len(pairs), a.batch_size, cfg.seed, step * a.grad_accum + micro)
-            seqs = [s for i in picked for s in pairs[i]]
-            with autocast:
-                sums, counts = sequence_logps(model, seqs, pad_id, packed)
-            policy = {
-                first: sums[0::2].float(),
-                second: sums[1::2].float(),
-                f"{first}_tokens": counts[0::2],
-                f"{second}_tokens": counts[1::2],
-            }
-            reference_batch = (
-                {k: v[picked].to(sums.device) for k, v in ref.items()}
-                if a.method in NEEDS_REFERENCE
-                else None
-            )
-            loss, stats = preference_loss(
-                a.method, policy, reference_batch, a.beta, a.label_smoothing, a.gamma,
-                a.desirable_weight, a.undesirable_weight,
-            )  # fmt: skip
-            scaler.scale(loss / a.grad_accum).backward()
-            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / a.grad_accum
-            for name, values in stats.items():
-                if values.numel():  # kto: a micro-batch may hold no example of one label
-                    totals[name] = totals.get(name, 0.0) + float(values.float().mean()) / a.grad_accum
-            tokens += sum(len(s) for s in seqs)
-        if not math.isfinite(totals["loss"]):
-            raise TrainingError(
-                f"preference loss is {totals['loss']} at step {step + 1}; training stopped. The last good "
-                f"checkpoint stays in {checkpoint_dir}. Try a lower align.lr or align.beta."
-            )
-        scaler.unscale_(optimizer)
-        optimizer_step(optimizer, scheduler, scaler, params, a.max_grad_norm)
-        state["step"] = step = step + 1
-        state["tokens"] += tokens
-        state["seconds"] += time.perf_counter() - started
-        record = {**totals, "lr": scheduler.get_last_lr()[0]}
-        state["curve"].append({"step": step, **record})
+
+    def micro_batch(model, index: int, autocast) -> tuple[torch.Tensor, dict, int]:
+        picked = batch_indices(len(pairs), a.batch_size, cfg.seed, index)
+        seqs = [s for i in picked for s in pairs[i]]
+        with autocast:
+            sums, counts = sequence_logps(model, seqs, pad_id, packed)
+        policy = {
+            first: sums[0::2].float(),
+            second: sums[1::2].float(),
+            f"{first}_tokens": counts[0::2],
+            f"{second}_tokens": counts[1::2],
+        }
+        reference_batch = (
+            {k: v[picked].to(sums.device) for k, v in ref.items()} if a.method in NEEDS_REFERENCE else None
+        )
+        loss, stats = preference_loss(
+            a.method, policy, reference_batch, a.beta, a.label_smoothing, a.gamma,
+            a.desirable_weight, a.undesirable_weight,
+        )  # fmt: skip
+        return loss, stats, sum(len(s) for s in seqs)
+
+    method = Method(
+        name="align",
+        micro_batch=micro_batch,
+        fingerprint=_fingerprint(cfg, pairs),
+        hint="Try a lower align.lr or align.beta.",
+        loss_name="preference loss",
         # trl's names (rewards/chosen, logps/rejected, ...); loss and lr named apart from SFT's
-        record = {f"align_{k}" if k in ("loss", "lr") else k: v for k, v in record.items()}
-        if on_step:
-            on_step(step, record)
-        bar.set_postfix(loss=f"{totals['loss']:.3f}", acc=f"{totals['rewards/accuracies']:.2f}")
-        bar.update(1)
-        if step % a.checkpoint_every == 0 and step < a.max_steps:
-            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, scaler, state, keep=2)
-    bar.close()
-    unchanged_matrices(lora_state(model), initial)
+        log_as={"loss": "align_loss", "lr": "align_lr"},
+        shown={"acc": "rewards/accuracies"},
+    )
+    schedule = Schedule.of(a, weight_decay=0.0, keep_checkpoints=2)
+    result = fit(model, method, schedule, cfg, checkpoint_dir, on_step)
+    curve = [{k: v for k, v in r.items()} for r in result["curve"]]
     return {
-        "steps": state["step"],
-        "resumed_from_step": resumed_from,
-        "final": state["curve"][-1],
-        "train_tokens": state["tokens"],
-        "train_seconds": state["seconds"],
-        "tokens_per_second": state["tokens"] / max(state["seconds"], 1e-9),
-        "curve": state["curve"],
+        "steps": result["steps"],
+        "resumed_from_step": result["resumed_from_step"],
+        "final": curve[-1],
+        **{k: result[k] for k in ("train_tokens", "train_seconds", "tokens_per_second")},
+        "curve": curve,
     }
 
 
