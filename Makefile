@@ -25,21 +25,21 @@ ifeq ($(shell ./install.sh --moved),yes)  # a .venv made in another folder runs 
 endif
 
 params: setup  ## compose conf/ into params.yaml (ARGS="model=llama2_7b lora.r=8", FORCE=1 to discard -S values)
-	$(PY) -m lmtune.cli.params $(if $(FORCE),--force) $(ARGS)
+	$(PY) -m lmtune.pipeline.params $(if $(FORCE),--force) $(ARGS)
 
 run: setup  ## run the whole pipeline (dvc repro) on the current params, then log every stage's numbers
 	@# keeps params.yaml up to date, puts back the metrics DVC removed if a stage fails, syncs MLflow
-	$(PY) -m lmtune.cli.pipeline $(ARGS)
+	$(PY) -m lmtune.pipeline.repro $(ARGS)
 
 eval: setup  ## rerun only the eval stage through DVC
 	dvc repro --single-item --force eval
 	@cat metrics/eval.json
 
 serve: setup  ## the fine-tuned model behind an OpenAI-compatible API (llama.cpp) on http://127.0.0.1:8000/v1 (HOST=, PORT=, LMTUNE_API_KEY=)
-	$(PY) -m lmtune.cli.serve --host $(HOST) --port $(if $(filter command line environment,$(origin PORT)),$(PORT),8000)
+	$(PY) -m lmtune.tools.serve --host $(HOST) --port $(if $(filter command line environment,$(origin PORT)),$(PORT),8000)
 
 chat: setup  ## chat with the fine-tuned model in the terminal (ARGS=--compare: the base answers too)
-	$(PY) -m lmtune.cli.chat $(ARGS)
+	$(PY) -m lmtune.tools.chat $(ARGS)
 
 register: setup  ## log models/merged into this configuration's MLflow run and register a version (NAME=)
 	$(PY) -m lmtune.track.registry register $(if $(NAME),--name $(NAME))
@@ -93,18 +93,18 @@ GRID ?= lora.r=4,8,16 quant.bits=4,16
 # the columns a sweep is read by: what it varies, and the headline numbers (dvc exp show has hundreds)
 SWEEP_COLUMNS = Experiment$$|Created$$|State$$|lora\.r$$|quant\.bits$$|train\.max_steps$$|final_(train|val)_loss$$|peak_memory_gib$$|tokens_per_second$$|models\.merged\.perplexity\.value$$
 sweep: setup  ## queue and run a sweep on the sweep profile (GRID="lora.r=4,8,16 quant.bits=4,16"), one at a time (LAUNCHER=slurm: a SLURM job each)
-	$(PY) -m lmtune.cli.params --validate-grid experiment=sweep $(GRID)
+	$(PY) -m lmtune.pipeline.params --validate-grid experiment=sweep $(GRID)
 ifeq ($(LAUNCHER),slurm)
-	$(PY) -m lmtune.cli.slurm --sbatch '$(SLURM)' $(GRID); done=$$?; \
+	$(PY) -m lmtune.tools.slurm --sbatch '$(SLURM)' $(GRID); done=$$?; \
 	  dvc exp show --no-pager --md -A --only-changed --drop '.*' --keep '$(SWEEP_COLUMNS)'; exit $$done
 else
 	dvc exp run --queue -S experiment=sweep $(foreach g,$(GRID),-S '$(g)')
-	$(PY) -m lmtune.cli.sweep --jobs $(or $(JOBS),1); done=$$?; \
+	$(PY) -m lmtune.tools.sweep --jobs $(or $(JOBS),1); done=$$?; \
 	  dvc exp show --no-pager --md -A --only-changed --drop '.*' --keep '$(SWEEP_COLUMNS)'; exit $$done
 endif
 
 plots: setup  ## the loss curves as an HTML page that works offline (vega inlined from npm): metrics/plots.html
-	dvc plots show --html-template $$($(PY) -m lmtune.cli.plots) -o .cache/dvc_plots
+	dvc plots show --html-template $$($(PY) -m lmtune.tools.plots) -o .cache/dvc_plots
 	cp .cache/dvc_plots/index.html metrics/plots.html
 	@echo "open metrics/plots.html"
 
@@ -112,7 +112,7 @@ compare: setup  ## every finished run side by side: reports/sweep.md + reports/p
 	$(PY) -m lmtune.track.compare $(if $(OUT),--out $(OUT))
 
 bench: setup  ## the usual QLoRA recipe vs lmtune side by side (STEPS=10), eval's likelihood pass per model form: metrics/bench.json, bench/RESULTS.md
-	$(PY) -m lmtune.cli.params --keep
+	$(PY) -m lmtune.pipeline.params --keep
 	dvc repro quantize
 	$(PY) bench/run.py --steps $(or $(STEPS),10)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lmtune.align.data import chatterbot_splits
 from lmtune.align.loop import score_pairs, start_policy, train_preferences
 from lmtune.align.pairs import pair_sequences
+from lmtune.align.sources import chatterbot_splits
 from lmtune.checkpoint import load_tokenizer
 from lmtune.config import load
 from lmtune.model.hardware import resolve_dtype

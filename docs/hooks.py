@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def on_page_markdown(markdown, page, config, files):
     if "<!-- config-reference -->" in markdown:
-        from lmtune.cli.reference import markdown as reference
+        from lmtune.tools.reference import markdown as reference
 
         markdown = markdown.replace("<!-- config-reference -->", reference())
     return re.sub(r"<!-- include (\S+) -->", lambda m: (ROOT / m[1]).read_text(), markdown)

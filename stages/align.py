@@ -17,17 +17,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from lmtune.align.data import read_split
 from lmtune.align.loop import held_out_markdown, held_out_scores, score_pairs, start_policy, train_preferences
 from lmtune.align.losses import PAIRED_SLOTS, UNPAIRED_SLOTS
+from lmtune.align.sources import read_split
 from lmtune.artifacts import atomic_dir, save_config, write_json, write_text
 from lmtune.checkpoint import load_tokenizer, save_tokenizer
-from lmtune.cli.runner import run_stage
 from lmtune.model.lora import save_adapter
+from lmtune.pipeline.runner import run_stage, stage_params
 from lmtune.track import runs as tracking
 from lmtune.train.engine import precision
 
-PARAMS = ("seed", "quant", "lora", "align")  # as in dvc.yaml: what this stage reads
+STAGE = Path(__file__).stem  # its params (what its output folder records): dvc.yaml's list
 
 
 def run(cfg) -> dict:
@@ -64,7 +64,7 @@ def run(cfg) -> dict:
     with atomic_dir(paths.aligned) as out:
         save_adapter(model, out)
         save_tokenizer(tokenizer, out)
-        save_config(cfg, out, PARAMS)
+        save_config(cfg, out, stage_params(STAGE))
     metrics_dir = Path(paths.metrics)
     pd.DataFrame(result.pop("curve")).to_csv(metrics_dir / "align_loss.csv", index=False)
     metrics = {**result, "method": a.method, "start": a.start, "packed": packed, "held_out": held_out}

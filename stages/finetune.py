@@ -21,17 +21,17 @@ import pandas as pd
 
 from lmtune.artifacts import atomic_dir, read_json, save_config, write_json
 from lmtune.checkpoint import load_tokenizer, save_tokenizer
-from lmtune.cli.runner import run_stage
 from lmtune.data.sequences import read_sequences
 from lmtune.model.hardware import set_threads
 from lmtune.model.load import load_for_training
 from lmtune.model.lora import add_lora, save_adapter
+from lmtune.pipeline.runner import run_stage, stage_params
 from lmtune.track import runs as tracking
 from lmtune.train import distributed
 from lmtune.train.engine import peak_memory_gib
 from lmtune.train.loop import train
 
-PARAMS = ("seed", "data.max_length", "quant", "lora", "train")  # as in dvc.yaml: what this stage reads
+STAGE = Path(__file__).stem  # its params (what its output folder records): dvc.yaml's list
 
 
 def run(cfg) -> dict:
@@ -71,7 +71,7 @@ def run(cfg) -> dict:
     with atomic_dir(paths.adapter) as out:
         save_adapter(model, out)
         save_tokenizer(tokenizer, out)
-        save_config(cfg, out, PARAMS, ran_with)
+        save_config(cfg, out, stage_params(STAGE), ran_with)
     tracking.record_ran_with(ran_with)
     metrics_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(result.pop("train_curve")).to_csv(metrics_dir / "train_loss.csv", index=False)

@@ -15,13 +15,13 @@ import torch
 
 from lmtune.artifacts import atomic_dir, save_config, write_json
 from lmtune.checkpoint import DTYPES, load_tokenizer, save_tokenizer
-from lmtune.cli.runner import run_stage
 from lmtune.data.batching import collate
 from lmtune.data.sequences import read_sequences
 from lmtune.model.hardware import placement
 from lmtune.model.load import load_base_with_adapter
+from lmtune.pipeline.runner import run_stage, stage_params
 
-PARAMS = ("data.max_length", "merge")  # as in dvc.yaml: what this stage reads
+STAGE = Path(__file__).stem  # its params (what its output folder records): dvc.yaml's list
 
 
 def run(cfg) -> dict:
@@ -48,7 +48,7 @@ def run(cfg) -> dict:
     with atomic_dir(paths.merged) as out:
         merged.save_pretrained(out, safe_serialization=True)
         save_tokenizer(tokenizer, out)
-        save_config(cfg, out, PARAMS)
+        save_config(cfg, out, stage_params(STAGE))
     write_json(Path(paths.metrics) / "merge.json", metrics)
     return metrics
 

@@ -19,7 +19,6 @@ import pandas as pd
 
 from lmtune.artifacts import atomic_dir, write_json
 from lmtune.checkpoint import load_tokenizer
-from lmtune.cli.runner import run_stage
 from lmtune.config import MIN_EVAL_EXAMPLES
 from lmtune.data import DataError
 from lmtune.data.sequences import (
@@ -31,6 +30,7 @@ from lmtune.data.sequences import (
     text_windows,
 )
 from lmtune.data.sources import load_rows
+from lmtune.pipeline.runner import run_stage
 
 
 def sequences(rows: list[dict], tokenizer, d) -> tuple[list[dict], Counter]:

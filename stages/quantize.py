@@ -15,11 +15,11 @@ from pathlib import Path
 
 from lmtune.artifacts import atomic_dir, save_config, write_json
 from lmtune.checkpoint import load_tokenizer, save_tokenizer
-from lmtune.cli.runner import run_stage
 from lmtune.export.quantize import folder_mb, load_quantized, quantize
 from lmtune.model.hardware import resolve_dtype
+from lmtune.pipeline.runner import run_stage, stage_params
 
-PARAMS = ("quantize",)  # as in dvc.yaml: what this stage reads
+STAGE = Path(__file__).stem  # its params (what its output folder records): dvc.yaml's list
 
 
 def run(cfg) -> dict:
@@ -27,7 +27,7 @@ def run(cfg) -> dict:
     with atomic_dir(paths.quantized) as out:
         metrics = quantize(paths.merged, out, cfg.quantize.method, dtype, cfg.quantize.group_size)
         save_tokenizer(load_tokenizer(paths.merged), out)
-        save_config(cfg, out, PARAMS)
+        save_config(cfg, out, stage_params(STAGE))
         began = time.perf_counter()
         model = load_quantized(out, dtype)  # it must load (transformers, or llama.cpp for GGUF) to be done
         if hasattr(model, "close"):

@@ -12,7 +12,8 @@ preference accuracy on the held-out ones.
 import sys
 from pathlib import Path
 
-from lmtune.align.data import (
+from lmtune.align.loop import held_out_scores, score_pairs, start_policy, with_own_answers
+from lmtune.align.sources import (
     check_held_out,
     labels,
     load_splits,
@@ -21,27 +22,13 @@ from lmtune.align.data import (
     slots_of,
     write_split,
 )
-from lmtune.align.loop import held_out_scores, score_pairs, start_policy, with_own_answers
 from lmtune.artifacts import atomic_dir, save_config, write_json
 from lmtune.checkpoint import load_tokenizer
-from lmtune.cli.runner import run_stage
 from lmtune.data.sequences import read_prompts
+from lmtune.pipeline.runner import run_stage, stage_params
 from lmtune.train.engine import precision
 
-# as in dvc.yaml: what this stage reads
-PARAMS = (
-    "seed",
-    "data.max_length",
-    "quant",
-    "lora",
-    "align.start",
-    "align.source",
-    "align.files",
-    "align.rejected",
-    "align.own_answer_tokens",
-    "align.test_fraction",
-    "align.unpaired",
-)
+STAGE = Path(__file__).stem  # its params (what its output folder records): dvc.yaml's list
 
 
 def run(cfg) -> dict:
@@ -79,7 +66,7 @@ def run(cfg) -> dict:
     with atomic_dir(paths.pairs) as out:
         for name, p in splits.items():
             write_split(out, name, p, seqs[name], scores[name])
-        save_config(cfg, out, PARAMS)
+        save_config(cfg, out, stage_params(STAGE))
     test = scores["test"]
     metrics = {
         "pairs": {name: len(p) for name, p in splits.items()},

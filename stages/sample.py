@@ -16,11 +16,11 @@ from omegaconf import OmegaConf
 
 from lmtune.artifacts import write_json, write_text
 from lmtune.checkpoint import load_tokenizer
-from lmtune.cli.runner import run_stage
 from lmtune.data.sequences import read_prompts, read_sequences
 from lmtune.evaluate.generation import generate, samples_markdown, tokens_per_second
 from lmtune.model.hardware import resolve_dtype, set_threads
 from lmtune.model.load import load_full
+from lmtune.pipeline.runner import run_stage
 
 OPENING_TOKENS = 24  # a test passage's opening, when no prompts are configured
 

@@ -16,8 +16,8 @@ import pytest  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from repo_copy import copy_repo, git, sh  # noqa: E402
 
-from lmtune.cli.params import compose_conf
 from lmtune.config import Config  # noqa: E402
+from lmtune.pipeline.params import compose_conf
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def smoke_template(tmp_path_factory):
     """A fresh copy of the repository (tracked and new files) with the smoke profile composed and
     reproduced through DVC, and that state committed; with the output of that `dvc repro`."""
     dest = copy_repo(tmp_path_factory.mktemp("smoke"))
-    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", cwd=dest)
+    sh(sys.executable, "-m", "lmtune.pipeline.params", "--force", "experiment=smoke", cwd=dest)
     repro = sh("dvc", "repro", cwd=dest)
     git("add", "-A", cwd=dest)
     git("commit", "-qm", "the smoke profile, reproduced", cwd=dest)

@@ -1,6 +1,6 @@
 """Config: the schema every stage reads, loading params.yaml, validation.
 
-conf/ is the one source of values; params.yaml is composed from it (lmtune.cli.params: ``make params``,
+conf/ is the one source of values; params.yaml is composed from it (lmtune.pipeline.params: ``make params``,
 or ``dvc exp run``) and is the only file stages read. Stages load it through Hydra's compose API so
 ``key=value`` overrides work by hand (``python stages/finetune.py lora.r=8``), then validate it
 against the schema below: unknown keys, missing keys, wrong types and contradictions fail before

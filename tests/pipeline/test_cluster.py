@@ -58,7 +58,7 @@ def swept(cluster, team):
     env = {**cluster, "MLFLOW_TRACKING_URI": url}
     options = "--cpus-per-task=1 --mem=3G --time=30:00"
     run = sh(
-        sys.executable, "-m", "lmtune.cli.slurm", "--profile", "smoke", "--sbatch", options,
+        sys.executable, "-m", "lmtune.tools.slurm", "--profile", "smoke", "--sbatch", options,
         "--poll", "2", "--timeout", "1500", "lora.r=4,12", cwd=dest, env=env,
     )  # fmt: skip
     return dest, url, env, run.stdout
@@ -132,7 +132,7 @@ def test_a_job_requeued_midway_resumes_to_the_adapter_an_uninterrupted_job_write
     env["MLFLOW_TRACKING_URI"] = url
     point = ["lora.r=8,8", "train.max_steps=30", "train.checkpoint_every=5"]
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "lmtune.cli.slurm", "--profile", "smoke", "--poll", "2", "--timeout", "1500"]
+        [sys.executable, "-m", "lmtune.tools.slurm", "--profile", "smoke", "--poll", "2", "--timeout", "1500"]
         + ["--sbatch", "--cpus-per-task=1 --mem=3G --time=30:00", *point],
         cwd=dest, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
@@ -204,7 +204,7 @@ def test_a_two_node_allocation_trains_through_the_stage_as_one_process_with_twic
     shutil.copytree(template, dest, symlinks=True)
     fp32 = ["quant.bits=16", "quant.bnb_4bit_compute_dtype=fp32"]
     two = ["train.distributed=ddp", "train.num_nodes=2", "train.num_processes=1", "train.grad_accum=1"]
-    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", *fp32, *two, cwd=dest)
+    sh(sys.executable, "-m", "lmtune.pipeline.params", "--force", "experiment=smoke", *fp32, *two, cwd=dest)
     one = tmp_path / "one"
     sh(
         sys.executable, "stages/finetune.py", "train.distributed=none", "train.num_nodes=1",

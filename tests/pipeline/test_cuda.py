@@ -21,7 +21,7 @@ pytestmark = [
 
 def test_every_stage_of_the_smoke_profile_runs_on_the_card(tmp_path):
     dest = copy_repo(tmp_path)
-    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", cwd=dest)
+    sh(sys.executable, "-m", "lmtune.pipeline.params", "--force", "experiment=smoke", cwd=dest)
     sh("dvc", "repro", cwd=dest)
     train = json.loads((dest / "metrics/train.json").read_text())
     scores = json.loads((dest / "metrics/eval.json").read_text())

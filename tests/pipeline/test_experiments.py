@@ -9,7 +9,7 @@ import sys
 import pytest
 from repo_copy import ARTIFACTS, mlflow_serving, restore, sh, workspace_hash
 
-from lmtune.cli.pipeline import snapshot
+from lmtune.pipeline.repro import snapshot
 from lmtune.track import runs as tracking
 
 
@@ -26,7 +26,7 @@ def sweep(repo):
     dest, _ = repo
     sh("dvc", "exp", "run", "--queue", "-S", "experiment=smoke", "-S", "lora.r=4,12", cwd=dest)
     run = sh(
-        sys.executable, "-m", "lmtune.cli.sweep", "--jobs", "2", "--timeout", "1200", cwd=dest
+        sys.executable, "-m", "lmtune.tools.sweep", "--jobs", "2", "--timeout", "1200", cwd=dest
     )  # one store
     assert "sweep: 2/2 done, 0 running, 0 queued, 0 failed" in run.stdout
     return dest
@@ -100,7 +100,7 @@ def test_queued_sweep_lands_in_the_one_store_and_compares(sweep):
     bad = sh(
         sys.executable,
         "-m",
-        "lmtune.cli.params",
+        "lmtune.pipeline.params",
         "--validate-grid",
         "experiment=smoke",
         "lora.r=4,0",
@@ -241,7 +241,7 @@ def test_dvc_exp_run_without_the_profile_of_the_last_run_is_refused_with_the_com
     """After a smoke run, `dvc exp run -S lora.r=5` would compose the full default (DVC knows only
     the -S values): the first stage stops before any work and names the command that keeps smoke."""
     dest, _ = repo
-    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", cwd=dest)
+    sh(sys.executable, "-m", "lmtune.pipeline.params", "--force", "experiment=smoke", cwd=dest)
     refused = sh("dvc", "exp", "run", "-S", "lora.r=5", cwd=dest, check=False)
     said = refused.stdout + refused.stderr
     assert refused.returncode != 0 and "without experiment=smoke" in said, said[-2000:]
@@ -252,13 +252,13 @@ def test_a_smoke_run_leaves_the_workspace_results_alone(repo):
     """`make run ARGS=experiment=smoke` where the workspace holds the default: a DVC experiment in a
     temporary copy; params.yaml, dvc.lock and metrics/ here do not change, MLflow has its run."""
     dest, _ = repo
-    sh(sys.executable, "-m", "lmtune.cli.params", "--force", cwd=dest)  # the workspace: the default
+    sh(sys.executable, "-m", "lmtune.pipeline.params", "--force", cwd=dest)  # the workspace: the default
     before = {
         **snapshot(dest / "metrics"),
         **{p: p.read_bytes() for p in (dest / "params.yaml", dest / "dvc.lock")},
     }
     smoke = sh(
-        sys.executable, "-m", "lmtune.cli.pipeline", "experiment=smoke", "lora.r=7", cwd=dest
+        sys.executable, "-m", "lmtune.pipeline.repro", "experiment=smoke", "lora.r=7", cwd=dest
     )  # a rank no other test runs
     assert "run as a DVC experiment in a temporary copy" in smoke.stdout
     after = {

@@ -293,7 +293,7 @@ def test_editing_code_reruns_only_the_stages_that_use_it(repo, edited):
 
 def test_a_stage_failing_under_make_run_leaves_the_last_good_metrics(repo, tmp_path):
     """DVC removes a stage's outputs, git-tracked metrics/ too, before it runs the stage; what
-    `make run` runs (lmtune.cli.pipeline) writes back what the failing stage lost: dvc.lock still
+    `make run` runs (lmtune.pipeline.repro) writes back what the failing stage lost: dvc.lock still
     describes those files, so metrics/ and dvc.lock agree again."""
     dest, _ = repo
     before = {name: (dest / name).read_bytes() for name in ("metrics/eval.json", "metrics/eval.md")}
@@ -301,7 +301,7 @@ def test_a_stage_failing_under_make_run_leaves_the_last_good_metrics(repo, tmp_p
     failed = sh(
         sys.executable,
         "-m",
-        "lmtune.cli.pipeline",
+        "lmtune.pipeline.repro",
         "experiment=smoke",
         "eval.prompt_tokens=1000",  # longer than every test passage: eval fails at its start
         cwd=dest,
@@ -313,14 +313,14 @@ def test_a_stage_failing_under_make_run_leaves_the_last_good_metrics(repo, tmp_p
     assert {name: (dest / name).read_bytes() for name in before} == before
     alone = sh("dvc", "repro", cwd=dest, check=False, env=elsewhere)  # what plain DVC does
     assert alone.returncode != 0 and not (dest / "metrics/eval.json").exists()
-    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", cwd=dest)
+    sh(sys.executable, "-m", "lmtune.pipeline.params", "--force", "experiment=smoke", cwd=dest)
     sh("dvc", "repro", cwd=dest)
     assert "up to date" in sh("dvc", "status", cwd=dest).stdout
 
 
 def test_plots_page_renders_without_a_cdn(repo):
     dest, _ = repo
-    template = sh(sys.executable, "-m", "lmtune.cli.plots", cwd=dest).stdout.strip()
+    template = sh(sys.executable, "-m", "lmtune.tools.plots", cwd=dest).stdout.strip()
     sh("dvc", "plots", "show", "--html-template", template, "-o", "plots_out", cwd=dest)
     page = (dest / "plots_out/index.html").read_text()
     assert "cdn.jsdelivr" not in page and "vegaEmbed" in page and "train_loss.csv" in page
@@ -340,7 +340,7 @@ def test_sigkill_during_finetune_then_repro_resumes_from_the_checkpoint(repo):
     sh(
         sys.executable,
         "-m",
-        "lmtune.cli.params",
+        "lmtune.pipeline.params",
         "--force",
         "experiment=smoke",
         "train.max_steps=40",  # the kill lands at the first checkpoint, long before the end
@@ -369,7 +369,7 @@ def test_a_second_pipeline_is_refused_while_a_real_dvc_repro_runs(repo):
     writing anything, so params.yaml, dvc.lock and MLflow keep describing what the stages ran."""
     dest, _ = repo
     long = ["experiment=smoke", "train.max_steps=400", "train.checkpoint_every=400", "train.eval_every=400"]
-    sh(sys.executable, "-m", "lmtune.cli.params", "--force", *long, cwd=dest)
+    sh(sys.executable, "-m", "lmtune.pipeline.params", "--force", *long, cwd=dest)
     before = (dest / "params.yaml").read_text()
     proc = background_repro(dest)
     try:
@@ -377,7 +377,7 @@ def test_a_second_pipeline_is_refused_while_a_real_dvc_repro_runs(repo):
         while "models/adapter" not in (rwlock.read_text() if rwlock.exists() else ""):
             assert proc.poll() is None and time.monotonic() < deadline, "finetune did not start"
             time.sleep(0.2)
-        for command in ("lmtune.cli.params", "lmtune.cli.pipeline"):
+        for command in ("lmtune.pipeline.params", "lmtune.pipeline.repro"):
             second = sh(sys.executable, "-m", command, "experiment=smoke", "lora.r=2", cwd=dest, check=False)
             assert second.returncode == 2 and "a pipeline is running" in second.stderr, second.stderr
             assert "Traceback" not in second.stderr and (dest / "params.yaml").read_text() == before
@@ -420,7 +420,7 @@ def test_your_own_chat_data_trains_on_answers_is_judged_on_answers_and_versioned
     sh(
         sys.executable,
         "-m",
-        "lmtune.cli.params",
+        "lmtune.pipeline.params",
         "--force",
         "experiment=smoke",
         "data=files",
@@ -456,7 +456,7 @@ def test_a_local_model_folder_is_a_dependency_and_base_records_its_files(repo, t
     sh(
         sys.executable,
         "-m",
-        "lmtune.cli.params",
+        "lmtune.pipeline.params",
         "--force",
         "experiment=smoke",
         "model.source=local",

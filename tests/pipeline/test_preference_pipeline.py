@@ -18,7 +18,7 @@ from lmtune.track import runs as tracking
 def aligned(repo):
     """The smoke pipeline with align=dpo on top of the reproduced SFT, and what `dvc repro` printed."""
     dest, _ = repo
-    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", "align=dpo", cwd=dest)
+    sh(sys.executable, "-m", "lmtune.pipeline.params", "--force", "experiment=smoke", "align=dpo", cwd=dest)
     return dest, sh("dvc", "repro", cwd=dest).stdout
 
 
@@ -84,11 +84,11 @@ def test_dpo_runs_after_the_sft_it_starts_from_and_merge_takes_its_adapter(align
 @pytest.mark.parametrize("change", [["align=dpo", "align.beta=0.3"], ["align=ipo"]], ids=["beta", "method"])
 def test_a_new_beta_or_method_retrains_but_never_rescores_the_reference(aligned, change):
     dest, _ = aligned
-    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", *change, cwd=dest)
+    sh(sys.executable, "-m", "lmtune.pipeline.params", "--force", "experiment=smoke", *change, cwd=dest)
     printed = sh("dvc", "repro", "merge", cwd=dest).stdout  # what follows merge is the SFT pipeline's
     assert "Running stage 'reference@sft'" not in printed
     assert "Running stage 'align@" in printed and "Running stage 'merge'" in printed
-    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", "align=dpo", cwd=dest)
+    sh(sys.executable, "-m", "lmtune.pipeline.params", "--force", "experiment=smoke", "align=dpo", cwd=dest)
     sh("dvc", "repro", cwd=dest)  # back to the module's state: restored from DVC's run cache
 
 
@@ -98,7 +98,7 @@ def test_kto_rescores_the_reference_as_unpaired_examples_and_trains_on_them(alig
     import pandas as pd
 
     dest, _ = aligned
-    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", "align=kto", cwd=dest)
+    sh(sys.executable, "-m", "lmtune.pipeline.params", "--force", "experiment=smoke", "align=kto", cwd=dest)
     printed = sh("dvc", "repro", "align@kto", cwd=dest).stdout
     assert "Running stage 'reference@sft'" in printed and "Running stage 'align@kto'" in printed
     train = pd.read_parquet(dest / "data/pairs/train.parquet")
@@ -108,7 +108,7 @@ def test_kto_rescores_the_reference_as_unpaired_examples_and_trains_on_them(alig
     result = json.loads((dest / "metrics/align.json").read_text())
     assert result["method"] == "kto" and "kl" in result["final"]
     assert result["held_out"]["aligned"]["preference_accuracy"]["value"] > 0
-    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", "align=dpo", cwd=dest)
+    sh(sys.executable, "-m", "lmtune.pipeline.params", "--force", "experiment=smoke", "align=dpo", cwd=dest)
     sh("dvc", "repro", cwd=dest)  # back to the module's state: restored from DVC's run cache
 
 

@@ -35,7 +35,7 @@ SHORT = [
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
     dest = copy_repo(tmp_path_factory.mktemp("ship"))
-    sh(sys.executable, "-m", "lmtune.cli.params", "--force", *SHORT, cwd=dest)
+    sh(sys.executable, "-m", "lmtune.pipeline.params", "--force", *SHORT, cwd=dest)
     sh("dvc", "repro", cwd=dest)
     return dest
 
@@ -160,17 +160,25 @@ def test_register_promote_and_a_process_in_another_folder_loads_the_champion(shi
 
 
 def test_register_refuses_a_merged_model_that_params_yaml_did_not_make(shipped):
-    sh(sys.executable, "-m", "lmtune.cli.params", "--force", *SHORT, "merge.check_passages=2", cwd=shipped)
+    sh(
+        sys.executable,
+        "-m",
+        "lmtune.pipeline.params",
+        "--force",
+        *SHORT,
+        "merge.check_passages=2",
+        cwd=shipped,
+    )
     refused = sh(sys.executable, "-m", "lmtune.track.registry", "register", cwd=shipped, check=False)
     assert refused.returncode == 2 and "is not what params.yaml makes" in refused.stderr
-    sh(sys.executable, "-m", "lmtune.cli.params", "--force", *SHORT, cwd=shipped)
+    sh(sys.executable, "-m", "lmtune.pipeline.params", "--force", *SHORT, cwd=shipped)
 
 
 def test_chat_answers_a_prompt_given_on_standard_input(shipped):
     import subprocess
 
     chat = subprocess.run(
-        [sys.executable, "-m", "lmtune.cli.chat", "--compare", "--max-new-tokens", "8"],
+        [sys.executable, "-m", "lmtune.tools.chat", "--compare", "--max-new-tokens", "8"],
         input="Who are you?\n",
         capture_output=True,
         text=True,
@@ -199,7 +207,7 @@ def served(shipped):
     port = free_port()
     env = {**os.environ, "LMTUNE_API_KEY": API_KEY, "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen(
-        [sys.executable, "-m", "lmtune.cli.serve", "--port", str(port)],
+        [sys.executable, "-m", "lmtune.tools.serve", "--port", str(port)],
         cwd=shipped,
         env=env,
         stdout=subprocess.PIPE,
@@ -374,8 +382,8 @@ def test_lm_eval_against_make_serve_gets_the_eval_stages_benchmark_number(shippe
 
 
 def test_serve_exports_merged_to_a_gguf_once_when_quantize_made_none(shipped, tmp_path):
-    from lmtune.cli.serve import gguf_to_serve
     from lmtune.config import load
+    from lmtune.tools.serve import gguf_to_serve
 
     cfg = load(root=shipped)
     cfg.quantize.method = "int8_weight_only"  # as the default pipeline: models/quantized holds no GGUF

@@ -66,7 +66,7 @@ def postgres():
 def team_repo(tmp_path_factory, server):
     """The smoke pipeline run with MLFLOW_TRACKING_URI pointing at the server (as a team sets it)."""
     dest = copy_repo(tmp_path_factory.mktemp("team"))
-    sh(sys.executable, "-m", "lmtune.cli.params", "--force", "experiment=smoke", cwd=dest)
+    sh(sys.executable, "-m", "lmtune.pipeline.params", "--force", "experiment=smoke", cwd=dest)
     sh("dvc", "repro", cwd=dest, env={"MLFLOW_TRACKING_URI": server})
     return dest
 

@@ -7,12 +7,12 @@ from omegaconf import OmegaConf
 
 from lmtune.base.build import build_base
 from lmtune.checkpoint import load_tokenizer
-from lmtune.cli.params import compose_conf
 from lmtune.config import Config
 from lmtune.data.sequences import split, tokenize
 from lmtune.data.sources import load_rows
 from lmtune.model.load import load_for_training
 from lmtune.model.lora import add_lora, lora_state
+from lmtune.pipeline.params import compose_conf
 from lmtune.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]

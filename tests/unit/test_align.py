@@ -321,8 +321,8 @@ def test_kto_equals_trls_kto_trainer_on_the_same_batch(tiny_base, tmp_path):
 
 
 def test_kto_examples_unpair_pairs_and_take_a_kl_completion_of_another_prompt():
-    from lmtune.align.data import unpaired_examples
     from lmtune.align.pairs import kl_partners, read_pairs
+    from lmtune.align.sources import unpaired_examples
 
     rows = read_pairs(
         [
@@ -392,7 +392,7 @@ def test_preference_training_killed_midway_resumes_to_the_adapter_an_uninterrupt
 
 
 def test_the_shipped_pairs_never_train_against_a_held_out_answer_and_hold_out_the_sft_questions():
-    from lmtune.align.data import chatterbot_splits
+    from lmtune.align.sources import chatterbot_splits
 
     held = {"What is AI?", "Are you sentient?"}
     splits = chatterbot_splits(1337, 0.1, held)
@@ -410,8 +410,8 @@ def test_the_shipped_pairs_never_train_against_a_held_out_answer_and_hold_out_th
 def test_align_method_set_alone_is_refused_and_the_group_switches_stages_and_adapter_together():
     from pathlib import Path
 
-    from lmtune.cli.params import compose_conf
     from lmtune.config import ConfigError, validate
+    from lmtune.pipeline.params import compose_conf
 
     conf = Path(__file__).resolve().parents[2] / "conf"
     with pytest.raises(ConfigError, match=r"align.method=dpo with .*switch with the group \(align=dpo\)"):
@@ -426,7 +426,7 @@ def test_align_method_set_alone_is_refused_and_the_group_switches_stages_and_ada
 def test_a_by_hand_adapter_folder_moves_the_adapter_merge_takes(monkeypatch):
     from pathlib import Path
 
-    from lmtune.cli.runner import tuned_follows
+    from lmtune.pipeline.runner import tuned_follows
 
     monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the committed params.yaml: align=none
     assert tuned_follows(["paths.adapter=/x/adapter"]) == [
@@ -445,7 +445,7 @@ def test_a_sweep_grid_over_method_and_beta_is_valid_and_a_method_key_alone_is_re
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    grid = [sys.executable, "-m", "lmtune.cli.params", "--validate-grid", "experiment=smoke"]
+    grid = [sys.executable, "-m", "lmtune.pipeline.params", "--validate-grid", "experiment=smoke"]
     good = subprocess.run(
         [*grid, "align=dpo,kto", "align.beta=0.1,0.3"], cwd=root, capture_output=True, text=True
     )
@@ -455,7 +455,7 @@ def test_a_sweep_grid_over_method_and_beta_is_valid_and_a_method_key_alone_is_re
 
 
 def test_kto_renders_train_pairs_as_examples_and_keeps_held_out_pairs_as_pairs(tiny_base):
-    from lmtune.align.data import render_splits
+    from lmtune.align.sources import render_splits
 
     tokenizer = load_tokenizer(tiny_base)
     rows = read_pairs(
@@ -517,8 +517,8 @@ def test_own_answers_for_unpaired_rows_are_refused_before_any_model_loads(tmp_pa
 
     from conftest import ROOT
 
-    from lmtune.align.data import load_splits
-    from lmtune.cli.params import compose_conf
+    from lmtune.align.sources import load_splits
+    from lmtune.pipeline.params import compose_conf
 
     monkeypatch.chdir(tmp_path)  # align.files are read relative to the repo root, under data.dir
     (tmp_path / "own").mkdir()

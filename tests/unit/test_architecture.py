@@ -1,7 +1,6 @@
 """The architecture, read from the source: import rules, and dvc.yaml's deps and params that say
 what each stage reads, so DVC reruns a stage when, and only when, it must."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ STAGES = {
 PARAMS = OmegaConf.create((ROOT / "params.yaml").read_text())
 # They change no stage output (where results are logged, how commands and errors print): no stage
 # depends on them.
-NOT_DEPS = ("track", "cli")
+NOT_DEPS = ("track", "pipeline", "tools")
 SUBPACKAGES = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
 
 
@@ -58,17 +57,30 @@ def test_no_import_cycles():
 
 PARTS = {
     f"lmtune.{name}"
-    for name in ("base", "data", "model", "train", "align", "evaluate", "export", "track", "cli")
+    for name in (
+        "base",
+        "data",
+        "model",
+        "train",
+        "align",
+        "evaluate",
+        "export",
+        "track",
+        "pipeline",
+        "tools",
+    )
 }
+AROUND = {"lmtune.track", "lmtune.pipeline", "lmtune.tools"}  # around the stages: never in stage code
 RULES = [
     ("lmtune.config", {"*"}),  # the schema stands alone
     ("lmtune.base", PARTS - {"lmtune.base"}),  # the base is built from its own code only
     ("lmtune.data", PARTS - {"lmtune.data"}),
     ("lmtune.model", PARTS - {"lmtune.model", "lmtune.data", "lmtune.export"}),
-    ("lmtune.evaluate", {"lmtune.track", "lmtune.cli"}),
-    ("lmtune.export", {"lmtune.track", "lmtune.cli"}),
-    ("lmtune.train", {"lmtune.track", "lmtune.cli", "lmtune.align"}),  # SFT never needs preference code
-    ("lmtune.align", {"lmtune.track", "lmtune.cli"}),
+    ("lmtune.evaluate", AROUND),
+    ("lmtune.export", AROUND),
+    ("lmtune.train", AROUND | {"lmtune.align"}),  # SFT never needs preference code
+    ("lmtune.align", AROUND),
+    ("lmtune.pipeline", {"lmtune.tools"}),  # the core runs without the tools users add on top
     ("lmtune.track.lineage", {"*"}),
 ]
 
@@ -105,18 +117,26 @@ def test_each_stage_depends_on_exactly_the_package_parts_it_uses(stage):
 
 def test_no_stage_depends_on_the_tracking_or_command_code_and_the_base_on_little():
     for stage, spec in STAGES.items():
-        assert not [d for d in spec["deps"] if d.startswith(("src/lmtune/track", "src/lmtune/cli"))], stage
+        around = ("src/lmtune/track", "src/lmtune/pipeline", "src/lmtune/tools")
+        assert not [d for d in spec["deps"] if d.startswith(around)], stage
     assert {d for d in STAGES["base"]["deps"] if d.startswith("src/lmtune/") and "." not in Path(d).name} == {
         "src/lmtune/base"
     }
 
 
 @pytest.mark.parametrize("stage", [s for s in STAGES if s in ("base", "finetune", "merge", "quantize")])
-def test_an_output_folder_carries_exactly_the_params_its_stage_reads(stage):
-    spec = importlib.util.spec_from_file_location(f"stage_{stage}", ROOT / "stages" / f"{stage}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert leaf_keys(module.PARAMS) - set(NO_OUTPUT_KEYS) == leaf_keys(STAGES[stage]["params"])
+def test_an_output_folder_carries_exactly_the_params_its_stage_reads(stage, tmp_path):
+    """The stage's params are declared once, in dvc.yaml: its output folder's config.yaml holds
+    exactly those keys, read from there."""
+    import yaml
+
+    from lmtune.artifacts import save_config
+    from lmtune.pipeline.runner import stage_params
+
+    save_config(PARAMS, tmp_path, tuple(stage_params(stage, ROOT / "dvc.yaml")))
+    written = set(flatten(yaml.safe_load((tmp_path / "config.yaml").read_text())))
+    assert written == leaf_keys(STAGES[stage]["params"]) and written
+    assert "stage_params(STAGE)" in (ROOT / "stages" / f"{stage}.py").read_text()
 
 
 def leaf_keys(keys) -> set[str]:
@@ -150,7 +170,18 @@ def test_the_base_never_depends_on_the_data_params():
 
 
 def test_every_subpackage_is_named_in_the_layout():
-    assert SUBPACKAGES == ["align", "base", "cli", "data", "evaluate", "export", "model", "track", "train"]
+    assert SUBPACKAGES == [
+        "align",
+        "base",
+        "data",
+        "evaluate",
+        "export",
+        "model",
+        "pipeline",
+        "tools",
+        "track",
+        "train",
+    ]
 
 
 def test_the_committed_dvc_lock_is_that_of_the_committed_code():

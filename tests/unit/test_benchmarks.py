@@ -10,12 +10,12 @@ from conftest import ROOT, TEXTS
 from omegaconf import OmegaConf
 
 from lmtune.checkpoint import load_tokenizer
-from lmtune.cli.params import compose_conf
 from lmtune.evaluate import benchmarks
 from lmtune.evaluate.scores import EvaluationError
 from lmtune.export.gguf import export_gguf
 from lmtune.export.llamacpp import GGUFModel
 from lmtune.model.load import load_full
+from lmtune.pipeline.params import compose_conf
 
 
 @pytest.fixture(scope="module")

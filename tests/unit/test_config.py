@@ -3,8 +3,15 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lmtune.cli.params import LAUNCH_CONFIGS, ParamsModified, compose_conf, main, read_header, write_params
 from lmtune.config import Config, ConfigError, flatten, load
+from lmtune.pipeline.params import (
+    LAUNCH_CONFIGS,
+    ParamsModified,
+    compose_conf,
+    main,
+    read_header,
+    write_params,
+)
 from lmtune.track.run_params import safe_params
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -178,8 +185,8 @@ def test_the_committed_params_yaml_is_what_conf_composes():
 def test_the_config_comments_list_exactly_what_exists():
     """Option lists in conf/ comments are checked, not trusted: a group's list in conf/config.yaml
     names every file of the group, and a key's `a | b` list names only values the schema allows."""
-    from lmtune.cli.reference import CONF, entries, listed_options
     from lmtune.config import CHOICES
+    from lmtune.tools.reference import CONF, entries, listed_options
 
     checked = 0
     for entry in entries(CONF / "config.yaml"):
@@ -201,7 +208,7 @@ def test_the_config_comments_list_exactly_what_exists():
 
 
 def test_the_reference_page_holds_every_key_of_the_schema():
-    from lmtune.cli.reference import markdown
+    from lmtune.tools.reference import markdown
 
     page = markdown()
     keys = [
@@ -258,7 +265,7 @@ def test_a_stage_override_of_a_group_or_an_unknown_key_says_where_it_belongs(tmp
     ],
 )
 def test_dvc_exp_run_must_keep_the_profile_of_the_last_run(tmp_path, monkeypatch, last, overrides, refused):
-    from lmtune.cli.params import check_profile_kept, record_profile
+    from lmtune.pipeline.params import check_profile_kept, record_profile
 
     record_profile([f"experiment={last}"] if last else [], root=tmp_path)
     cfg = compose_conf(overrides, conf_dir=CONF)

@@ -7,11 +7,11 @@ import torch
 from helpers import collate_packed
 from omegaconf import OmegaConf
 
-from lmtune.cli.params import compose_conf
 from lmtune.data import DataError
 from lmtune.data.batching import batch_indices, collate, pack
 from lmtune.data.sequences import Sequence, chat_sequence, split, text_windows
 from lmtune.data.sources import load_rows, parse_play, passages_from_scenes
+from lmtune.pipeline.params import compose_conf
 
 DEFAULT_DATA = compose_conf(
     [], conf_dir=Path(__file__).resolve().parents[2] / "conf"

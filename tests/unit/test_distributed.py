@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
-from lmtune.cli.params import compose_conf, write_params
+from lmtune.pipeline.params import compose_conf, write_params
 from lmtune.train.distributed import micro_batch_index
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 
 from lmtune import LmtuneError
 from lmtune.artifacts import atomic_dir
-from lmtune.cli.params import compose_conf, main
 from lmtune.config import CHOICES, POSITIVE, RANGES, Config, ConfigError
+from lmtune.pipeline.params import compose_conf, main
 from lmtune.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,7 +119,7 @@ def test_params_are_not_rewritten_while_a_pipeline_runs(tmp_path, monkeypatch, c
     import fcntl
     import json
 
-    from lmtune.cli.lock import LOCK_FILE
+    from lmtune.pipeline.lock import LOCK_FILE
 
     in_repo_copy(tmp_path, monkeypatch)
     (tmp_path / ".dvc/tmp").mkdir(parents=True, exist_ok=True)
@@ -204,7 +204,7 @@ def test_the_sweep_summary_command_is_one_the_installed_dvc_accepts():
     ],
 )
 def test_ctrl_c_and_a_full_disk_end_a_stage_with_one_line(tmp_path, monkeypatch, capsys, raised, code, says):
-    from lmtune.cli import runner
+    from lmtune.pipeline import runner
 
     in_repo_copy(tmp_path, monkeypatch)
     monkeypatch.setattr(runner.tracking, "stage_run", lambda cfg, name: contextlib.nullcontext())
@@ -218,7 +218,7 @@ def test_ctrl_c_and_a_full_disk_end_a_stage_with_one_line(tmp_path, monkeypatch,
 
 
 def test_an_unexpected_error_still_shows_its_traceback(tmp_path, monkeypatch):
-    from lmtune.cli import runner
+    from lmtune.pipeline import runner
 
     in_repo_copy(tmp_path, monkeypatch)
     monkeypatch.setattr(runner.tracking, "stage_run", lambda cfg, name: contextlib.nullcontext())
@@ -251,7 +251,7 @@ def test_a_model_that_needs_its_own_code_says_which_switch_allows_it(tmp_path, t
 def test_make_chat_without_a_model_says_to_run_the_pipeline(tmp_path, smoke_cfg):
     """Not transformers' hub lookup for a folder that is not there (after make clean)."""
     from lmtune import LmtuneError
-    from lmtune.cli.chat import Chat
+    from lmtune.tools.chat import Chat
 
     with pytest.raises(LmtuneError, match=r"holds no model: run the pipeline first \(make run\)"):
         Chat("fine-tuned", str(tmp_path / "models/merged"), smoke_cfg)
@@ -263,7 +263,7 @@ def test_an_unwritable_output_folder_is_named_as_the_stages_output_not_its_input
     """models/ read-only (a mount, say) before finetune: the message names paths.adapter, which the
     stage writes, not paths.base, which it only reads. (A real write is tried: as root, permission
     bits would not stop one, so the refusal is stood in for.)"""
-    from lmtune.cli import runner
+    from lmtune.pipeline import runner
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
@@ -290,7 +290,7 @@ def test_a_stage_whose_params_change_on_disk_while_it_runs_fails_naming_them(
     change (the next run's edits)."""
     import shutil
 
-    from lmtune.cli import runner
+    from lmtune.pipeline import runner
 
     in_repo_copy(tmp_path, monkeypatch)
     shutil.copy(CONF.parent / "dvc.yaml", tmp_path / "dvc.yaml")
@@ -381,7 +381,7 @@ def test_what_finetune_or_a_silent_override_would_meet_is_refused_at_make_params
 
 
 def test_make_run_refuses_a_model_it_cannot_get_before_dvc_deletes_models_base(tmp_path, monkeypatch, capsys):
-    from lmtune.cli import pipeline
+    from lmtune.pipeline import repro as pipeline
 
     in_repo_copy(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -428,7 +428,7 @@ def test_a_venv_made_in_another_folder_is_found_and_make_setup_reinstalls(tmp_pa
 def test_make_chat_after_a_scratch_run_says_where_its_models_are(tmp_path, monkeypatch):
     """`make run ARGS=experiment=smoke` in a workspace of another profile runs as a DVC experiment
     apart: its models are not in models/, and saying `make run` would send the user in a circle."""
-    from lmtune.cli.params import no_model, record_profile
+    from lmtune.pipeline.params import no_model, record_profile
 
     in_repo_copy(tmp_path, monkeypatch)
     assert main(["--force"]) == 0  # this workspace: the default profile
@@ -444,7 +444,7 @@ def test_make_run_after_dvc_exp_apply_recovers_the_overrides_of_dvcs_params_file
 ):
     """`dvc exp apply` brings the params.yaml DVC composed, without lmtune's header: `make run`
     finds the overrides that make its values and records them, instead of keeping an unknown file."""
-    from lmtune.cli.params import read_header, update
+    from lmtune.pipeline.params import read_header, update
 
     in_repo_copy(tmp_path, monkeypatch)
     applied = ["experiment=smoke", "data=chatterbot_qa", "lora.r=4"]

@@ -14,8 +14,8 @@ import transformers
 from conftest import ROOT
 from omegaconf import OmegaConf
 
-from lmtune.cli.params import compose_conf
 from lmtune.model.lora import add_lora
+from lmtune.pipeline.params import compose_conf
 from lmtune.train.exact_path import choose_exact_path
 from lmtune.train.kernels import packed_segments
 from lmtune.train.step import collate_micro_batch, micro_batch_loss, prepare_model

@@ -8,13 +8,13 @@ from conftest import ROOT, TEXTS
 from omegaconf import OmegaConf
 
 from lmtune.checkpoint import ModelError, load_tokenizer
-from lmtune.cli.params import compose_conf
 from lmtune.config import Config, ConfigError
 from lmtune.evaluate.scores import likelihood_per_passage
 from lmtune.export.gguf import _turn_wrappers, export_gguf, tensor_types
 from lmtune.export.llamacpp import GGUFModel
 from lmtune.export.quantize import GGUF_FILE
 from lmtune.model.load import load_full
+from lmtune.pipeline.params import compose_conf
 
 # How far each file may be from transformers' fp32 model on the same token ids: logits (share of the
 # largest logit) and test perplexity (relative). f16 rounds; q8_0 and Q4_K_M lose precision.

@@ -8,11 +8,11 @@ import torch
 from omegaconf import OmegaConf
 
 from lmtune.checkpoint import ModelError
-from lmtune.cli.params import compose_conf
 from lmtune.config import ConfigError
 from lmtune.export.quantize import check_method, load_quantized, quantize
 from lmtune.model.load import load_full
 from lmtune.model.qat import prepare_qat
+from lmtune.pipeline.params import compose_conf
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

@@ -10,11 +10,11 @@ from omegaconf import OmegaConf
 
 from lmtune.base.build import build_base
 from lmtune.checkpoint import ModelError
-from lmtune.cli.params import compose_conf, write_params
-from lmtune.cli.runner import run_stage
 from lmtune.config import Config
 from lmtune.model.load import load_for_training
 from lmtune.model.lora import add_lora
+from lmtune.pipeline.params import compose_conf, write_params
+from lmtune.pipeline.runner import run_stage
 from lmtune.track import runs as tracking
 from lmtune.track import store
 from lmtune.track.run_params import params_hash
@@ -207,7 +207,7 @@ def test_the_sweep_runner_restarts_a_stopped_worker_and_names_failures(monkeypat
     """DVC's queue worker can exit with experiments still queued: the runner starts one again
     (and only then says so); a failed point is named with its log command; an earlier sweep's
     finished tasks are not counted."""
-    from lmtune.cli import sweep
+    from lmtune.tools import sweep
 
     states = iter(
         [
@@ -237,7 +237,7 @@ def test_the_sweep_runner_restarts_a_stopped_worker_and_names_failures(monkeypat
 
 
 def test_the_sweep_runner_gives_up_at_its_deadline_naming_what_waits(monkeypatch):
-    from lmtune.cli import sweep
+    from lmtune.tools import sweep
 
     monkeypatch.setattr(sweep, "dvc", lambda *args: _queue_status(("exp-a", "Running")))
     with pytest.raises(sweep.SweepError, match=r"within 0 s; still waiting: exp-a \(Running\)"):

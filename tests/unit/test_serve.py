@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
-from lmtune.cli.openai_api import StrictRequests, request_error
-from lmtune.cli.serve import port_in_use
+from lmtune.tools.openai_api import StrictRequests, request_error
+from lmtune.tools.serve import port_in_use
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 TURN = [{"role": "user", "content": "Who art thou?"}]
@@ -153,7 +153,7 @@ def test_without_the_api_key_the_server_answers_first():
 
 
 def test_a_busy_port_is_found_before_the_server_starts(capsys):
-    from lmtune.cli.serve import main
+    from lmtune.tools.serve import main
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -184,8 +184,8 @@ def _chat(chat_cfg, tiny_base):
     import torch
 
     from lmtune.checkpoint import load_tokenizer
-    from lmtune.cli.chat import Chat
     from lmtune.model.load import load_full
+    from lmtune.tools.chat import Chat
 
     chat = Chat.__new__(Chat)
     chat.label, chat.cfg, chat.history = "fine-tuned", chat_cfg, []
@@ -243,7 +243,7 @@ def test_piped_chat_skips_blank_lines_and_ctrl_c_at_the_prompt_quits(
     import io
 
     import lmtune.config
-    from lmtune.cli import chat
+    from lmtune.tools import chat
 
     monkeypatch.setattr(lmtune.config, "load", lambda overrides: chat_cfg)
     monkeypatch.setattr(

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from lmtune.cli import slurm
+from lmtune.tools import slurm
 
 
 def test_the_grid_expands_as_a_local_sweep_queues_it():

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from lmtune.model.hardware import device, resolve_dtype
 from lmtune.model.lora import lora_state
 from lmtune.train import TrainingError, distributed
-from lmtune.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmtune.train.resume import latest_checkpoint, load_checkpoint, save_checkpoint
 
 WARMUP_STEPS = 5  # steps left out of the steady rate: first kernels, allocator growth, caches
 

@@ -13,11 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 from lmtune.data.batching import collate
 from lmtune.model.hardware import device
 from lmtune.train import distributed
-from lmtune.train.checkpoints import fingerprint
 from lmtune.train.engine import Method, Schedule, fit, precision
 from lmtune.train.exact_path import choose_exact_path, ran_with
 from lmtune.train.kernels import packed_segments
 from lmtune.train.recompute import choose_recompute, recompute_name
+from lmtune.train.resume import fingerprint
 from lmtune.train.step import batch_maker, micro_batch_loss, prepare_model, to_device
 
 

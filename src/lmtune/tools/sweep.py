@@ -1,7 +1,7 @@
 """`make sweep`'s runner: DVC's queue workers run the queued experiments until none is left, with a
 progress line, a named log for every failure, and an optional deadline.
 
-    python -m lmtune.cli.sweep [--jobs N] [--timeout SECONDS]
+    python -m lmtune.tools.sweep [--jobs N] [--timeout SECONDS]
 
 Not `dvc exp run --run-all`: its queue worker can stop after one experiment and leave the command
 waiting forever with experiments still queued (github.com/treeverse/dvc/issues/8165 and 10562).

@@ -1,14 +1,14 @@
 """`make serve`: the fine-tuned model behind an OpenAI-compatible HTTP API, on llama.cpp's server
 (llama-cpp-python's `[server]`), on a CPU.
 
-    python -m lmtune.cli.serve [--host 127.0.0.1] [--port 8000] [--n-ctx N] [--model-name NAME]
-    LMTUNE_API_KEY=secret python -m lmtune.cli.serve       # clients then send it as their API key
+    python -m lmtune.tools.serve [--host 127.0.0.1] [--port 8000] [--n-ctx N] [--model-name NAME]
+    LMTUNE_API_KEY=secret python -m lmtune.tools.serve       # clients then send it as their API key
 
 It serves models/quantized/model.gguf when the quantize stage made one (quantize=gguf_*); else it
 exports models/merged once to .cache/serve/model.q8_0.gguf, and again only when models/merged
 changes. The chat template is the tokenizer's, carried inside the GGUF: the one training used.
 On a GPU, vLLM serves the merged checkpoint directly: `vllm serve models/merged`.
-Requests are held to the OpenAI API's rules first (lmtune.cli.openai_api).
+Requests are held to the OpenAI API's rules first (lmtune.tools.openai_api).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lmtune import LmtuneError
 from lmtune.checkpoint import ModelError
-from lmtune.cli.params import no_model
+from lmtune.pipeline.params import no_model
 
 EXPORTED = Path(".cache") / "serve" / "model.q8_0.gguf"
 
@@ -66,7 +66,7 @@ def port_in_use(host: str, port: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     from lmtune.config import load
 
-    parser = argparse.ArgumentParser(prog="python -m lmtune.cli.serve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lmtune.tools.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvicorn
 
-    from lmtune.cli.openai_api import (
+    from lmtune.tools.openai_api import (
         StrictRequests,
         Vocabulary,
         accept_token_id_prompts,

@@ -3,7 +3,7 @@ this configuration's MLflow run; and, when a stage fails, the metrics DVC remove
 `make run ARGS=experiment=smoke` in a workspace holding another profile runs as a DVC experiment in a
 temporary copy instead, so a quick look never overwrites the results committed there.
 
-    python -m lmtune.cli.pipeline [key=value ...]
+    python -m lmtune.pipeline.repro [key=value ...]
 
 DVC deletes a stage's outputs before it runs the stage, git-tracked metrics/ files included (only
 `persist: true` would keep them, and it turns DVC's run-cache off for that stage, which sweeps rely
@@ -22,8 +22,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from lmtune import LmtuneError
-from lmtune.cli import params
-from lmtune.cli.lock import pipeline_lock
+from lmtune.pipeline import params
+from lmtune.pipeline.lock import pipeline_lock
 from lmtune.track import runs as tracking
 
 

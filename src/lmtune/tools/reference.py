@@ -3,7 +3,7 @@ beside it, and the values the schema allows (lmtune.config). The docs site build
 page from this (docs/hooks.py), and a test checks the comments' option lists against the schema and
 the config groups, so neither can drift.
 
-    python -m lmtune.cli.reference            # the reference as Markdown, on stdout
+    python -m lmtune.tools.reference            # the reference as Markdown, on stdout
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A terminal chat with the fine-tuned model, for a person to try it (`make chat`).
 
-    python -m lmtune.cli.chat [--compare] [--max-new-tokens N] [key=value ...]
+    python -m lmtune.tools.chat [--compare] [--max-new-tokens N] [key=value ...]
 
 Each line typed (or piped in) is a user turn; the reply streams token by token, rendered with the
 model's chat template and continuing the conversation. --compare answers each turn with the base
@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from lmtune import LmtuneError
-from lmtune.cli.params import no_model
+from lmtune.pipeline.params import no_model
 
 
 class Chat:
@@ -147,7 +147,7 @@ def turns(interactive: bool):
 def main(argv: list[str]) -> int:
     from lmtune.config import load
 
-    parser = argparse.ArgumentParser(prog="python -m lmtune.cli.chat", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lmtune.tools.chat", description=__doc__.splitlines()[0])
     parser.add_argument("--compare", action="store_true", help="answer with the base model too")
     parser.add_argument(
         "--max-new-tokens", type=int, help="reply length cap (default: sample.max_new_tokens)"

@@ -3,7 +3,7 @@ each a DVC experiment run in its own clone and pushed to the git and DVC remotes
 a progress line, names the log of every failed job, and pulls the finished experiments back, so that
 `dvc exp show`, `make compare` and the MLflow UI show them as a local sweep's.
 
-    python -m lmtune.cli.slurm [--sbatch "--partition=gpu --gres=gpu:1"] [--timeout SECONDS] GRID...
+    python -m lmtune.tools.slurm [--sbatch "--partition=gpu --gres=gpu:1"] [--timeout SECONDS] GRID...
 
 The repository (with its .venv) must sit on a filesystem the nodes share, as SLURM's job logs do;
 the committed HEAD must be on the git remote, and DVC needs a default remote (the jobs' outputs go
@@ -22,8 +22,8 @@ from collections import Counter
 from pathlib import Path
 
 from lmtune import LmtuneError
-from lmtune.cli.params import grid_points
-from lmtune.cli.sweep import progress_line
+from lmtune.pipeline.params import grid_points
+from lmtune.tools.sweep import progress_line
 
 SCRIPT = Path("conf/slurm/sweep.sbatch")
 RUNS = Path(".slurm")  # logs, status files and each job's clone (git-ignored)

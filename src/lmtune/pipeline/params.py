@@ -1,7 +1,7 @@
-"""Composing conf/ into params.yaml: ``make params`` and ``make run`` (``python -m lmtune.cli.params``).
+"""Composing conf/ into params.yaml: ``make params`` and ``make run`` (``python -m lmtune.pipeline.params``).
 
-    python -m lmtune.cli.params [--force|--keep] [overrides...]     # e.g. model=llama2_7b lora.r=8
-    python -m lmtune.cli.params --validate-grid lora.r=4,8 quant.bits=4,16
+    python -m lmtune.pipeline.params [--force|--keep] [overrides...]     # e.g. model=llama2_7b lora.r=8
+    python -m lmtune.pipeline.params --validate-grid lora.r=4,8 quant.bits=4,16
 
 conf/ holds every value; params.yaml is what stages and DVC read. `dvc exp run -S`, `dvc exp apply`
 and hand edits put values into params.yaml that conf/ does not hold, so params.yaml is only ever
@@ -22,8 +22,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from lmtune import LmtuneError
-from lmtune.cli.lock import pipeline_lock
 from lmtune.config import PARAMS_FILE, ConfigError, flatten, identity, validate
+from lmtune.pipeline.lock import pipeline_lock
 
 HEADER = "# composed from conf/ by `make params`; overrides: {overrides}; identity: {sha}"
 _HEADER_RE = (
@@ -382,7 +382,7 @@ def recover_overrides(path: Path = Path(PARAMS_FILE), conf_dir: Path | None = No
 
 def update(args: list[str], force: bool = False, keep: bool = False) -> DictConfig:
     """Compose conf/ (with `args`) into params.yaml and return it, validated. Callers hold the
-    pipeline lock (lmtune.cli.lock).
+    pipeline lock (lmtune.pipeline.lock).
 
     keep (`make run`): with no args, recompose with the overrides recorded in params.yaml, so conf/
     edits are picked up; if params.yaml holds values from elsewhere, keep it (checked) and say so.
@@ -413,7 +413,7 @@ def update(args: list[str], force: bool = False, keep: bool = False) -> DictConf
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m lmtune.cli.params [--force|--keep|--validate-grid] [overrides...]"""
+    """python -m lmtune.pipeline.params [--force|--keep|--validate-grid] [overrides...]"""
     args = list(sys.argv[1:] if argv is None else argv)
     if "--validate-grid" in args:
         return validate_grid([a for a in args if a != "--validate-grid"])

@@ -4,7 +4,7 @@ DVC's HTML loads vega from a CDN, so the page is blank without network. We fetch
 libraries from the npm registry once (npm pack, cached in .cache/vega), inline them into an HTML
 template, and pass it with `--html-template`.
 
-    python -m lmtune.cli.plots          # writes .cache/dvc-plots-offline.html, prints its path
+    python -m lmtune.tools.plots          # writes .cache/dvc-plots-offline.html, prints its path
 """
 
 from __future__ import annotations

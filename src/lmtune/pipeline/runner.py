@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmtune import LmtuneError, provenance
 from lmtune.artifacts import write_json
-from lmtune.cli.params import check_profile_kept
 from lmtune.config import PARAMS_FILE, ConfigError, load, validate
+from lmtune.pipeline.params import check_profile_kept
 from lmtune.track import runs as tracking
 from lmtune.train import distributed
 
