@@ -12,7 +12,7 @@ export NO_MKDOCS_2_WARNING := 1
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: help setup run params eval ui server test test-fast test-slow test-cluster lint format docs clean bench gpu-check gpu-wheels sweep compare plots register promote chat serve
+.PHONY: help setup run params eval ui server test test-fast test-slow test-cluster lint format docs clean bench gpu-check gpu-wheels sweep compare plots register promote chat serve replay
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ serve: setup  ## the fine-tuned model behind an OpenAI-compatible API (llama.cpp
 
 chat: setup  ## chat with the fine-tuned model in the terminal (ARGS=--compare: the base answers too)
 	$(PY) -m lmtune.tools.chat $(ARGS)
+
+replay: setup  ## retrain the RL adapter from data/rollouts alone and compare it with models/rl, byte for byte
+	$(PY) -m lmtune.tools.replay $(ARGS)
 
 register: setup  ## log models/merged into this configuration's MLflow run and register a version (NAME=)
 	$(PY) -m lmtune.track.registry register $(if $(NAME),--name $(NAME))

@@ -26,11 +26,11 @@ STAGE = Path(__file__).stem  # its params (what its output folder records): dvc.
 
 def run(cfg) -> dict:
     paths = cfg.paths
-    tokenizer = load_tokenizer(paths.tuned)
+    tokenizer = load_tokenizer(paths.policy)
     dtype = DTYPES[cfg.merge.dtype]
     on = placement(paths.base, dtype, cfg.merge.device)
     print(f"merging in {cfg.merge.dtype} on {on}", flush=True)
-    model = load_base_with_adapter(paths.base, paths.tuned, dtype, on=on)
+    model = load_base_with_adapter(paths.base, paths.policy, dtype, on=on)
     seqs = read_sequences(paths.processed, "validation")[: cfg.merge.check_passages]
     batch = collate(seqs, tokenizer.pad_token_id)
     inputs = {"input_ids": batch["input_ids"].to(on), "attention_mask": batch["attention_mask"].to(on)}

@@ -266,6 +266,46 @@ class Align:
     stages: AlignStages = MISSING
 
 
+RL_METHODS = ("none", "grpo")  # the GRPO family; the variant is rl.loss_type and rl.importance_sampling_level
+
+
+@dataclass
+class RlStages:
+    rl: list[str] = MISSING  # dvc.yaml makes one `rl` stage per item: [] or [method]
+
+
+@dataclass
+class Rl:
+    method: str = one_of(*RL_METHODS)
+    start: str = one_of("tuned", "base")
+    task: str = MISSING  # a reasoning-gym task (checked against its registry before any model loads)
+    task_config: dict[str, Any] = MISSING
+    train_prompts: int = positive()
+    test_prompts: int = positive()
+    system_prompt: str | None = MISSING
+    rewards: dict[str, float] = MISSING
+    loss_type: str = one_of("dapo", "grpo", "dr_grpo", "bnpo")
+    importance_sampling_level: str = one_of("token", "sequence")
+    num_generations: int = within(2)
+    batch_size: int = positive()
+    max_completion_length: int = positive()
+    temperature: float = within(0, low_in=False)
+    top_p: float = within(0, 1, low_in=False, high_in=True)
+    epsilon: float = within(0, 1, low_in=False)
+    epsilon_high: float | None = within(0, low_in=False, nullable=True)
+    beta: float = within(0)
+    scale_rewards: str = one_of("group", "batch", "none")
+    num_iterations: int = positive()
+    mask_truncated_completions: bool = MISSING
+    max_steps: int = positive()
+    grad_accum: int = positive()
+    lr: float = within(0, 1, low_in=False, high_in=True)
+    warmup_steps: int = within(0)
+    max_grad_norm: float = within(0, low_in=False)
+    checkpoint_every: int = positive()
+    stages: RlStages = MISSING
+
+
 @dataclass
 class Paths:
     raw: str = MISSING
@@ -275,7 +315,10 @@ class Paths:
     checkpoints: str = MISSING
     pairs: str = MISSING
     aligned: str = MISSING
-    tuned: str = MISSING  # the adapter merge, eval and sample take: adapter, or aligned after align
+    tuned: str = MISSING  # the SFT adapter, or aligned after align: what RL starts from
+    rollouts: str = MISSING  # RL's rollout batches, as data (rl != none)
+    rl: str = MISSING  # the RL-tuned adapter (rl != none)
+    policy: str = MISSING  # the adapter merge, eval and sample take: tuned, or rl after RL
     merged: str = MISSING
     quantized: str = MISSING
     metrics: str = MISSING
@@ -300,6 +343,7 @@ class Config:
     eval: Eval = MISSING
     sample: Sample = MISSING
     align: Align = MISSING
+    rl: Rl = MISSING
     paths: Paths = MISSING
     tracking: Tracking = MISSING
 
@@ -447,8 +491,34 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
     if cfg.data.sample_prompts is not None and not cfg.data.sample_prompts:
         problems.append("data.sample_prompts: give at least one prompt, or null for the test split's")
     problems += _align_problems(cfg)
+    problems += _rl_problems(cfg)
     if problems:
         raise ConfigError(f"{source}: invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _rl_problems(cfg: DictConfig) -> list[str]:
+    """As for align: the rl group sets the method, its stage and the adapter downstream takes
+    together; and a batch that grad_accum cannot split evenly, or a reward with no weight."""
+    r, on = cfg.rl, cfg.rl.method != "none"
+    problems = []
+    if list(r.stages.rl) != ([r.method] if on else []) or cfg.paths.policy != (
+        cfg.paths.rl if on else cfg.paths.tuned
+    ):
+        problems.append(
+            f"rl.method={r.method} with rl.stages.rl={list(r.stages.rl)}, paths.policy={cfg.paths.policy}: "
+            f"the stage and the adapter merge takes do not follow it; switch with the group (rl={r.method}), "
+            "which sets them together"
+        )
+    if (r.batch_size * r.num_generations) % r.grad_accum:
+        problems.append(
+            f"rl.grad_accum={r.grad_accum}: must divide rl.batch_size x rl.num_generations = "
+            f"{r.batch_size * r.num_generations} completions a rollout batch"
+        )
+    if on and not r.rewards:
+        problems.append(
+            "rl.rewards: give at least one reward (task, format or module:function) and its weight"
+        )
+    return problems
 
 
 def _align_problems(cfg: DictConfig) -> list[str]:
@@ -587,6 +657,8 @@ NO_OUTPUT_KEYS = (
     "train.keep_checkpoints",
     "align.checkpoint_every",
     "align.stages",  # which DVC stages exist (set with align.method by the group), not what they write
+    "rl.checkpoint_every",
+    "rl.stages",
 )
 
 

@@ -432,8 +432,13 @@ def test_a_by_hand_adapter_folder_moves_the_adapter_merge_takes(monkeypatch):
     assert tuned_follows(["paths.adapter=/x/adapter"]) == [
         "paths.adapter=/x/adapter",
         "paths.tuned=/x/adapter",
+        "paths.policy=/x/adapter",  # without RL, merge takes the tuned adapter
     ]
-    assert tuned_follows(["paths.adapter=/x", "paths.tuned=/y"]) == ["paths.adapter=/x", "paths.tuned=/y"]
+    assert tuned_follows(["paths.adapter=/x", "paths.tuned=/y"]) == [
+        "paths.adapter=/x",
+        "paths.tuned=/y",
+        "paths.policy=/y",
+    ]
     assert tuned_follows(["lora.r=8"]) == ["lora.r=8"]
 
 

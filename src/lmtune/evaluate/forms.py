@@ -31,7 +31,7 @@ def model_loaders(cfg: DictConfig, dtype: torch.dtype, n_ctx: int = 512) -> dict
     if quantized:
         loaders[f"base_{label}_adapter"] = (
             "adapter",
-            lambda: load_base_with_adapter(paths.base, paths.tuned, dtype, quant=cfg.quant),
+            lambda: load_base_with_adapter(paths.base, paths.policy, dtype, quant=cfg.quant),
         )
     loaders["merged"] = ("merged", lambda: load_full(paths.merged, dtype))
     loaders[f"merged_{cfg.quantize.method}"] = (

@@ -132,18 +132,26 @@ def stage_name(run: Stage) -> str:
 
 def tuned_follows(argv: list[str]) -> list[str]:
     """`key=value` overrides, with paths.tuned moved along when paths.adapter (or paths.aligned,
-    after preference tuning) is: in conf/ it is an interpolation of them, but params.yaml holds it
-    resolved, so a by-hand `paths.adapter=X` would leave merge reading the old folder."""
+    after preference tuning) is, and paths.policy along with paths.tuned (or paths.rl, after RL):
+    in conf/ they are interpolations, but params.yaml holds them resolved, so a by-hand
+    `paths.adapter=X` would leave merge reading the old folder."""
     given = dict(a.split("=", 1) for a in argv if "=" in a)
-    if "paths.tuned" in given or not {"paths.adapter", "paths.aligned"} & given.keys():
+    moved = {"paths.adapter", "paths.aligned", "paths.tuned", "paths.rl"} & given.keys()
+    if not moved:
         return argv
     try:
         on_disk = OmegaConf.load(PARAMS_FILE)
     except Exception:  # noqa: BLE001 - load() says what is wrong with it
         return argv
-    method = given.get("align.method", OmegaConf.select(on_disk, "align.method", default="none"))
-    key = "paths.adapter" if method == "none" else "paths.aligned"
-    return [*argv, f"paths.tuned={given.get(key, OmegaConf.select(on_disk, key))}"]
+    value = lambda key, default=None: given.get(key, OmegaConf.select(on_disk, key, default=default))  # noqa: E731
+    added = []
+    if "paths.tuned" not in given and {"paths.adapter", "paths.aligned"} & moved:
+        key = "paths.adapter" if value("align.method", "none") == "none" else "paths.aligned"
+        added.append(f"paths.tuned={value(key)}")
+    tuned = dict(a.split("=", 1) for a in added).get("paths.tuned", value("paths.tuned"))
+    if "paths.policy" not in given and (added or {"paths.tuned", "paths.rl"} & moved):
+        added.append(f"paths.policy={tuned if value('rl.method', 'none') == 'none' else value('paths.rl')}")
+    return [*argv, *added]
 
 
 def run_stage(run: Stage, argv: list[str] | None = None, multirun_outputs: tuple[str, ...] = ()) -> int:

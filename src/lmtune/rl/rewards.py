@@ -34,6 +34,13 @@ def format_reward(prompt: str, completion: str, row: dict) -> float:
     return 1.0 if len(_ANSWER.findall(completion)) == 1 else 0.0
 
 
+def brevity(prompt: str, completion: str, row: dict) -> float:
+    """Shorter completions score higher (1 for an empty one, 0.5 at 100 characters): a shaping
+    reward against rambling, and the example of a reward of your own: rl.rewards takes it as
+    `lmtune.rl.rewards:brevity`, as it takes `mypackage.rewards:myfunction`."""
+    return 1.0 / (1.0 + len(completion.strip()) / 100)
+
+
 def task_reward(task) -> Reward:
     """The task's own scorer on the completion's answer (1.0 right, 0.0 wrong, partial credit
     where the task gives it)."""

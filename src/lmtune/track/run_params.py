@@ -17,9 +17,14 @@ from lmtune.config import flatten, identity
 _SECRET = re.compile(r"(^|[._])(\w*_)?(token|password|passwd|secret|api_?key|credentials?)$", re.IGNORECASE)
 
 
+def mlflow_name(key: str) -> str:
+    """A param or metric name in the characters MLflow takes (`module:function` → `module_function`)."""
+    return re.sub(r"[^\w\-. /]", "_", key)
+
+
 def safe_params(cfg: DictConfig | dict) -> dict[str, Any]:
-    """Flattened config without anything that looks like a secret."""
-    return {k: ("***" if _SECRET.search(k) else v) for k, v in flatten(cfg).items()}
+    """Flattened config without anything that looks like a secret, under names MLflow takes."""
+    return {mlflow_name(k): ("***" if _SECRET.search(k) else v) for k, v in flatten(cfg).items()}
 
 
 def params_hash(cfg: DictConfig) -> str:

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from lmtune import LmtuneError, provenance
 from lmtune.track import lineage, store
-from lmtune.track.run_params import params_hash, run_name, safe_params
+from lmtune.track.run_params import mlflow_name, params_hash, run_name, safe_params
 from lmtune.track.stage_metrics import METRICS_FILES, REPORT_FILES, numbers, pipeline_metrics
 
 PARAMS_HASH_TAG = "lmtune.params_hash"
@@ -76,7 +76,7 @@ class StageRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step or 0) for k, v in numbers.items()]
+        metrics = [Metric(mlflow_name(k), v, now, step or 0) for k, v in numbers.items()]
         for start in range(0, len(metrics), 1000):  # MLflow's batch limit
             batch = metrics[start : start + 1000]
             self._try(f"logging {self.stage} metrics", lambda b=batch: self.client.log_batch(self.run_id, b))
@@ -211,6 +211,17 @@ def record_ran_with(ran_with: dict[str, dict]) -> None:
             _active._try(
                 f"tagging {key}", lambda k=key, v=value: _active.client.set_tag(_active.run_id, f"ran.{k}", v)
             )
+
+
+def log_table(frame, artifact_file: str) -> None:
+    """A table (pandas DataFrame) into the active stage's run, browsable in the MLflow UI (its
+    artifact view shows the rows, and the UI's evaluation view compares runs' tables); a no-op
+    without a run."""
+    if _active is not None:
+        _active._try(
+            f"logging {artifact_file}",
+            lambda: _active.client.log_table(_active.run_id, data=frame, artifact_file=artifact_file),
+        )
 
 
 def step_logger() -> Callable[[int, dict], None]:

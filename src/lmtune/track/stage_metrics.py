@@ -15,6 +15,7 @@ METRICS_FILES = {
     "train": "train.json",
     "reference": "reference.json",  # align != none only
     "align": "align.json",
+    "rl": "rl.json",  # rl != none only
     "merge": "merge.json",
     "quantize": "quantize.json",
     "eval": "eval.json",
@@ -25,6 +26,9 @@ REPORT_FILES = (
     "val_loss.csv",
     "align_loss.csv",
     "align.md",
+    "rl_curve.csv",
+    "rl.md",
+    "rl_samples.md",
     "eval.md",
     "samples.md",
     "samples.jsonl",

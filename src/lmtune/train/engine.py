@@ -72,6 +72,9 @@ class Method:
     between_steps: Callable[[int], dict[str, float]] | None = None  # after step N: more to record
     log_as: dict[str, str] = field(default_factory=dict)  # record key → the name it is logged under
     shown: dict[str, str] = field(default_factory=dict)  # progress label → record key, beside loss
+    # whether step N's loss has a gradient at all (RL: not when every group's rewards are equal);
+    # the guards against LoRA matrices without gradient hold only for steps that do
+    gradient_expected: Callable[[int], bool] | None = None
 
 
 def peak_memory_gib() -> float:
@@ -117,6 +120,7 @@ def fit(
     # the scheduler is stepped here, once per optimizer step, not prepared
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    learned = method.gradient_expected is None  # whether a step had a gradient to learn from
     bar = tqdm(
         total=schedule.max_steps,
         initial=state["step"],
@@ -130,7 +134,9 @@ def fit(
         sums, tokens = _accumulate(model, method, schedule, state["step"], autocast, scaler)
         _check_step(sums["loss"], method, state["step"] + 1, checkpoint_dir)
         scaler.unscale_(optimizer)  # true gradients for the checks and clipping (a no-op without fp16)
-        _check_gradients(plain, state["step"] + 1)
+        if method.gradient_expected is None or method.gradient_expected(state["step"]):
+            _check_gradients(plain, state["step"] + 1)
+            learned = True
         optimizer_step(optimizer, scheduler, scaler, params, schedule.max_grad_norm)
         step = _record_step(state, tokens, time.perf_counter() - started)
         record = {**sums, "lr": scheduler.get_last_lr()[0]}
@@ -152,7 +158,8 @@ def fit(
             accelerator.wait_for_everyone()
     bar.close()
     final = lora_state(plain)
-    unchanged_matrices(final, initial)
+    if learned:
+        unchanged_matrices(final, initial)
     return {
         "steps": state["step"],
         "resumed_from_step": resumed_from,

@@ -1,0 +1,213 @@
+"""Rollouts are data: every rollout batch (the prompts of one step, num_generations completions
+each, sampled from the current policy) is written as a Parquet file with everything training reads
+from it, so that a run can be replayed without generating, audited, and browsed.
+
+A rollout batch is a pure function of (seed, its number, the policy at that moment): the prompts are
+drawn by lmtune.data.batching.batch_indices, and sampling runs under its own seed in a forked RNG,
+so training's own random state (LoRA dropout) never depends on whether a batch was generated or
+read back. Sampling runs the policy itself (the quantized base with the LoRA being trained) with a
+KV cache, in batches: no second copy of the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from lmtune.data.batching import batch_indices
+from lmtune.data.sequences import Sequence
+from lmtune.rl import RLError
+from lmtune.rl.losses import advantages
+from lmtune.rl.rewards import score
+from lmtune.train.logps import token_logps
+
+COLUMNS = (  # one row per completion
+    "rollout", "prompt_row", "generation", "seed", "prompt_ids", "completion_ids", "completion",
+    "truncated", "learned", "reward", "advantage", "old_logps", "ref_logps",
+)  # fmt: skip
+
+
+def rollout_seed(seed: int, rollout: int) -> int:
+    return seed * 100_003 + rollout
+
+
+def file_of(folder: Path, rollout: int) -> Path:
+    return Path(folder) / f"rollout_{rollout:05d}.parquet"
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], rl: DictConfig, tokenizer, seed: int) -> list[list[int]]:
+    """num_generations completions of each prompt (prompt-major), each cut after its first EOS
+    (kept) or at max_completion_length; sampled with temperature and top_p in a batch, KV cache on."""
+    device = next(model.parameters()).device
+    rows = [p for p in prompts for _ in range(rl.num_generations)]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for i, row in enumerate(rows):  # left padding: every prompt ends where generation starts
+        ids[i, width - len(row) :] = torch.tensor(row)
+        attention[i, width - len(row) :] = 1
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=attention.to(device),
+            do_sample=True,
+            temperature=rl.temperature,
+            top_p=rl.top_p,
+            top_k=0,
+            max_new_tokens=rl.max_completion_length,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,
+        )
+    completions = []
+    for row in out[:, width:].tolist():
+        end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+        completions.append(row[:end])
+    return completions
+
+
+def sequences(prompts: list[list[int]], completions: list[list[int]], learned: list[bool]) -> list[Sequence]:
+    """Prompt and completion as one sequence, the completion learned (none of it where `learned`
+    is False: a truncated completion with mask_truncated_completions)."""
+    return [
+        Sequence(p + c, [0] * len(p) + [int(keep)] * len(c))
+        for p, c, keep in zip(prompts, completions, learned, strict=True)
+    ]
+
+
+@torch.no_grad()
+def behaviour_logps(
+    model, seqs: list[Sequence], pad_id: int, packed: bool, rl, autocast
+) -> list[list[float]]:
+    """Each completion's per-token log-probabilities under the model as it sampled (no dropout)."""
+    was_training = model.training
+    model.eval()
+    with autocast:
+        logps, owner, _ = token_logps(model, seqs, pad_id, packed, rl.temperature)
+    model.train(was_training)
+    counts = torch.bincount(owner, minlength=len(seqs)).tolist()
+    return [part.float().tolist() for part in torch.split(logps.float().cpu(), counts)]
+
+
+class Rollouts:
+    """The rollout batches of one run: read from `folder` when there, else generated (and written
+    there atomically) when `generate` is on; replay reads only."""
+
+    def __init__(self, folder: Path, generate: bool, make=None):
+        self.folder, self.generate, self.make = Path(folder), generate, make
+        self.cache: dict[int, pd.DataFrame] = {}
+
+    def get(self, rollout: int) -> pd.DataFrame:
+        if rollout in self.cache:
+            return self.cache[rollout]
+        path = file_of(self.folder, rollout)
+        if path.is_file():
+            frame = pd.read_parquet(path)
+        elif not self.generate:
+            raise RLError(
+                f"{path} is missing: replay trains on stored rollouts only; dvc pull the run's "
+                "data/rollouts, or train without replay"
+            )
+        else:
+            frame = self.make(rollout)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")
+            frame.to_parquet(partial, index=False)
+            partial.replace(path)
+        self.cache = {rollout: frame}  # one batch at a time in memory
+        return frame
+
+
+def make_rollout(
+    model, rollout: int, rows: list[dict], prompt_ids: list[list[int]], functions, rl, cfg, tokenizer,
+    packed: bool, autocast, reference=None,
+) -> pd.DataFrame:  # fmt: skip
+    """One rollout batch: its prompts (seeded), the completions sampled from `model`, their rewards
+    by function and in sum, group-relative advantages, the sampling policy's log-probabilities and,
+    with beta > 0, the starting policy's (`reference`: a context in which `model` is it)."""
+    picked = batch_indices(len(rows), rl.batch_size, cfg.seed, rollout)
+    prompts = [prompt_ids[i] for i in picked]
+    seed = rollout_seed(cfg.seed, rollout)
+    began = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    completions = sample(model, prompts, rl, tokenizer, seed)
+    model.train(was_training)
+    seconds = time.perf_counter() - began
+    expanded = [p for p in prompts for _ in range(rl.num_generations)]
+    per_row = [rows[i] for i in picked for _ in range(rl.num_generations)]
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    questions = [r["question"] for r in per_row]
+    scores = score(functions, questions, texts, per_row)
+    truncated = [len(c) == rl.max_completion_length and c[-1] != tokenizer.eos_token_id for c in completions]
+    learned = [not (t and rl.mask_truncated_completions) for t in truncated]
+    seqs = sequences(expanded, completions, learned)
+    old = behaviour_logps(model, seqs, tokenizer.pad_token_id, packed, rl, autocast)
+    ref = None
+    if rl.beta != 0.0:
+        with reference() if reference else contextlib.nullcontext():
+            ref = behaviour_logps(model, seqs, tokenizer.pad_token_id, packed, rl, autocast)
+    adv = advantages(
+        torch.tensor(scores["reward"], dtype=torch.float64), rl.num_generations, rl.scale_rewards
+    )
+    frame = pd.DataFrame(
+        {
+            "rollout": rollout,
+            "prompt_row": [r["index"] for r in per_row],
+            "generation": [g for _ in picked for g in range(rl.num_generations)],
+            "seed": seed,
+            "prompt_ids": expanded,
+            "completion_ids": completions,
+            "completion": texts,
+            "truncated": truncated,
+            "learned": learned,
+            **{f"reward/{name}": values for name, values in scores.items() if name != "reward"},
+            "reward": scores["reward"],
+            "advantage": adv.tolist(),
+            "old_logps": old,
+            "ref_logps": ref if ref is not None else [None] * len(seqs),
+            "generation_seconds": seconds,
+        }
+    )
+    return frame
+
+
+def summary(frame: pd.DataFrame) -> dict[str, float]:
+    """What a rollout batch says about the policy: reward mean and spread per function, completion
+    length, the share cut at the length limit, generation speed."""
+    out = {}
+    for column in [c for c in frame.columns if c.startswith("reward/")] + ["reward"]:
+        values = frame[column].to_numpy(dtype=float)
+        name = column.removeprefix("reward/")
+        key = "reward" if column == "reward" else f"rewards/{name}"
+        out[f"{key}/mean" if column != "reward" else "reward"] = float(values.mean())
+        out[f"{key}/std" if column != "reward" else "reward_std"] = (
+            float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        )
+    lengths = frame["completion_ids"].map(len).to_numpy()
+    out["completions/mean_length"] = float(lengths.mean())
+    out["completions/clipped_ratio"] = float(frame["truncated"].mean())
+    out["generation_tokens_per_second"] = float(
+        lengths.sum() / max(frame["generation_seconds"].iloc[0], 1e-9)
+    )
+    grouped = frame["reward"].to_numpy(dtype=float).reshape(-1, int(frame["generation"].max()) + 1)
+    out["frac_reward_zero_std"] = float((grouped.std(1) == 0).mean())
+    return out
+
+
+def padded(values: list[list[float]] | None, lengths: list[int]) -> torch.Tensor | None:
+    """Per-token values of completions as [completions, longest], zero past each one's end."""
+    if values is None or values[0] is None:
+        return None
+    out = torch.zeros(len(values), max(max(lengths), 1), dtype=torch.float32)
+    for i, row in enumerate(values):
+        out[i, : len(row)] = torch.as_tensor(np.asarray(row, dtype=np.float32))
+    return out
