@@ -23,6 +23,7 @@ import numpy as np
 
 from lmtune.artifacts import write_json, write_text
 from lmtune.checkpoint import load_tokenizer
+from lmtune.config import MIN_EVAL_EXAMPLES
 from lmtune.data.sequences import read_prompts, read_sequences
 from lmtune.evaluate import benchmarks as lm_eval_tasks
 from lmtune.evaluate.forms import model_loaders
@@ -70,12 +71,16 @@ def run(cfg) -> dict:
     if (gguf := Path(paths.quantized) / GGUF_FILE).is_file():
         check_decodes(gguf)  # a llama.cpp that crashes on this file is named now, not after hours
     pairs = held_out_pairs(cfg)
-    loaders = model_loaders(cfg, dtype, context_length(cfg, seqs + pairs, prompts))
+    task_rows, task_prompts, task = task_questions(cfg, tokenizer)  # before any model loads
+    n_ctx = context_length(cfg, seqs + pairs, prompts)
+    if task_prompts:  # a GGUF's context holds the task's questions and their answers too
+        n_ctx = max(n_ctx, max(map(len, task_prompts)) + cfg.rl.max_completion_length)
+    loaders = model_loaders(cfg, dtype, n_ctx)
     functions, examples, speed, benchmarks, pair_scores, roles = {}, {}, {}, {}, {}, {}
     for name, (role, load) in loaders.items():
         benchmark_with = manager if e.benchmarks and role in e.benchmark_models else None
-        likelihood, continuations, speed[name], results, pair_scores[name] = score(
-            name, load, seqs, prompts, tokenizer, cfg, benchmark_with, pairs
+        likelihood, continuations, speed[name], results, pair_scores[name], answers = score(
+            name, load, seqs, prompts, tokenizer, cfg, benchmark_with, pairs, task_prompts
         )
         roles[role] = name
         if results is not None:
@@ -83,9 +88,13 @@ def run(cfg) -> dict:
         predictions = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
         functions[name] = answer_functions(cfg, likelihood, continuations, predictions, references)
         examples[name] = predictions[:3]
+        if task_rows:
+            functions[name] |= task_functions(task_rows, answers, tokenizer, task)
     sizes = {m: len(seqs) if m in LIKELIHOOD_METRICS else len(prompts) for m in functions["base"]}
     if pairs:
         sizes |= add_preference_functions(cfg, functions, pair_scores, roles)
+    if task_rows:
+        sizes |= {"task_accuracy": len(task_rows), "task_answer_tokens": len(task_rows)}
     scores = bootstrap(functions, sizes, "base", e.bootstrap_resamples, cfg.seed)
     settings = settings_of(cfg, seqs, prompts, dtype)
     if pairs:
@@ -140,53 +149,85 @@ def held_out_pairs(cfg) -> list:
     return [] if "label" in reference else [seq for pair in items for seq in pair]
 
 
-def score(name, load, seqs, prompts, tokenizer, cfg, benchmark_with, pairs=()):
+def score(name, load, seqs, prompts, tokenizer, cfg, benchmark_with, pairs=(), task_prompts=()):
     """Load one model, score the likelihood of every test passage (and of the held-out preference
-    pairs' responses), generate greedily from every prompt and run the benchmarks (when
-    `benchmark_with` holds lm-eval's task manager); release it. Returns (likelihoods,
-    continuations, its speed figures, its benchmark results or None, the pairs' likelihoods)."""
+    pairs' responses), generate greedily from every prompt (and answer the RL task's held-out
+    questions), run the benchmarks (when `benchmark_with` holds lm-eval's task manager); release it.
+    Returns (likelihoods, continuations, its speed figures, its benchmark results or None, the
+    pairs' likelihoods, the task's answers)."""
     e, results, pair_likelihood = cfg.eval, None, None
     began = time.perf_counter()
     model = load()
     speed = {"load_seconds": time.perf_counter() - began}
-    if isinstance(model, GGUFModel):  # scored in llama.cpp, where a GGUF's users run it
-        speed["runtime"] = "llama.cpp"
+    gguf = isinstance(model, GGUFModel)  # scored in llama.cpp, where a GGUF's users run it
+    speed["runtime"] = "llama.cpp" if gguf else "transformers"
+    if gguf:
         likelihood = model.likelihood_per_passage(seqs, desc=name)
         if pairs:
             pair_likelihood = model.likelihood_per_passage(pairs, desc=f"{name}, held-out pairs")
-        if benchmark_with is not None:  # while the llama.cpp context is open
-            began = time.perf_counter()
-            results = lm_eval_tasks.run_benchmarks(model, tokenizer, cfg, benchmark_with)
-            speed["benchmark_seconds"] = time.perf_counter() - began
-        began = time.perf_counter()
-        continuations = model.greedy_continuations(prompts, e.reference_tokens, tokenizer.eos_token_id, name)
-        model.close()
     else:
-        speed["runtime"] = "transformers"
         likelihood = likelihood_per_passage(model, seqs, e.batch_size, tokenizer.pad_token_id, desc=name)
         if pairs:
             pair_likelihood = likelihood_per_passage(
                 model, pairs, e.batch_size, tokenizer.pad_token_id, desc=f"{name}, held-out pairs"
             )
-        began = time.perf_counter()
-        continuations = greedy_continuations(
-            model,
-            prompts,
-            e.reference_tokens,
-            tokenizer.pad_token_id,
-            tokenizer.eos_token_id,
-            e.batch_size,
-            desc=name,
-        )
-    speed["generated_tokens_per_second"] = sum(map(len, continuations)) / (time.perf_counter() - began)
-    if benchmark_with is not None and results is None:
+    if benchmark_with is not None:
         began = time.perf_counter()
         results = lm_eval_tasks.run_benchmarks(model, tokenizer, cfg, benchmark_with)
         speed["benchmark_seconds"] = time.perf_counter() - began
+    began = time.perf_counter()
+    continuations = greedy(model, prompts, e.reference_tokens, tokenizer, e.batch_size, name)
+    speed["generated_tokens_per_second"] = sum(map(len, continuations)) / (time.perf_counter() - began)
+    answers = greedy(
+        model, task_prompts, cfg.rl.max_completion_length, tokenizer, e.batch_size, f"{name}, task"
+    )
+    if gguf:
+        model.close()
     del model
     if (left := free_device_memory()) is not None:  # the next model starts on an empty card
         speed["gpu_gib_left_after_release"] = left
-    return likelihood, continuations, speed, results, pair_likelihood
+    return likelihood, continuations, speed, results, pair_likelihood, answers
+
+
+def greedy(model, prompts, max_new_tokens: int, tokenizer, batch_size: int, desc: str) -> list[list[int]]:
+    """Greedy continuations of token-id prompts, in llama.cpp for a GGUF, else in transformers."""
+    if not prompts:
+        return []
+    if isinstance(model, GGUFModel):
+        return model.greedy_continuations(prompts, max_new_tokens, tokenizer.eos_token_id, desc)
+    return greedy_continuations(
+        model, prompts, max_new_tokens, tokenizer.pad_token_id, tokenizer.eos_token_id, batch_size, desc=desc
+    )
+
+
+def task_questions(cfg, tokenizer) -> tuple[list[dict], list[list[int]], object]:
+    """After RL, the task's held-out questions as the rl stage asked them, and the task (its scorer)."""
+    if cfg.rl.method == "none":
+        return [], [], None
+    from lmtune.rl.tasks import load_task, prompt_ids
+
+    task, _, rows = load_task(cfg.rl, cfg.seed)
+    if len(rows) < MIN_EVAL_EXAMPLES:
+        raise EvaluationError(
+            f"rl.test_prompts={cfg.rl.test_prompts} gives {len(rows)} held-out questions of {cfg.rl.task}; "
+            f"eval's bootstrap intervals need at least {MIN_EVAL_EXAMPLES}: raise rl.test_prompts"
+        )
+    return rows, [prompt_ids(r["question"], cfg.rl, tokenizer) for r in rows], task
+
+
+def task_functions(rows, answers, tokenizer, task) -> dict:
+    """Every model's metrics on the RL task's held-out questions: accuracy of its greedy answers (the
+    task's score) and their length in tokens."""
+    from lmtune.rl.rewards import task_reward
+
+    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+    scorer = task_reward(task, cfg.rl.answer)
+    right = np.array([scorer(r["question"], t, r) for r, t in zip(rows, texts, strict=True)])
+    lengths = np.array([len(a) for a in answers], dtype=float)
+    return {
+        "task_accuracy": lambda idx: float(right[idx].mean()),
+        "task_answer_tokens": lambda idx: float(lengths[idx].mean()),
+    }
 
 
 def settings_of(cfg, seqs, prompts, dtype) -> dict:

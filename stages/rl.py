@@ -32,7 +32,7 @@ STAGE = Path(__file__).stem  # its params (what its output folder records): dvc.
 def run(cfg) -> dict:
     paths, rl = cfg.paths, cfg.rl
     task, train_rows, test_rows = load_task(rl, cfg.seed)  # before any model loads
-    functions = reward_functions(rl.rewards, task)
+    functions = reward_functions(rl.rewards, task, rl.answer)
     tokenizer = load_tokenizer(paths.base)
     train_prompts = [prompt_ids(r["question"], rl, tokenizer) for r in train_rows]
     test_prompts = [prompt_ids(r["question"], rl, tokenizer) for r in test_rows]

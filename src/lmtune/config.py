@@ -283,6 +283,7 @@ class Rl:
     train_prompts: int = positive()
     test_prompts: int = positive()
     system_prompt: str | None = MISSING
+    answer: str = one_of("tags", "last_number")  # how a completion's answer is read (lmtune.rl.rewards)
     rewards: dict[str, float] = MISSING
     loss_type: str = one_of("dapo", "grpo", "dr_grpo", "bnpo")
     importance_sampling_level: str = one_of("token", "sequence")

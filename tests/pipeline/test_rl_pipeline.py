@@ -50,6 +50,13 @@ def test_rl_runs_after_the_sft_and_merge_eval_and_sample_take_its_adapter(reinfo
     assert "| gain |" in (dest / "metrics/rl.md").read_text()
     assert "## Rollout batch 0" in (dest / "metrics/rl_samples.md").read_text()
     assert not (dest / "models/checkpoints/rl").exists()  # cleaned once adapter and rollouts are safe
+    # eval: every model form answers the task's held-out questions, with intervals and deltas vs base
+    models = json.loads((dest / "metrics/eval.json").read_text())["models"]
+    assert list(models) == ["base", "base_4bit", "base_4bit_adapter", "merged", "merged_int8_weight_only"]
+    for name, scores in models.items():
+        assert {"task_accuracy", "task_answer_tokens"} <= set(scores), name
+        assert len(scores["task_accuracy"]["ci95"]) == 2
+    assert {"delta", "delta_ci95"} <= set(models["merged"]["task_accuracy"])
 
 
 def test_the_mlflow_run_gets_each_steps_rewards_and_the_rollouts_as_a_table(reinforced):

@@ -199,6 +199,12 @@ def test_rewards_that_raise_or_return_no_number_are_named_with_their_row_and_unk
     scores = score(functions, ["1 + 1 ="], ["so <answer>2</answer>"], rows)
     assert scores["task"] == [1.0] and scores["format"] == [1.0]
     assert scores["reward"] == [pytest.approx(1.0 + 0.5 + 2.0 * 2.1)]
+    from lmtune.rl.rewards import answer_of
+
+    assert answer_of("7 + 8 = 15, so <answer> 15 </answer>") == "15"
+    assert answer_of("7 + 8 = 15.") == "7 + 8 = 15."  # tags: no tags, the whole completion
+    assert answer_of("7 - 8 = -1.", "last_number") == "-1"
+    assert answer_of("no number here", "last_number") == "no number here"
     with pytest.raises(RLError, match=r"reward lmtune_test_rewards:broken raised ZeroDivisionError.*row 7"):
         score(reward_functions({"lmtune_test_rewards:broken": 1.0}, task), ["q"], ["a"], rows)
     with pytest.raises(RLError, match=r"reward lmtune_test_rewards:wordy returned 'good' on row 7"):

@@ -253,10 +253,12 @@ EXPLAIN = {
     "preference_margin": "mean log-likelihood of the chosen response minus the rejected one, held-out pairs",
     "reward_accuracy": "share of held-out pairs whose log-likelihood margin is above the starting policy's "
     "(DPO's implicit reward accuracy; 0 for the starting policy itself)",
+    "task_accuracy": "after RL: the task's score of the greedy answers to its held-out questions",
+    "task_answer_tokens": "after RL: mean length of those answers in tokens",
 }
 _PERCENT = {
     "token_accuracy", "exact_match", "answer_f1", "rouge1", "rouge2", "rougeL",
-    "preference_accuracy", "preference_accuracy_per_token", "reward_accuracy",
+    "preference_accuracy", "preference_accuracy_per_token", "reward_accuracy", "task_accuracy",
 }  # fmt: skip
 
 

@@ -168,7 +168,7 @@ def held_out(
             16, "held-out",
         )  # fmt: skip
     model.train(was_training)
-    score = task_reward(task)
+    score = task_reward(task, cfg.rl.answer)
     texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
     return np.array(
         [score(prompt=r["question"], completion=t, row=r) for r, t in zip(rows, texts, strict=True)]

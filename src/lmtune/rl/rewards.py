@@ -1,7 +1,8 @@
 """Verifiable rewards: programs that score a completion, so that RL needs no reward model.
 
 - `task`: the task's own scorer (reasoning-gym's `score_answer`) on the answer the completion gives:
-  the text of its last <answer>...</answer>, else the whole completion stripped.
+  the text of its last <answer>...</answer>; else with rl.answer=last_number the last number it
+  writes; else the whole completion stripped.
 - `format`: 1 when the completion gives its answer in exactly one <answer>...</answer>, else 0.
 - `module:function`: the user's own, called as function(prompt=..., completion=..., row=...) and
   returning a number (a module under the project, or any importable one).
@@ -24,10 +25,18 @@ _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 Reward = Callable[..., float]
 
 
-def answer_of(completion: str) -> str:
-    """The answer a completion gives: its last <answer>...</answer>, else all of it, stripped."""
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def answer_of(completion: str, kind: str = "tags") -> str:
+    """The answer a completion gives: its last <answer>...</answer>; else, for kind=last_number, the
+    last number it writes (how numeric answers are read from free text, as GSM8K's are), else all
+    of it; stripped."""
     found = _ANSWER.findall(completion)
-    return (found[-1] if found else completion).strip()
+    if found:
+        return found[-1].strip()
+    numbers = _NUMBER.findall(completion) if kind == "last_number" else []
+    return numbers[-1] if numbers else completion.strip()
 
 
 def format_reward(prompt: str, completion: str, row: dict) -> float:
@@ -41,12 +50,12 @@ def brevity(prompt: str, completion: str, row: dict) -> float:
     return 1.0 / (1.0 + len(completion.strip()) / 100)
 
 
-def task_reward(task) -> Reward:
+def task_reward(task, answer: str = "tags") -> Reward:
     """The task's own scorer on the completion's answer (1.0 right, 0.0 wrong, partial credit
-    where the task gives it)."""
+    where the task gives it); `answer`: how the answer is read (answer_of)."""
 
     def score(prompt: str, completion: str, row: dict) -> float:
-        return float(task.score_answer(answer_of(completion), row["entry"]))
+        return float(task.score_answer(answer_of(completion, answer), row["entry"]))
 
     return score
 
@@ -66,9 +75,11 @@ def user_reward(spec: str) -> Reward:
     return function
 
 
-def reward_functions(weights: dict[str, float], task) -> dict[str, tuple[Reward, float]]:
+def reward_functions(
+    weights: dict[str, float], task, answer: str = "tags"
+) -> dict[str, tuple[Reward, float]]:
     """name → (function, weight) for rl.rewards; every one resolved before any model loads."""
-    known = {"task": lambda: task_reward(task), "format": lambda: format_reward}
+    known = {"task": lambda: task_reward(task, answer), "format": lambda: format_reward}
     return {
         name: (known[name]() if name in known else user_reward(name), float(w)) for name, w in weights.items()
     }

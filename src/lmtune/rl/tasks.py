@@ -27,8 +27,8 @@ def check_task(name: str) -> None:
 
 def load_task(rl: DictConfig, seed: int) -> tuple[object, list[dict], list[dict]]:
     """(the task's data set, whose score_answer is the reward; training rows; held-out rows). Rows:
-    {index, question, answer, entry}. Held-out questions are drawn with another seed, and any that
-    is also a training question is left out."""
+    {index, question, answer, entry}. Held-out questions are drawn with another seed; any that is
+    also a training question, or came before, is left out."""
     import reasoning_gym
 
     check_task(rl.task)
@@ -38,13 +38,15 @@ def load_task(rl: DictConfig, seed: int) -> tuple[object, list[dict], list[dict]
         test = reasoning_gym.create_dataset(rl.task, size=rl.test_prompts, seed=seed + 1_000_003, **options)
     except (TypeError, AssertionError, ValueError) as err:
         raise RLError(f"rl.task_config={options}: {rl.task} refuses it ({err})") from None
-    rows = lambda ds, skip: [  # noqa: E731
+    train_rows = [
         {"index": i, "question": e["question"], "answer": e["answer"], "entry": e}
-        for i, e in enumerate(ds)
-        if e["question"] not in skip
+        for i, e in enumerate(train)
     ]
-    train_rows = rows(train, set())
-    test_rows = rows(test, {r["question"] for r in train_rows})
+    seen, test_rows = {r["question"] for r in train_rows}, []
+    for i, e in enumerate(test):  # each held-out question once, and never a training one
+        if e["question"] not in seen:
+            seen.add(e["question"])
+            test_rows.append({"index": i, "question": e["question"], "answer": e["answer"], "entry": e})
     if len(test_rows) < 2:
         raise RLError(
             f"rl.task={rl.task}: only {len(test_rows)} held-out questions differ from the training ones; "
