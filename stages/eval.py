@@ -89,7 +89,7 @@ def run(cfg) -> dict:
         functions[name] = answer_functions(cfg, likelihood, continuations, predictions, references)
         examples[name] = predictions[:3]
         if task_rows:
-            functions[name] |= task_functions(task_rows, answers, tokenizer, task)
+            functions[name] |= task_functions(task_rows, answers, tokenizer, task, cfg.rl.answer)
     sizes = {m: len(seqs) if m in LIKELIHOOD_METRICS else len(prompts) for m in functions["base"]}
     if pairs:
         sizes |= add_preference_functions(cfg, functions, pair_scores, roles)
@@ -215,13 +215,13 @@ def task_questions(cfg, tokenizer) -> tuple[list[dict], list[list[int]], object]
     return rows, [prompt_ids(r["question"], cfg.rl, tokenizer) for r in rows], task
 
 
-def task_functions(rows, answers, tokenizer, task) -> dict:
+def task_functions(rows, answers, tokenizer, task, answer: str) -> dict:
     """Every model's metrics on the RL task's held-out questions: accuracy of its greedy answers (the
     task's score) and their length in tokens."""
     from lmtune.rl.rewards import task_reward
 
     texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
-    scorer = task_reward(task, cfg.rl.answer)
+    scorer = task_reward(task, answer)
     right = np.array([scorer(r["question"], t, r) for r, t in zip(rows, texts, strict=True)])
     lengths = np.array([len(a) for a in answers], dtype=float)
     return {
