@@ -55,14 +55,20 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-# What the pipeline itself writes into git-tracked files (dvc.lock; metrics/, cache: false): a
-# stage that runs after another has written them is still running the committed code and config.
-PIPELINE_WRITES = ("dvc.lock", "metrics")
+# What does not count as code or config: what the pipeline itself writes into git-tracked files
+# (dvc.lock; metrics/, cache: false; a stage that runs after another has written them still runs
+# the committed code and config), and the documentation (docs/, Markdown anywhere).
+NOT_CODE = (
+    ":(exclude,top)dvc.lock",
+    ":(exclude,top)metrics",
+    ":(exclude,top)docs",
+    ":(exclude,top,glob)**/*.md",
+)
 
 
 def git_state(cwd: Path | str = ".") -> dict:
     """{commit, dirty, changed}: the commit checked out, and whether (and which) tracked files of
-    code or config differ from it; the pipeline's own outputs do not count."""
+    code or config differ from it; the pipeline's own outputs and the docs do not count."""
 
     def git(*args: str) -> str | None:
         try:
@@ -71,8 +77,7 @@ def git_state(cwd: Path | str = ".") -> dict:
             return None
 
     commit = git("rev-parse", "HEAD")
-    excluded = [f":(exclude,top){path}" for path in PIPELINE_WRITES]
-    changed = git("diff", "HEAD", "--name-only", "--", ":(top)", *excluded)
+    changed = git("diff", "HEAD", "--name-only", "--", ":(top)", *NOT_CODE)
     files = sorted(changed.split()) if changed is not None else None
     return {
         "commit": commit.strip() if commit else None,

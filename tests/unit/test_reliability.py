@@ -254,7 +254,7 @@ def test_dirty_names_changed_code_or_config_not_what_the_pipeline_wrote(tmp_path
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True)
 
-    for name in ("dvc.lock", "params.yaml", "metrics/eval.json", "src/lmtune/config.py"):
+    for name in ("dvc.lock", "params.yaml", "metrics/eval.json", "src/lmtune/config.py", "README.md"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("committed\n")
     git("init", "-q")
@@ -264,6 +264,7 @@ def test_dirty_names_changed_code_or_config_not_what_the_pipeline_wrote(tmp_path
     (tmp_path / "metrics/eval.json").write_text("{}\n")
     (tmp_path / "metrics/made_by").mkdir()
     (tmp_path / "metrics/made_by/eval.json").write_text("{}\n")  # untracked: not counted either
+    (tmp_path / "README.md").write_text("docs are not code\n")
     state = git_state(tmp_path / "src")  # asked from a subfolder: the whole tree counts
     assert state["dirty"] is False and state["changed"] == [] and len(state["commit"]) == 40
     (tmp_path / "params.yaml").write_text("edited\n")
