@@ -181,26 +181,23 @@ def make_rollout(
 
 
 def summary(frame: pd.DataFrame) -> dict[str, float]:
-    """What a rollout batch says about the policy: reward mean and spread per function, completion
+    """What a rollout batch says about the policy, under trl's names: the reward's mean and spread
+    (and each function's), the share of groups whose rewards were all equal (no signal), completion
     length, the share cut at the length limit, generation speed."""
-    out = {}
-    for column in [c for c in frame.columns if c.startswith("reward/")] + ["reward"]:
-        values = frame[column].to_numpy(dtype=float)
+    spread = lambda values: float(values.std(ddof=1)) if len(values) > 1 else 0.0  # noqa: E731
+    out = {"reward": float(frame["reward"].mean()), "reward_std": spread(frame["reward"])}
+    for column in (c for c in frame.columns if c.startswith("reward/")):
         name = column.removeprefix("reward/")
-        key = "reward" if column == "reward" else f"rewards/{name}"
-        out[f"{key}/mean" if column != "reward" else "reward"] = float(values.mean())
-        out[f"{key}/std" if column != "reward" else "reward_std"] = (
-            float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        )
+        out[f"rewards/{name}/mean"] = float(frame[column].mean())
+        out[f"rewards/{name}/std"] = spread(frame[column])
+    groups = frame["reward"].to_numpy(dtype=float).reshape(-1, int(frame["generation"].max()) + 1)
     lengths = frame["completion_ids"].map(len).to_numpy()
-    out["completions/mean_length"] = float(lengths.mean())
-    out["completions/clipped_ratio"] = float(frame["truncated"].mean())
-    out["generation_tokens_per_second"] = float(
-        lengths.sum() / max(frame["generation_seconds"].iloc[0], 1e-9)
-    )
-    grouped = frame["reward"].to_numpy(dtype=float).reshape(-1, int(frame["generation"].max()) + 1)
-    out["frac_reward_zero_std"] = float((grouped.std(1) == 0).mean())
-    return out
+    return out | {
+        "frac_reward_zero_std": float((groups.std(1) == 0).mean()),
+        "completions/mean_length": float(lengths.mean()),
+        "completions/clipped_ratio": float(frame["truncated"].mean()),
+        "generation_tokens_per_second": float(lengths.sum() / max(frame["generation_seconds"].iloc[0], 1e-9)),
+    }
 
 
 def padded(values: list[list[float]] | None, lengths: list[int]) -> torch.Tensor | None:
