@@ -510,7 +510,7 @@ def _rl_problems(cfg: DictConfig) -> list[str]:
             f"the stage and the adapter merge takes do not follow it; switch with the group (rl={r.method}), "
             "which sets them together"
         )
-    if (r.batch_size * r.num_generations) % r.grad_accum:
+    if r.grad_accum > 0 and (r.batch_size * r.num_generations) % r.grad_accum:
         problems.append(
             f"rl.grad_accum={r.grad_accum}: must divide rl.batch_size x rl.num_generations = "
             f"{r.batch_size * r.num_generations} completions a rollout batch"

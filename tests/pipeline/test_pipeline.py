@@ -254,7 +254,8 @@ EDITED = [
     "evaluate/scores.py",
     "export/gguf.py",
     "track/compare.py",
-    "cli/runner.py",
+    "pipeline/runner.py",
+    "tools/serve.py",
 ]
 
 
@@ -266,7 +267,10 @@ def stages_using(edited: str) -> set[str]:
     return {
         script.stem
         for script in (ROOT / "stages").glob("*.py")
-        if any(f == part or part in f.parents for f in module_closure(script, skip=("track", "cli")))
+        if any(
+            f == part or part in f.parents
+            for f in module_closure(script, skip=("track", "pipeline", "tools"))
+        )
     }
 
 
@@ -287,7 +291,7 @@ def test_editing_code_reruns_only_the_stages_that_use_it(repo, edited):
     assert set(json.loads(status)) == stages_using(edited) & existing, (edited, status)
     if edited.startswith("model/"):  # LoRA or loading code: the base (13 GB for Llama-2-7B) stays
         assert "base" not in json.loads(status)
-    if edited.startswith(("track/", "cli/")):
+    if edited.startswith(("track/", "pipeline/", "tools/")):
         assert json.loads(status) == {}
 
 

@@ -178,6 +178,7 @@ def test_every_subpackage_is_named_in_the_layout():
         "export",
         "model",
         "pipeline",
+        "rl",
         "tools",
         "track",
         "train",

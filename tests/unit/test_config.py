@@ -197,7 +197,7 @@ def test_the_config_comments_list_exactly_what_exists():
             )
             assert set(listed_options(entry.comment)) == files, (group, entry.comment)
             checked += 1
-    assert checked == 6  # model, data, quantize, quant, align, experiment
+    assert checked == 7  # model, data, quantize, quant, align, rl, experiment
     for path in sorted(CONF.glob("*/*.yaml")):
         for entry in entries(path):
             if entry.key in CHOICES and (options := listed_options(entry.comment)):

@@ -259,9 +259,13 @@ def no_model(folder: str | Path, root: Path = Path(".")) -> str:
     return message
 
 
+STAGE_GROUPS = ("align", "rl")  # groups whose options add stages (their `method`)
+
+
 def _profile_keys(conf_dir: Path) -> dict[str, dict]:
     """Each profile in conf/experiment → the keys it sets and their values: its own, those of the
-    profiles it includes, and the name of the model it switches to."""
+    profiles it includes, the name of the model it switches to and the method of the preference
+    tuning or RL it switches on."""
 
     def keys(name: str) -> dict:
         values = OmegaConf.to_container(OmegaConf.load(conf_dir / "experiment" / f"{name}.yaml"))
@@ -269,8 +273,13 @@ def _profile_keys(conf_dir: Path) -> dict[str, dict]:
         for entry in values.pop("defaults", None) or []:
             if isinstance(entry, str) and entry != "_self_":
                 flat |= keys(entry)  # another profile it builds on
-            elif isinstance(entry, dict) and (model := entry.get("override /model")):
-                flat["model.name"] = OmegaConf.load(conf_dir / "model" / f"{model}.yaml").name
+            elif isinstance(entry, dict):
+                for key, option in entry.items():  # `override /group: option`
+                    group = key.removeprefix("override /")
+                    if group == "model":
+                        flat["model.name"] = OmegaConf.load(conf_dir / "model" / f"{option}.yaml").name
+                    elif group in STAGE_GROUPS:  # a switch that adds stages: its method tells profiles apart
+                        flat[f"{group}.method"] = _group_values(conf_dir, group, option)[f"{group}.method"]
         return flat | flatten(values)
 
     return {path.stem: keys(path.stem) for path in sorted((conf_dir / "experiment").glob("*.yaml"))}
