@@ -1,7 +1,8 @@
 """`make bench`: the usual QLoRA recipe and lmtune's finetune, one after the other on this machine,
 same model, data, LoRA config, sequence length, batch and steps. Prints both sides and the ratios;
-then generation, eval's likelihood pass on every model form (bench/likelihood.py), and preference
-tuning, trl's DPOTrainer against lmtune's align loop (bench/preference.py); writes
+then generation, eval's likelihood pass on every model form (bench/likelihood.py), preference
+tuning, trl's DPOTrainer against lmtune's align loop (bench/preference.py), and RL, trl's
+GRPOTrainer against lmtune's RL loop (bench/rl.py); writes
 metrics/bench.json and bench/RESULTS.md.
 
     python bench/run.py --steps 10
@@ -104,6 +105,16 @@ def main() -> None:
                 cwd=ROOT,
             )
             preference.append(json.loads(Path(out.name).read_text()))
+    print("== RL with verifiable rewards: trl's GRPOTrainer vs lmtune's RL loop", flush=True)
+    reinforcement = []
+    for side in ("trl", "lmtune"):
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            subprocess.run(
+                [sys.executable, str(HERE / "rl.py"), "--side", side, "--out", out.name, *overrides],
+                check=True,
+                cwd=ROOT,
+            )
+            reinforcement.append(json.loads(Path(out.name).read_text()))
     peak = matmul_gflops()
     baseline = rows[0]
     for row in rows:
@@ -124,6 +135,7 @@ def main() -> None:
         "generation": generation,
         "likelihood": likelihood,
         "preference": preference,
+        "rl": reinforcement,
     }
     (ROOT / "metrics").mkdir(exist_ok=True)
     (ROOT / "metrics" / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -168,6 +180,25 @@ def main() -> None:
             f"| {r['side']} | {r['useful_tokens']} | {r['useful_tokens_per_second']:.0f} | {r['reference_seconds']:.1f} | "
             f"{r['peak_memory_gib']:.1f} | {r['useful_tokens_per_second'] / usual['useful_tokens_per_second']:.2f}x | "
             f"{r['final_reward_accuracy']:.2f} |"
+        )
+    usual = reinforcement[0]
+    table += [
+        "",
+        f"RL with verifiable rewards (GRPO, DAPO's token averaging, a fresh adapter on the same NF4 base, "
+        f"{usual['steps']} steps of {usual['completions_per_step']} completions of up to "
+        "24 tokens, experiment=rl's one-digit sums): trl's GRPOTrainer with peft against lmtune's RL loop, "
+        "both generating with transformers; completion tokens per second end to end (sampling, scoring, training):",
+        "",
+        "| side | completion tokens | completion tokens/s | of which sampling, s | peak GiB | speed vs trl "
+        "| memory vs trl | mean reward, last 3 steps |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reinforcement:
+        sampling = "—" if r["generation_seconds"] is None else f"{r['generation_seconds']:.0f}"
+        table.append(
+            f"| {r['side']} | {r['completion_tokens']} | {r['completion_tokens_per_second']:.0f} | {sampling} | "
+            f"{r['peak_memory_gib']:.1f} | {r['completion_tokens_per_second'] / usual['completion_tokens_per_second']:.2f}x | "
+            f"{r['peak_memory_gib'] / usual['peak_memory_gib']:.2f}x | {r['reward_last_steps']:.2f} |"
         )
     text = "\n".join(table)
     print(text)

@@ -30,6 +30,7 @@ from lmtune.evaluate.forms import model_loaders
 from lmtune.evaluate.generation import greedy_continuations
 from lmtune.evaluate.scores import (
     LIKELIHOOD_METRICS,
+    TASK_METRICS,
     EvaluationError,
     bootstrap,
     eval_markdown,
@@ -43,6 +44,7 @@ from lmtune.export.llamacpp import GGUFModel, check_decodes
 from lmtune.export.quantize import GGUF_FILE
 from lmtune.model.hardware import device, free_device_memory, resolve_dtype
 from lmtune.pipeline.runner import run_stage
+from lmtune.rl.report import task_functions
 
 
 def generation_set(cfg, tokenizer, seqs) -> tuple[list[list[int]], list[list[str]]]:
@@ -89,16 +91,27 @@ def run(cfg) -> dict:
         functions[name] = answer_functions(cfg, likelihood, continuations, predictions, references)
         examples[name] = predictions[:3]
         if task_rows:
-            functions[name] |= task_functions(task_rows, answers, tokenizer, task, cfg.rl.answer)
+            greedy_ids, sampled_ids = answers
+            functions[name] |= task_functions(
+                task_rows, tokenizer.batch_decode(greedy_ids, skip_special_tokens=True),
+                [len(a) for a in greedy_ids], tokenizer.batch_decode(sampled_ids, skip_special_tokens=True),
+                *task,
+            )  # fmt: skip
     sizes = {m: len(seqs) if m in LIKELIHOOD_METRICS else len(prompts) for m in functions["base"]}
     if pairs:
         sizes |= add_preference_functions(cfg, functions, pair_scores, roles)
     if task_rows:
-        sizes |= {"task_accuracy": len(task_rows), "task_answer_tokens": len(task_rows)}
+        sizes |= dict.fromkeys(functions["base"].keys() & TASK_METRICS, len(task_rows))
     scores = bootstrap(functions, sizes, "base", e.bootstrap_resamples, cfg.seed)
     settings = settings_of(cfg, seqs, prompts, dtype)
     if pairs:
         settings["held_out_preference_pairs"] = len(pairs) // 2
+    if task_rows:
+        settings["task"] = {
+            "name": cfg.rl.task,
+            "questions": len(task_rows),
+            "samples_per_question": e.task_samples,
+        }
     write_results(cfg, scores, settings, references, examples, speed, benchmarks)
     if failures := lm_eval_tasks.gate_failures(benchmarks, e.gate):  # after the results are written
         raise EvaluationError(
@@ -181,6 +194,7 @@ def score(name, load, seqs, prompts, tokenizer, cfg, benchmark_with, pairs=(), t
     answers = greedy(
         model, task_prompts, cfg.rl.max_completion_length, tokenizer, e.batch_size, f"{name}, task"
     )
+    answers = (answers, sampled(model, task_prompts, cfg, tokenizer, f"{name}, task"))
     if gguf:
         model.close()
     del model
@@ -200,10 +214,37 @@ def greedy(model, prompts, max_new_tokens: int, tokenizer, batch_size: int, desc
     )
 
 
-def task_questions(cfg, tokenizer) -> tuple[list[dict], list[list[int]], object]:
-    """After RL, the task's held-out questions as the rl stage asked them, and the task (its scorer)."""
+def sampled(model, prompts, cfg, tokenizer, desc: str) -> list[list[int]]:
+    """eval.task_samples answers to each prompt (prompt-major), sampled as RL samples them
+    (rl.temperature, rl.top_p, rl.max_completion_length), seeded by `seed`; EOS not kept. A GGUF
+    samples in llama.cpp, with its own sampler."""
+    k = cfg.eval.task_samples
+    if not prompts or not k:
+        return []
+    if isinstance(model, GGUFModel):
+        return model.sampled_continuations(
+            prompts, k, cfg.rl.max_completion_length, tokenizer.eos_token_id, cfg.rl, cfg.seed, desc
+        )
+    from omegaconf import OmegaConf
+    from tqdm.auto import tqdm
+
+    from lmtune.rl.rollouts import sample
+
+    settings = OmegaConf.merge(cfg.rl, {"num_generations": k})
+    per_call = max(1, cfg.eval.batch_size // k)  # eval.batch_size sequences per generate call
+    answers = []
+    for start in tqdm(range(0, len(prompts), per_call), desc=f"{desc}: sample", unit="batch", leave=False):
+        chunk = sample(model, prompts[start : start + per_call], settings, tokenizer, cfg.seed + start)
+        answers += [a[:-1] if a and a[-1] == tokenizer.eos_token_id else a for a in chunk]
+    return answers
+
+
+def task_questions(cfg, tokenizer) -> tuple[list[dict], list[list[int]], tuple | None]:
+    """After RL, the task's held-out questions as the rl stage asked them, and how an answer is
+    scored: the task's scorer and rl.rewards' functions (each resolved now, before any model loads)."""
     if cfg.rl.method == "none":
         return [], [], None
+    from lmtune.rl.rewards import reward_functions, task_reward
     from lmtune.rl.tasks import load_task, prompt_ids
 
     task, _, rows = load_task(cfg.rl, cfg.seed)
@@ -212,22 +253,8 @@ def task_questions(cfg, tokenizer) -> tuple[list[dict], list[list[int]], object]
             f"rl.test_prompts={cfg.rl.test_prompts} gives {len(rows)} held-out questions of {cfg.rl.task}; "
             f"eval's bootstrap intervals need at least {MIN_EVAL_EXAMPLES}: raise rl.test_prompts"
         )
-    return rows, [prompt_ids(r["question"], cfg.rl, tokenizer) for r in rows], task
-
-
-def task_functions(rows, answers, tokenizer, task, answer: str) -> dict:
-    """Every model's metrics on the RL task's held-out questions: accuracy of its greedy answers (the
-    task's score) and their length in tokens."""
-    from lmtune.rl.rewards import task_reward
-
-    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
-    scorer = task_reward(task, answer)
-    right = np.array([scorer(r["question"], t, r) for r, t in zip(rows, texts, strict=True)])
-    lengths = np.array([len(a) for a in answers], dtype=float)
-    return {
-        "task_accuracy": lambda idx: float(right[idx].mean()),
-        "task_answer_tokens": lambda idx: float(lengths[idx].mean()),
-    }
+    scorers = task_reward(task, cfg.rl.answer), reward_functions(cfg.rl.rewards, task, cfg.rl.answer)
+    return rows, [prompt_ids(r["question"], cfg.rl, tokenizer) for r in rows], scorers
 
 
 def settings_of(cfg, seqs, prompts, dtype) -> dict:

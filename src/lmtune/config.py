@@ -211,6 +211,7 @@ class Eval:
     prompt_tokens: int = positive()
     reference_tokens: int = positive()
     bootstrap_resamples: int = positive()
+    task_samples: int = within(0)  # after RL: sampled answers per held-out question (pass@k); 0: none
     metrics_source: str = one_of("local", "hub")
     benchmarks: list[str] = MISSING  # lm-eval task names (lmtune.evaluate.benchmarks)
     task_dir: str | None = MISSING

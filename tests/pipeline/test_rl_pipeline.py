@@ -54,7 +54,7 @@ def test_rl_runs_after_the_sft_and_merge_eval_and_sample_take_its_adapter(reinfo
     models = json.loads((dest / "metrics/eval.json").read_text())["models"]
     assert list(models) == ["base", "base_4bit", "base_4bit_adapter", "merged", "merged_int8_weight_only"]
     for name, scores in models.items():
-        assert {"task_accuracy", "task_answer_tokens"} <= set(scores), name
+        assert {"task_accuracy", "task_reward", "task_answer_tokens", "task_pass_at_k"} <= set(scores), name
         assert len(scores["task_accuracy"]["ci95"]) == 2
     assert {"delta", "delta_ci95"} <= set(models["merged"]["task_accuracy"])
 

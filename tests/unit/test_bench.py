@@ -99,3 +99,26 @@ def test_the_preference_bench_trains_trl_and_lmtune_on_the_same_pairs_and_steps(
         assert result["useful_tokens"] > 0 and result["useful_tokens_per_second"] > 0
         assert 0 <= result["final_reward_accuracy"] <= 1 and result["peak_memory_gib"] > 0
     assert sides["lmtune"]["packed"] and sides["lmtune"]["reference_seconds"] > 0
+
+
+def test_the_rl_bench_runs_trl_and_lmtune_on_the_same_task_group_and_steps(tmp_path, tiny_base):
+    sides = {}
+    for side in ("trl", "lmtune"):
+        out = tmp_path / f"{side}.json"
+        done = subprocess.run(
+            [sys.executable, "bench/rl.py", "--side", side, "--steps", "2", "--out", str(out)]
+            + [f"paths.base={tiny_base}", "rl.num_generations=2", "rl.batch_size=2"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        sides[side] = json.loads(out.read_text())
+    for result in sides.values():
+        assert result["steps"] == 2 and result["completions_per_step"] == 4
+        assert len(result["rewards"]) == 2  # one rollout batch per step, each side
+        # every completion sampled is counted: 4 per step, each 1 to 24 tokens
+        assert 2 * 4 <= result["completion_tokens"] <= 2 * 4 * 24
+        assert result["completion_tokens_per_second"] > 0 and result["peak_memory_gib"] > 0
+    assert sides["lmtune"]["generation_seconds"] > 0

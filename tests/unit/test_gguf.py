@@ -97,6 +97,23 @@ def test_llama_cpp_runs_each_export_close_to_transformers(llama2_style, exported
         model.close()
 
 
+def test_sampled_answers_are_seeded_differ_from_each_other_and_stop_at_their_length(llama2_style, exported):
+    from types import SimpleNamespace
+
+    prompt = load_tokenizer(llama2_style)(TEXTS[1])["input_ids"][:12]
+    hot = SimpleNamespace(temperature=1.5, top_p=1.0)
+    model = GGUFModel(exported["f16"], 256)
+    try:
+        first = model.sampled_continuations([prompt, prompt[:6]], 4, 8, eos_id=-1, sampling=hot, seed=3)
+        again = model.sampled_continuations([prompt, prompt[:6]], 4, 8, eos_id=-1, sampling=hot, seed=3)
+        other = model.sampled_continuations([prompt, prompt[:6]], 4, 8, eos_id=-1, sampling=hot, seed=4)
+    finally:
+        model.close()
+    assert first == again and first != other
+    assert len(first) == 8 and all(len(a) == 8 for a in first)
+    assert len({tuple(a) for a in first[:4]}) > 1  # each answer has its own seed
+
+
 def test_q4_k_m_is_llama_cpps_own_k_quant_mix(exported):
     """Q4_K needs rows of 256: the tiny model's 128-wide rows make llama.cpp fall back (q5_0 and,
     for the sensitive tensors, q8_0); norms stay f32. Its file is the smallest."""

@@ -184,6 +184,27 @@ def test_advantages_are_group_relative_and_scaled_as_trl_scales_them():
     assert advantages(rewards, 2, "batch")[0] == pytest.approx(0.5 / (std + 1e-4))
 
 
+def test_eval_scores_greedy_accuracy_reward_length_and_pass_at_k_of_the_best_sample_per_question():
+    from lmtune.rl.report import task_functions
+    from lmtune.rl.rewards import reward_functions, task_reward
+
+    task = types.SimpleNamespace(score_answer=lambda answer, entry: float(answer == entry["answer"]))
+    rows = [{"index": i, "question": f"{i} + 1 =", "entry": {"answer": str(i + 1)}} for i in range(3)]
+    greedy = ["1", "0", "<answer>3</answer>"]  # right, wrong, right
+    samples = ["9", "1", "9", "9", "9", "9", "3", "3", "3"]  # k=3: a right one, none, all right
+    f = task_functions(
+        rows, greedy, [1, 1, 4], samples, task_reward(task, "tags"),
+        reward_functions({"task": 1.0, "format": 0.5}, task),
+    )  # fmt: skip
+    every = list(range(3))
+    assert f["task_accuracy"](every) == pytest.approx(2 / 3)
+    assert f["task_reward"](every) == pytest.approx((1 + 0 + 1.5) / 3)
+    assert f["task_answer_tokens"](every) == 2.0
+    assert f["task_pass_at_k"](every) == pytest.approx(2 / 3)
+    assert f["task_pass_at_k"]([1, 1]) == 0.0 and f["task_pass_at_k"]([0, 2]) == 1.0  # per question
+    assert "task_pass_at_k" not in task_functions(rows, greedy, [1, 1, 4], [], task_reward(task), {})
+
+
 def test_rewards_that_raise_or_return_no_number_are_named_with_their_row_and_unknown_tasks_get_did_you_mean():
     from lmtune.rl.rewards import reward_functions, score
     from lmtune.rl.tasks import check_task

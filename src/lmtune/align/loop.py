@@ -19,11 +19,8 @@ from lmtune.align.logps import sequence_logps
 from lmtune.align.losses import NEEDS_REFERENCE, preference_loss, slots
 from lmtune.config import identity
 from lmtune.data.batching import batch_indices
-from lmtune.model.load import load_for_training
-from lmtune.model.lora import add_lora
+from lmtune.train import policy
 from lmtune.train.engine import Method, Schedule, fit
-from lmtune.train.exact_path import choose_exact_path
-from lmtune.train.kernels import register_varlen_attention
 
 SCORE_PAIRS = 16  # pairs per forward pass when scoring without gradients
 
@@ -31,19 +28,7 @@ SCORE_PAIRS = 16  # pairs per forward pass when scoring without gradients
 def start_policy(cfg: DictConfig, trainable: bool):
     """The quantized base as training sees it, with the SFT adapter (align.start=sft) or a fresh
     LoRA (start=base), and whether its pairs go in packed rows (the family's exact path)."""
-    from peft import PeftModel
-
-    base = load_for_training(cfg.paths.base, cfg.quant, gradient_checkpointing=False)
-    if cfg.align.start == "sft":
-        model = PeftModel.from_pretrained(base, str(cfg.paths.adapter), is_trainable=trainable)
-    else:
-        model = add_lora(base, cfg.lora, cfg.seed)
-    settled, attention, _ = choose_exact_path(model, cfg)
-    packed = bool(settled.train.packing) and settled.train.attention == "varlen"
-    model.get_base_model().set_attn_implementation(
-        register_varlen_attention() if packed else attention or "sdpa"
-    )
-    return model, packed
+    return policy.start_policy(cfg, cfg.paths.adapter if cfg.align.start == "sft" else None, trainable)
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ from lmtune.model.head import head_logits, head_mismatch, head_transform
 LIKELIHOOD_METRICS = ("perplexity", "token_accuracy")
 TEXT_METRICS = ("rouge1", "rouge2", "rougeL", "bleu")  # of a generation against its reference
 ANSWER_METRICS = ("exact_match", "answer_f1")  # conversations: of an answer against the accepted ones
+TASK_METRICS = ("task_accuracy", "task_reward", "task_answer_tokens", "task_pass_at_k")  # after RL
 
 
 class EvaluationError(LmtuneError, ValueError):
@@ -254,11 +255,16 @@ EXPLAIN = {
     "reward_accuracy": "share of held-out pairs whose log-likelihood margin is above the starting policy's "
     "(DPO's implicit reward accuracy; 0 for the starting policy itself)",
     "task_accuracy": "after RL: the task's score of the greedy answers to its held-out questions",
+    "task_reward": "after RL: mean reward of those answers under rl.rewards (the weighted sum RL trained on)",
     "task_answer_tokens": "after RL: mean length of those answers in tokens",
+    "task_pass_at_k": "after RL: share of held-out questions at least one of k sampled answers gets right "
+    "(k = eval.task_samples, at rl.temperature and rl.top_p; the best score of the k where the task gives "
+    "partial credit)",
 }
 _PERCENT = {
     "token_accuracy", "exact_match", "answer_f1", "rouge1", "rouge2", "rougeL",
     "preference_accuracy", "preference_accuracy_per_token", "reward_accuracy", "task_accuracy",
+    "task_pass_at_k",
 }  # fmt: skip
 
 

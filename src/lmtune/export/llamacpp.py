@@ -129,6 +129,29 @@ class GGUFModel:
             outputs.append(new)
         return outputs
 
+    def sampled_continuations(
+        self, prompts: list[list[int]], n: int, max_new_tokens: int, eos_id: int, sampling, seed: int,
+        desc: str = "sample",
+    ) -> list[list[int]]:  # fmt: skip
+        """`n` answers to each prompt (prompt-major), sampled by llama.cpp's own sampler with
+        `sampling.temperature` and `sampling.top_p` (no top-k, no min-p), seeded: the same file and
+        seed give the same answers. Each stops at EOS (not kept) or after `max_new_tokens`."""
+        outputs = []
+        for prompt in tqdm(prompts, desc=f"{desc}: sample", unit="prompt", leave=False):
+            for _ in range(n):
+                # llama.cpp seeds a fresh sampler on every generate(): one seed per answer
+                self.llm.set_seed((seed + len(outputs)) % 2**32)
+                new: list[int] = []
+                for token in self.llm.generate(
+                    list(prompt), temp=sampling.temperature, top_p=sampling.top_p, top_k=0, min_p=0.0,
+                    repeat_penalty=1.0, reset=True,
+                ):  # fmt: skip
+                    if token == eos_id or len(new) == max_new_tokens:
+                        break
+                    new.append(token)
+                outputs.append(new)
+        return outputs
+
     def close(self) -> None:
         self.llm.close()
 

@@ -16,14 +16,11 @@ import torch
 from omegaconf import DictConfig
 
 from lmtune.config import identity
-from lmtune.model.load import load_for_training
-from lmtune.model.lora import add_lora
 from lmtune.rl.losses import grpo_loss
 from lmtune.rl.rewards import task_reward
 from lmtune.rl.rollouts import Rollouts, make_rollout, padded, sequences, summary
+from lmtune.train import policy
 from lmtune.train.engine import Method, Schedule, fit, precision
-from lmtune.train.exact_path import choose_exact_path
-from lmtune.train.kernels import register_varlen_attention
 from lmtune.train.logps import token_logps
 
 
@@ -32,19 +29,10 @@ def start_policy(cfg: DictConfig):
     SFT adapter, or the preference-tuned one) or a fresh LoRA (base); whether completions train in
     packed rows (the family's exact path); and a context in which the model is the starting policy
     (for the KL term's reference)."""
-    from peft import PeftModel, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    base = load_for_training(cfg.paths.base, cfg.quant, gradient_checkpointing=False)
-    if cfg.rl.start == "tuned":
-        model = PeftModel.from_pretrained(base, str(cfg.paths.tuned), is_trainable=True)
-    else:
-        model = add_lora(base, cfg.lora, cfg.seed)
-    settled, attention, _ = choose_exact_path(model, cfg)
-    packed = bool(settled.train.packing) and settled.train.attention == "varlen"
-    model.get_base_model().set_attn_implementation(
-        register_varlen_attention() if packed else attention or "sdpa"
-    )
+    model, packed = policy.start_policy(cfg, cfg.paths.tuned if cfg.rl.start == "tuned" else None)
 
     @contextlib.contextmanager
     def as_started():
@@ -99,10 +87,9 @@ def train_rl(
         )
         lengths = [len(c) if keep else 0 for c, keep in zip(part["completion_ids"], learned, strict=True)]
         with autocast:
-            logps, owner, entropy = token_logps(
+            logps, _, entropy = token_logps(
                 trained, seqs, tokenizer.pad_token_id, packed, rl.temperature, entropy=True
             )
-        counts = torch.bincount(owner, minlength=len(seqs))
         width = max(max(lengths), 1)
         mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
         grid = torch.zeros(len(seqs), width, dtype=logps.dtype, device=logps.device)
@@ -119,7 +106,6 @@ def train_rl(
             rl,
             batch_tokens / rl.grad_accum,  # dapo: each micro-batch's share of the batch's tokens
         )
-        assert int(counts.sum()) == int(mask.sum())
         stats["entropy"] = entropy.float().mean() if entropy.numel() else torch.zeros(())
         stats |= {k: torch.tensor(v) for k, v in summary(frame).items()}
         return loss, stats, sum(map(len, seqs))

@@ -1,6 +1,7 @@
 """What an RL run leaves to read: the per-step curve (metrics/rl_curve.csv), the held-out accuracy
 of the starting and the tuned policy with bootstrap intervals and their paired difference
-(metrics/rl.md, rl.json), and a page of sampled completions with their rewards (rl_samples.md)."""
+(metrics/rl.md, rl.json), a page of sampled completions with their rewards (rl_samples.md), and
+the task's metrics eval scores every model form on."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
+
+from lmtune.rl.rewards import score
 
 CURVE_COLUMNS = (  # trl's names, where it has them
     "step", "loss", "reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
@@ -91,3 +94,27 @@ def rollout_table(folder: Path) -> pd.DataFrame:
     frame = pd.concat(frames, ignore_index=True)
     keep = ["rollout", "prompt_row", "generation", "completion", "truncated", "reward", "advantage"]
     return frame[keep + [c for c in frame.columns if c.startswith("reward/")]]
+
+
+def task_functions(
+    rows: list[dict], answers: list[str], answer_tokens: list[int], samples: list[str], scorer, rewards
+) -> dict:
+    """A model's metrics on the task's held-out questions, as f(question indices) for the bootstrap:
+    the task's score of its greedy `answers` (accuracy), their reward under rl.rewards (`rewards`:
+    lmtune.rl.rewards.reward_functions) and length; with `samples` (k per question, question-major)
+    the best of each question's k scores: pass@k."""
+    right = np.array([scorer(r["question"], a, r) for r, a in zip(rows, answers, strict=True)])
+    reward = np.array(score(rewards, [r["question"] for r in rows], answers, rows)["reward"])
+    lengths = np.array(answer_tokens, dtype=float)
+    functions = {
+        "task_accuracy": lambda idx: float(right[idx].mean()),
+        "task_reward": lambda idx: float(reward[idx].mean()),
+        "task_answer_tokens": lambda idx: float(lengths[idx].mean()),
+    }
+    if samples:
+        k = len(samples) // len(rows)
+        per_sample = [r for r in rows for _ in range(k)]
+        scored = [scorer(r["question"], a, r) for r, a in zip(per_sample, samples, strict=True)]
+        best = np.array(scored).reshape(len(rows), k).max(1)
+        functions["task_pass_at_k"] = lambda idx: float(best[idx].mean())
+    return functions
