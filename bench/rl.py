@@ -7,8 +7,8 @@ The figure compared is completion tokens per second end to end: every completion
 divided by the wall time of the whole run (generation, scoring, training). The reward of the last
 steps is printed beside it, to show both sides learn the same thing.
 
-    python bench/rl.py --side lmtune --steps 6 --out /tmp/lmtune.json [key=value ...]
-    python bench/rl.py --side trl --steps 6 --out /tmp/trl.json
+    python bench/rl.py --side lmtune --steps 8 --out /tmp/lmtune.json [key=value ...]
+    python bench/rl.py --side trl --steps 8 --out /tmp/trl.json
 """
 
 import argparse
@@ -145,7 +145,7 @@ def trl_side(cfg, rows, prompts, functions, tokenizer) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--side", choices=("lmtune", "trl"), required=True)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--out", required=True)
     args, overrides = parser.parse_known_args()
     cfg = load(overrides)

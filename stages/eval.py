@@ -95,13 +95,15 @@ def run(cfg) -> dict:
             functions[name] |= task_functions(
                 task_rows, tokenizer.batch_decode(greedy_ids, skip_special_tokens=True),
                 [len(a) for a in greedy_ids], tokenizer.batch_decode(sampled_ids, skip_special_tokens=True),
-                *task,
+                e.task_samples, *task,
             )  # fmt: skip
     sizes = {m: len(seqs) if m in LIKELIHOOD_METRICS else len(prompts) for m in functions["base"]}
     if pairs:
         sizes |= add_preference_functions(cfg, functions, pair_scores, roles)
     if task_rows:
         sizes |= dict.fromkeys(functions["base"].keys() & TASK_METRICS, len(task_rows))
+        if "task_pass_at_k" in sizes:
+            sizes["task_pass_at_k"] = min(len(task_rows), e.generation_examples)
     scores = bootstrap(functions, sizes, "base", e.bootstrap_resamples, cfg.seed)
     settings = settings_of(cfg, seqs, prompts, dtype)
     if pairs:
@@ -194,7 +196,10 @@ def score(name, load, seqs, prompts, tokenizer, cfg, benchmark_with, pairs=(), t
     answers = greedy(
         model, task_prompts, cfg.rl.max_completion_length, tokenizer, e.batch_size, f"{name}, task"
     )
-    answers = (answers, sampled(model, task_prompts, cfg, tokenizer, f"{name}, task"))
+    # k samples cost k greedy answers: on the first eval.generation_examples questions, as the
+    # other generation metrics
+    samples = sampled(model, task_prompts[: e.generation_examples], cfg, tokenizer, f"{name}, task")
+    answers = (answers, samples)
     if gguf:
         model.close()
     del model

@@ -193,7 +193,7 @@ def test_eval_scores_greedy_accuracy_reward_length_and_pass_at_k_of_the_best_sam
     greedy = ["1", "0", "<answer>3</answer>"]  # right, wrong, right
     samples = ["9", "1", "9", "9", "9", "9", "3", "3", "3"]  # k=3: a right one, none, all right
     f = task_functions(
-        rows, greedy, [1, 1, 4], samples, task_reward(task, "tags"),
+        rows, greedy, [1, 1, 4], samples, 3, task_reward(task, "tags"),
         reward_functions({"task": 1.0, "format": 0.5}, task),
     )  # fmt: skip
     every = list(range(3))
@@ -202,7 +202,9 @@ def test_eval_scores_greedy_accuracy_reward_length_and_pass_at_k_of_the_best_sam
     assert f["task_answer_tokens"](every) == 2.0
     assert f["task_pass_at_k"](every) == pytest.approx(2 / 3)
     assert f["task_pass_at_k"]([1, 1]) == 0.0 and f["task_pass_at_k"]([0, 2]) == 1.0  # per question
-    assert "task_pass_at_k" not in task_functions(rows, greedy, [1, 1, 4], [], task_reward(task), {})
+    assert "task_pass_at_k" not in task_functions(rows, greedy, [1, 1, 4], [], 3, task_reward(task), {})
+    first_two = task_functions(rows, greedy, [1, 1, 4], samples[:6], 3, task_reward(task), {})
+    assert first_two["task_pass_at_k"]([0, 1]) == 0.5  # samples of the first questions only
 
 
 def test_rewards_that_raise_or_return_no_number_are_named_with_their_row_and_unknown_tasks_get_did_you_mean():

@@ -257,9 +257,9 @@ EXPLAIN = {
     "task_accuracy": "after RL: the task's score of the greedy answers to its held-out questions",
     "task_reward": "after RL: mean reward of those answers under rl.rewards (the weighted sum RL trained on)",
     "task_answer_tokens": "after RL: mean length of those answers in tokens",
-    "task_pass_at_k": "after RL: share of held-out questions at least one of k sampled answers gets right "
-    "(k = eval.task_samples, at rl.temperature and rl.top_p; the best score of the k where the task gives "
-    "partial credit)",
+    "task_pass_at_k": "after RL: share of held-out questions (the first eval.generation_examples) at least one "
+    "of k sampled answers gets right (k = eval.task_samples, at rl.temperature and rl.top_p; the best score of "
+    "the k where the task gives partial credit)",
 }
 _PERCENT = {
     "token_accuracy", "exact_match", "answer_f1", "rouge1", "rouge2", "rougeL",

@@ -97,12 +97,18 @@ def rollout_table(folder: Path) -> pd.DataFrame:
 
 
 def task_functions(
-    rows: list[dict], answers: list[str], answer_tokens: list[int], samples: list[str], scorer, rewards
+    rows: list[dict],
+    answers: list[str],
+    answer_tokens: list[int],
+    samples: list[str],
+    k: int,
+    scorer,
+    rewards,
 ) -> dict:
     """A model's metrics on the task's held-out questions, as f(question indices) for the bootstrap:
     the task's score of its greedy `answers` (accuracy), their reward under rl.rewards (`rewards`:
-    lmtune.rl.rewards.reward_functions) and length; with `samples` (k per question, question-major)
-    the best of each question's k scores: pass@k."""
+    lmtune.rl.rewards.reward_functions) and length; with `samples` (k per question, question-major,
+    for the first len(samples) // k questions) the best of each question's k scores: pass@k."""
     right = np.array([scorer(r["question"], a, r) for r, a in zip(rows, answers, strict=True)])
     reward = np.array(score(rewards, [r["question"] for r in rows], answers, rows)["reward"])
     lengths = np.array(answer_tokens, dtype=float)
@@ -112,9 +118,8 @@ def task_functions(
         "task_answer_tokens": lambda idx: float(lengths[idx].mean()),
     }
     if samples:
-        k = len(samples) // len(rows)
-        per_sample = [r for r in rows for _ in range(k)]
+        per_sample = [r for r in rows[: len(samples) // k] for _ in range(k)]
         scored = [scorer(r["question"], a, r) for r, a in zip(per_sample, samples, strict=True)]
-        best = np.array(scored).reshape(len(rows), k).max(1)
+        best = np.array(scored).reshape(-1, k).max(1)
         functions["task_pass_at_k"] = lambda idx: float(best[idx].mean())
     return functions

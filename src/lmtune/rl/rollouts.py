@@ -131,15 +131,17 @@ def make_rollout(
     packed: bool, autocast, reference=None,
 ) -> pd.DataFrame:  # fmt: skip
     """One rollout batch: its prompts (seeded), the completions sampled from `model`, their rewards
-    by function and in sum, group-relative advantages, the sampling policy's log-probabilities and,
-    with beta > 0, the starting policy's (`reference`: a context in which `model` is it)."""
+    by function and in sum, group-relative advantages, the sampling policy's log-probabilities
+    (with rl.num_iterations > 1, where the ratio to it is clipped) and, with beta > 0, the starting
+    policy's (`reference`: a context in which `model` is it)."""
     picked = batch_indices(len(rows), rl.batch_size, cfg.seed, rollout)
     prompts = [prompt_ids[i] for i in picked]
     seed = rollout_seed(cfg.seed, rollout)
     began = time.perf_counter()
     was_training = model.training
     model.eval()
-    completions = sample(model, prompts, rl, tokenizer, seed)
+    with autocast:  # the policy in the precision training computes its log-probabilities in
+        completions = sample(model, prompts, rl, tokenizer, seed)
     model.train(was_training)
     seconds = time.perf_counter() - began
     expanded = [p for p in prompts for _ in range(rl.num_generations)]
@@ -150,7 +152,9 @@ def make_rollout(
     truncated = [len(c) == rl.max_completion_length and c[-1] != tokenizer.eos_token_id for c in completions]
     learned = [not (t and rl.mask_truncated_completions) for t in truncated]
     seqs = sequences(expanded, completions, learned)
-    old = behaviour_logps(model, seqs, tokenizer.pad_token_id, packed, rl, autocast)
+    old = None  # with one update per rollout batch the sampling policy is the trained one: no pass
+    if rl.num_iterations > 1:
+        old = behaviour_logps(model, seqs, tokenizer.pad_token_id, packed, rl, autocast)
     ref = None
     if rl.beta != 0.0:
         with reference() if reference else contextlib.nullcontext():
@@ -172,7 +176,7 @@ def make_rollout(
             **{f"reward/{name}": values for name, values in scores.items() if name != "reward"},
             "reward": scores["reward"],
             "advantage": adv.tolist(),
-            "old_logps": old,
+            "old_logps": old if old is not None else [None] * len(seqs),
             "ref_logps": ref if ref is not None else [None] * len(seqs),
             "generation_seconds": seconds,
         }
