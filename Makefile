@@ -114,10 +114,10 @@ plots: setup  ## the loss curves as an HTML page that works offline (vega inline
 compare: setup  ## every finished run side by side: reports/sweep.md + reports/plots/*.png, logged to MLflow (OUT=metrics: the committed page)
 	$(PY) -m lmtune.track.compare $(if $(OUT),--out $(OUT))
 
-bench: setup  ## the usual QLoRA recipe vs lmtune side by side (STEPS=10), eval's likelihood pass per model form: metrics/bench.json, bench/RESULTS.md
+bench: setup  ## the usual QLoRA recipe vs lmtune (STEPS=10; and on a 1.7B shape, SHAPE=none to skip), eval's likelihood pass, DPO vs trl, GRPO vs trl: metrics/bench.json, bench/RESULTS.md
 	$(PY) -m lmtune.pipeline.params --keep
 	dvc repro quantize
-	$(PY) bench/run.py --steps $(or $(STEPS),10)
+	$(PY) bench/run.py --steps $(or $(STEPS),10) --shape $(or $(SHAPE),smollm2_1.7b)
 
 gpu-check:  ## the GPU half of the benchmark, on a CUDA machine: Llama-2-7B shape, random weights
 	bash bench/gpu_check.sh

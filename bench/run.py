@@ -48,9 +48,60 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
+def train_sides(sides: list, steps: int, overrides: list[str]) -> list[dict]:
+    """Each side in its own process: the baseline trains `steps` steps; each lmtune side then
+    trains on the same budget of useful tokens."""
+    rows = []
+    for name, script, side_overrides in sides:
+        budget = (
+            ["--steps", str(steps)]
+            if script == "baseline.py"
+            else ["--tokens", str(rows[0]["useful_tokens"])]
+        )
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            print(f"== {name}", flush=True)
+            subprocess.run(
+                [sys.executable, str(HERE / script), *budget, "--out", out.name, *side_overrides, *overrides],
+                check=True,
+                cwd=ROOT,
+            )
+            rows.append({"name": name, **json.loads(Path(out.name).read_text())})
+    return rows
+
+
+def with_ratios(rows: list[dict], parameters: int, peak: float) -> list[dict]:
+    """Speed and memory against the first row (the baseline), and the share of the matmul peak."""
+    for row in rows:
+        row["speedup"] = row["useful_tokens_per_second"] / rows[0]["useful_tokens_per_second"]
+        row["memory_ratio"] = row["peak_memory_gib"] / rows[0]["peak_memory_gib"]
+        row["val_perplexity"] = math.exp(row["val_loss"])
+        # frozen base: forward 2N + input-gradient backward 2N FLOPs per token (LoRA adds ~3%)
+        row["gflops"] = 4 * parameters * row["useful_tokens_per_second"] / 1e9
+        row["share_of_matmul_peak"] = row["gflops"] / peak
+    return rows
+
+
+def side_table(rows: list[dict]) -> list[str]:
+    table = [
+        "| side | steps | useful tokens | useful tokens/s | step s | peak GiB | val perplexity | speed vs baseline | memory vs baseline | share of bf16 matmul peak |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        table.append(
+            f"| {r['name']} | {r['steps']} | {r['useful_tokens']} | {r['useful_tokens_per_second']:.0f} | {r['step_seconds']:.1f} | "
+            f"{r['peak_memory_gib']:.1f} | {r['val_perplexity']:.1f} | {r['speedup']:.2f}x | "
+            f"{r['memory_ratio']:.2f}x | {r['share_of_matmul_peak']:.0%} |"
+        )
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument(
+        "--shape", default="smollm2_1.7b", help="a larger shape, random weights (bench/shapes.py); none: skip"
+    )
+    parser.add_argument("--shape-steps", type=int, default=2, help="the baseline's steps on that shape")
     args, overrides = parser.parse_known_args()
     params = json.loads(
         subprocess.run(
@@ -67,22 +118,16 @@ def main() -> None:
         ).stdout
     )
     base_params = json.loads((ROOT / params["paths"]["base"] / "source.json").read_text())["parameters"]
-    rows = []
-    for name, script, side_overrides in SIDES:
-        # the baseline trains --steps steps; each lmtune side then trains on the same useful-token budget
-        budget = (
-            ["--steps", str(args.steps)]
-            if script == "baseline.py"
-            else ["--tokens", str(rows[0]["useful_tokens"])]
+    rows = train_sides(SIDES, args.steps, overrides)
+    shape_rows = []
+    if args.shape != "none":
+        from shapes import shaped_base
+
+        folder = shaped_base(args.shape, ROOT / params["paths"]["base"])
+        print(f"== the {args.shape} shape (random weights, {folder})", flush=True)
+        shape_rows = train_sides(
+            [SIDES[0], SIDES[-1]], args.shape_steps, [*overrides, f"paths.base={folder}"]
         )
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            print(f"== {name}", flush=True)
-            subprocess.run(
-                [sys.executable, str(HERE / script), *budget, "--out", out.name, *side_overrides, *overrides],
-                check=True,
-                cwd=ROOT,
-            )
-            rows.append({"name": name, **json.loads(Path(out.name).read_text())})
     print("== generation: batched vs one prompt at a time", flush=True)
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         subprocess.run(
@@ -116,14 +161,10 @@ def main() -> None:
             )
             reinforcement.append(json.loads(Path(out.name).read_text()))
     peak = matmul_gflops()
-    baseline = rows[0]
-    for row in rows:
-        row["speedup"] = row["useful_tokens_per_second"] / baseline["useful_tokens_per_second"]
-        row["memory_ratio"] = row["peak_memory_gib"] / baseline["peak_memory_gib"]
-        row["val_perplexity"] = math.exp(row["val_loss"])
-        # frozen base: forward 2N + input-gradient backward 2N FLOPs per token (LoRA adds ~3%)
-        row["gflops"] = 4 * base_params * row["useful_tokens_per_second"] / 1e9
-        row["share_of_matmul_peak"] = row["gflops"] / peak
+    rows = with_ratios(rows, base_params, peak)
+    if shape_rows:
+        shape_params = json.loads((Path(folder) / "source.json").read_text())["parameters"]
+        shape_rows = with_ratios(shape_rows, shape_params, peak)
     report = {
         "machine": machine(),
         "matmul_bf16_gflops": peak,
@@ -132,6 +173,7 @@ def main() -> None:
         "max_length": params["data"]["max_length"],
         "model": params["model"]["name"],
         "sides": rows,
+        "shape": {"name": args.shape, "steps": args.shape_steps, "sides": shape_rows} if shape_rows else None,
         "generation": generation,
         "likelihood": likelihood,
         "preference": preference,
@@ -139,16 +181,15 @@ def main() -> None:
     }
     (ROOT / "metrics").mkdir(exist_ok=True)
     (ROOT / "metrics" / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = [
-        "| side | steps | useful tokens | useful tokens/s | step s | peak GiB | val perplexity | speed vs baseline | memory vs baseline | share of bf16 matmul peak |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        table.append(
-            f"| {r['name']} | {r['steps']} | {r['useful_tokens']} | {r['useful_tokens_per_second']:.0f} | {r['step_seconds']:.1f} | "
-            f"{r['peak_memory_gib']:.1f} | {r['val_perplexity']:.1f} | {r['speedup']:.2f}x | "
-            f"{r['memory_ratio']:.2f}x | {r['share_of_matmul_peak']:.0%} |"
-        )
+    table = side_table(rows)
+    if shape_rows:
+        table += [
+            "",
+            f"The same on the {args.shape} shape (random weights, {shape_params / 1e9:.2f} B parameters; the "
+            f"baseline trains {args.shape_steps} steps, lmtune the same budget of useful tokens):",
+            "",
+            *side_table(shape_rows),
+        ]
     table += [
         "",
         f"Eval's likelihood pass ({likelihood['passages']} test sequences, {likelihood['dtype']}, the eval stage's "

@@ -112,7 +112,9 @@ def run(cfg) -> dict:
         settings["task"] = {
             "name": cfg.rl.task,
             "questions": len(task_rows),
+            "sampled_questions": sizes.get("task_pass_at_k", 0),
             "samples_per_question": e.task_samples,
+            "starting_policy": add_start_deltas(cfg, scores, functions, sizes, roles),
         }
     write_results(cfg, scores, settings, references, examples, speed, benchmarks)
     if failures := lm_eval_tasks.gate_failures(benchmarks, e.gate):  # after the results are written
@@ -151,6 +153,31 @@ def add_preference_functions(cfg, functions: dict, pair_scores: dict, roles: dic
         added = preference_functions(pair_scores[name], pair_scores[start])
         functions[name] |= added
     return dict.fromkeys(added, len(pair_scores[start]["nll"]) // 2)
+
+
+def add_start_deltas(cfg, scores: dict, functions: dict, sizes: dict, roles: dict) -> str:
+    """After RL: every form's task metrics against the policy RL started from (its adapter as
+    trained, or the base as training saw it), paired on the same resamples, beside the deltas
+    against the base; returns that form's name."""
+    if cfg.rl.start == "tuned":
+        start = roles["aligned" if cfg.align.method != "none" else "sft"]
+    else:
+        start = roles.get("quantized_base", "base")
+    if start == "base":  # the deltas against it are there already
+        return start
+    task = {m: n for m, n in sizes.items() if m in TASK_METRICS}
+    against = bootstrap(
+        {name: {m: fns[m] for m in task} for name, fns in functions.items()},
+        task, start, cfg.eval.bootstrap_resamples, cfg.seed,
+    )  # fmt: skip
+    for name, per in against.items():
+        for metric, entry in per.items():
+            if "delta" in entry:
+                scores[name][metric] |= {
+                    "delta_vs_start": entry["delta"],
+                    "delta_vs_start_ci95": entry["delta_ci95"],
+                }
+    return start
 
 
 def held_out_pairs(cfg) -> list:

@@ -52,9 +52,10 @@ QUANTIZE_METHODS = {
     "gguf_f16": "GGUF F16 (llama.cpp)",
 }
 # The models the eval stage scores, by role (their names in metrics/eval.json follow the config:
-# base, base_4bit, base_4bit_sft (after preference tuning: the SFT adapter it started from),
-# base_4bit_adapter, merged, merged_int8_weight_only, ...).
-EVAL_MODELS = ("base", "quantized_base", "sft", "adapter", "merged", "quantized")
+# base, base_4bit, base_4bit_sft (after preference tuning or RL: the SFT adapter they started from),
+# base_4bit_aligned (RL after preference tuning: the adapter it started from), base_4bit_adapter,
+# merged, merged_int8_weight_only, ...).
+EVAL_MODELS = ("base", "quantized_base", "sft", "aligned", "adapter", "merged", "quantized")
 DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32")  # auto: bf16 where the hardware runs it fast, else fp32
 
 

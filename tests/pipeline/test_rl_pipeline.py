@@ -52,11 +52,20 @@ def test_rl_runs_after_the_sft_and_merge_eval_and_sample_take_its_adapter(reinfo
     assert not (dest / "models/checkpoints/rl").exists()  # cleaned once adapter and rollouts are safe
     # eval: every model form answers the task's held-out questions, with intervals and deltas vs base
     models = json.loads((dest / "metrics/eval.json").read_text())["models"]
-    assert list(models) == ["base", "base_4bit", "base_4bit_adapter", "merged", "merged_int8_weight_only"]
+    # rl.start=tuned: the SFT adapter RL started from is scored too, and every form against it
+    assert list(models) == [
+        "base", "base_4bit", "base_4bit_sft", "base_4bit_adapter", "merged", "merged_int8_weight_only"
+    ]  # fmt: skip
     for name, scores in models.items():
         assert {"task_accuracy", "task_reward", "task_answer_tokens", "task_pass_at_k"} <= set(scores), name
         assert len(scores["task_accuracy"]["ci95"]) == 2
     assert {"delta", "delta_ci95"} <= set(models["merged"]["task_accuracy"])
+    assert {"delta_vs_start", "delta_vs_start_ci95"} <= set(models["base_4bit_adapter"]["task_pass_at_k"])
+    assert "delta_vs_start" not in models["base_4bit_sft"]["task_accuracy"]  # itself
+    assert "delta_vs_start" not in models["merged"]["perplexity"]  # task metrics only
+    settings = json.loads((dest / "metrics/eval.json").read_text())["settings"]["task"]
+    assert settings["starting_policy"] == "base_4bit_sft" and settings["sampled_questions"] == 16
+    assert "Δ start" in (dest / "metrics/eval.md").read_text()
 
 
 def test_the_mlflow_run_gets_each_steps_rewards_and_the_rollouts_as_a_table(reinforced):

@@ -351,3 +351,25 @@ def test_replay_from_the_stored_rollouts_alone_trains_the_same_adapter(
         RLError, match=r"rollout_00001\.parquet is missing: replay trains on stored rollouts only"
     ):
         trained(cfg, tmp_path / "replay2", generate=False, rollouts=stored)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "forms"),
+    [
+        ([], ["base", "base_4bit", "base_4bit_adapter"]),
+        (["rl=grpo"], ["base", "base_4bit", "base_4bit_sft", "base_4bit_adapter"]),
+        (["rl=grpo", "rl.start=base"], ["base", "base_4bit", "base_4bit_adapter"]),
+        (
+            ["align=dpo", "rl=grpo"],
+            ["base", "base_4bit", "base_4bit_sft", "base_4bit_aligned", "base_4bit_adapter"],
+        ),
+    ],
+)
+def test_eval_scores_the_adapter_rl_started_from_beside_the_one_it_trained(overrides, forms):
+    from lmtune.config import validate
+    from lmtune.evaluate.forms import model_loaders
+    from lmtune.pipeline.params import compose_conf
+
+    cfg = validate(compose_conf(overrides, conf_dir=Path(__file__).resolve().parents[2] / "conf"))
+    names = list(model_loaders(cfg, torch.bfloat16))
+    assert names[:-2] == forms and names[-2] == "merged"  # then the post-training-quantized form

@@ -1,7 +1,7 @@
 """The model forms the eval stage scores, by their names in metrics/eval.json, each with its role
 (lmtune.config.EVAL_MODELS) and a loader: the base in 16/32-bit; the quantized base alone and with
-the adapter exactly as trained (4/8-bit or QAT runs), and after preference tuning with the SFT
-adapter it started from; the merged model; the merged model after
+the adapter exactly as trained (4/8-bit or QAT runs), and after preference tuning or RL with the
+adapter they started from; the merged model; the merged model after
 post-training quantization (a GGUF loads as a llama.cpp model, not a transformers one)."""
 
 from __future__ import annotations
@@ -23,10 +23,16 @@ def model_loaders(cfg: DictConfig, dtype: torch.dtype, n_ctx: int = 512) -> dict
     label = (f"qat_{cfg.quant.qat}" if cfg.quant.qat else f"{cfg.quant.bits}bit") if quantized else ""
     if quantized:  # the base as training saw it, alone and with the adapter
         loaders[f"base_{label}"] = ("quantized_base", lambda: load_for_training(paths.base, cfg.quant, False))
-    if cfg.align.method != "none":  # the SFT adapter preference tuning started from, as trained
+    rl_from_tuned = cfg.rl.method != "none" and cfg.rl.start == "tuned"
+    if cfg.align.method != "none" or rl_from_tuned:  # the SFT adapter they started from, as trained
         loaders["_".join(filter(None, ("base", label, "sft")))] = (
             "sft",
             lambda: load_base_with_adapter(paths.base, paths.adapter, dtype, quant=cfg.quant),
+        )
+    if cfg.align.method != "none" and rl_from_tuned:  # the preference-tuned adapter RL started from
+        loaders["_".join(filter(None, ("base", label, "aligned")))] = (
+            "aligned",
+            lambda: load_base_with_adapter(paths.base, paths.aligned, dtype, quant=cfg.quant),
         )
     if quantized:
         loaders[f"base_{label}_adapter"] = (

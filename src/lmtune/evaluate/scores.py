@@ -295,7 +295,14 @@ def eval_markdown(
             f"prompts against the next {settings['reference_tokens']} tokens for generation metrics"
         )
         + f". dtype {settings['dtype']}. Brackets: 95% bootstrap interval "
-        f"({settings['bootstrap_resamples']} resamples of examples); Δ: paired difference vs base.",
+        f"({settings['bootstrap_resamples']} resamples of examples); Δ: paired difference vs base"
+        + (
+            f"; Δ start: the same vs {settings['task']['starting_policy']}, the policy RL started from "
+            f"({settings['task']['questions']} held-out {settings['task']['name']} questions)"
+            if settings.get("task", {}).get("starting_policy", "base") != "base"
+            else ""
+        )
+        + ".",
         "",
         "| metric | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
@@ -309,6 +316,12 @@ def eval_markdown(
             if "delta" in entry:
                 dlo, dhi = entry["delta_ci95"]
                 cell += f"<br>Δ {_fmt(metric, entry['delta'], True)} [{_fmt(metric, dlo, True)}, {_fmt(metric, dhi, True)}]"
+            if "delta_vs_start" in entry:  # after RL: against the policy it started from
+                dlo, dhi = entry["delta_vs_start_ci95"]
+                cell += (
+                    f"<br>Δ start {_fmt(metric, entry['delta_vs_start'], True)} "
+                    f"[{_fmt(metric, dlo, True)}, {_fmt(metric, dhi, True)}]"
+                )
             cells.append(cell)
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     if speed:
