@@ -4,8 +4,9 @@ carries no padding. Families whose attention the varlen path cannot compute exac
 (lmtune.train.exact_path) get padded rows instead; both give the same numbers. Preference tuning
 sums them per response (lmtune.align.logps); RL weighs them token by token (lmtune.rl.losses).
 
-The head runs a few hundred positions at a time, recomputed in the backward pass, so no step holds
-a whole row's vocabulary-wide logits.
+The head runs on the learned positions only (a prompt's positions predict nothing that is
+scored), a few hundred at a time, recomputed in the backward pass, so no step holds a whole row's
+vocabulary-wide logits.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ def token_logps(
     inputs = {k: v.to(device) for k, v in batch.items()}
     hidden = base.base_model(**inputs, use_cache=False, **extra).last_hidden_state[:, :-1]
     head, (scale, softcap) = base.get_output_embeddings(), head_transform(base.config)
-    hidden, labels, owner = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), owner.reshape(-1)
-    scored = labels != -100
+    labels, owner = labels.reshape(-1), owner.reshape(-1)
+    keep = (labels != -100).nonzero().squeeze(1)  # the head runs on learned positions only
+    hidden, labels = hidden.reshape(-1, hidden.shape[-1])[keep], labels[keep]
     logps, entropies = [], []
-    for start in range(0, hidden.shape[0], CHUNK):  # chunks of every position: the same shapes each run
+    for start in range(0, max(len(keep), 1), CHUNK):  # at least once: an empty result keeps its graph
         rows = slice(start, start + CHUNK)
         logps.append(
             checkpoint(
@@ -64,9 +66,7 @@ def token_logps(
         if entropy:
             with torch.no_grad():
                 entropies.append(_entropy(head, hidden[rows], scale, softcap, temperature))
-    keep = scored.nonzero().squeeze(1)
-    kept = lambda parts: torch.cat(parts)[keep]  # noqa: E731
-    return kept(logps), owner[keep], kept(entropies) if entropy else None
+    return torch.cat(logps), owner[keep], torch.cat(entropies) if entropy else None
 
 
 def sequence_sums(logps: torch.Tensor, owner: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
