@@ -21,7 +21,7 @@ from lmtune.checkpoint import load_tokenizer, save_tokenizer
 from lmtune.model.lora import save_adapter
 from lmtune.pipeline.runner import run_stage, stage_params
 from lmtune.rl.loop import fingerprint, held_out, start_policy, train_rl
-from lmtune.rl.report import curve_frame, held_out_markdown, rollout_table, samples_markdown
+from lmtune.rl.report import curve_frame, curve_plot, held_out_markdown, rollout_table, samples_markdown
 from lmtune.rl.rewards import reward_functions
 from lmtune.rl.tasks import load_task, prompt_ids
 from lmtune.track import runs as tracking
@@ -56,6 +56,7 @@ def run(cfg) -> dict:
     metrics_dir = Path(paths.metrics)
     curve = curve_frame(result.pop("curve"))
     curve.to_csv(metrics_dir / "rl_curve.csv", index=False)
+    curve_plot(curve, metrics_dir / "rl_curve.png", f"{rl.method} ({rl.loss_type}) on {rl.task}")
     tracking.log_table(rollout_table(Path(paths.rollouts)), "rl_rollouts.json")
     write_text(metrics_dir / "rl_samples.md", samples_markdown(Path(paths.rollouts), rl))
     write_text(metrics_dir / "rl.md", scores["page"])

@@ -41,6 +41,7 @@ def test_rl_runs_after_the_sft_and_merge_eval_and_sample_take_its_adapter(reinfo
     )
     curve = pd.read_csv(dest / "metrics/rl_curve.csv")
     assert list(curve["step"]) == [1, 2, 3, 4] and "rewards/task/mean" in curve.columns
+    assert (dest / "metrics/rl_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     batches = sorted((dest / "data/rollouts").glob("rollout_*.parquet"))
     assert len(batches) == 4  # one rollout batch per step (num_iterations=1)
     first = pd.read_parquet(batches[0])

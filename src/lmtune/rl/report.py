@@ -27,6 +27,35 @@ def curve_frame(curve: list[dict]) -> pd.DataFrame:
     return frame[[c for c in (*CURVE_COLUMNS, *rewards) if c in frame.columns]]
 
 
+def curve_plot(curve: pd.DataFrame, path: Path, title: str) -> None:
+    """The run at a glance (metrics/rl_curve.png): each rollout batch's mean reward with its
+    5-step running mean, and the completions' mean length on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(
+        curve["step"], curve["reward"], color="tab:blue", alpha=0.35, marker=".", label="reward per batch"
+    )
+    ax.plot(
+        curve["step"], curve["reward"].rolling(5, min_periods=1).mean(), color="tab:blue", label="5-step mean"
+    )
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward of the rollout batch")
+    length = ax.twinx()
+    length.plot(
+        curve["step"], curve["completions/mean_length"], color="tab:gray", linestyle="--", label="length"
+    )
+    length.set_ylabel("completion length, tokens", color="tab:gray")
+    ax.legend(loc="upper left", frameon=False)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def held_out_scores(before: np.ndarray, after: np.ndarray, resamples: int, seed: int) -> dict[str, dict]:
     """Held-out accuracy of the starting and the tuned policy, and the tuned one's gain, question by
     question, each with a 95% bootstrap interval (the eval stage's bootstrap, the same draws)."""
