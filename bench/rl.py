@@ -64,6 +64,7 @@ def lmtune_side(cfg, rows, prompts, functions, tokenizer) -> dict:
         seconds = time.perf_counter() - began
         batches = [pd.read_parquet(f) for f in sorted((Path(folder) / "rollouts").glob("rollout_*.parquet"))]
     return {
+        "completions_sampled": int(sum(len(b) for b in batches)),
         "completion_tokens": int(sum(b["completion_ids"].map(len).sum() for b in batches)),
         "seconds": seconds,
         "generation_seconds": float(sum(b["generation_seconds"].iloc[0] for b in batches)),
@@ -93,7 +94,8 @@ def trl_side(cfg, rows, prompts, functions, tokenizer) -> dict:
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(),
         num_generations=rl.num_generations,
-        per_device_train_batch_size=rl.batch_size * rl.num_generations,  # completions per step
+        # trl generates per_device_train_batch_size x gradient_accumulation_steps completions a step
+        per_device_train_batch_size=rl.batch_size * rl.num_generations // rl.grad_accum,
         gradient_accumulation_steps=rl.grad_accum,
         max_completion_length=rl.max_completion_length,
         temperature=rl.temperature,
@@ -101,6 +103,9 @@ def trl_side(cfg, rows, prompts, functions, tokenizer) -> dict:
         loss_type=rl.loss_type,
         beta=rl.beta,
         epsilon=rl.epsilon,
+        epsilon_high=rl.epsilon_high if rl.epsilon_high is not None else rl.epsilon,
+        importance_sampling_level=rl.importance_sampling_level,
+        mask_truncated_completions=rl.mask_truncated_completions,
         scale_rewards=rl.scale_rewards,
         num_iterations=rl.num_iterations,
         learning_rate=rl.lr,
@@ -134,6 +139,7 @@ def trl_side(cfg, rows, prompts, functions, tokenizer) -> dict:
     seconds = time.perf_counter() - began
     logged = [log for log in trainer.state.log_history if "reward" in log]
     return {
+        "completions_sampled": len(completion_tokens),
         "completion_tokens": int(sum(completion_tokens)),
         "seconds": seconds,
         "generation_seconds": None,  # inside trl's step

@@ -27,7 +27,7 @@ from lmtune.config import MIN_EVAL_EXAMPLES
 from lmtune.data.sequences import read_prompts, read_sequences
 from lmtune.evaluate import benchmarks as lm_eval_tasks
 from lmtune.evaluate.forms import model_loaders
-from lmtune.evaluate.generation import greedy_continuations
+from lmtune.evaluate.generation import greedy_continuations, sampled_completions
 from lmtune.evaluate.scores import (
     LIKELIHOOD_METRICS,
     TASK_METRICS,
@@ -248,8 +248,9 @@ def greedy(model, prompts, max_new_tokens: int, tokenizer, batch_size: int, desc
 
 def sampled(model, prompts, cfg, tokenizer, desc: str) -> list[list[int]]:
     """eval.task_samples answers to each prompt (prompt-major), sampled as RL samples them
-    (rl.temperature, rl.top_p, rl.max_completion_length), seeded by `seed`; EOS not kept. A GGUF
-    samples in llama.cpp, with its own sampler."""
+    (rl.temperature, rl.top_p, rl.max_completion_length), eval.batch_size sequences at a time, each
+    batch under its own seed drawn from the config's `seed`; EOS not kept. A GGUF samples in
+    llama.cpp, with its own sampler."""
     k = cfg.eval.task_samples
     if not prompts or not k:
         return []
@@ -257,17 +258,14 @@ def sampled(model, prompts, cfg, tokenizer, desc: str) -> list[list[int]]:
         return model.sampled_continuations(
             prompts, k, cfg.rl.max_completion_length, tokenizer.eos_token_id, cfg.rl, cfg.seed, desc
         )
-    from omegaconf import OmegaConf
     from tqdm.auto import tqdm
 
-    from lmtune.rl.rollouts import sample
-
-    settings = OmegaConf.merge(cfg.rl, {"num_generations": k})
-    per_call = max(1, cfg.eval.batch_size // k)  # eval.batch_size sequences per generate call
+    per_call = max(1, cfg.eval.batch_size // k)
     answers = []
     for start in tqdm(range(0, len(prompts), per_call), desc=f"{desc}: sample", unit="batch", leave=False):
-        chunk = sample(model, prompts[start : start + per_call], settings, tokenizer, cfg.seed + start)
-        answers += [a[:-1] if a and a[-1] == tokenizer.eos_token_id else a for a in chunk]
+        chunk = prompts[start : start + per_call]
+        completions = sampled_completions(model, chunk, k, cfg.rl, tokenizer, cfg.seed + start)
+        answers += [a[:-1] if a and a[-1] == tokenizer.eos_token_id else a for a in completions]
     return answers
 
 

@@ -472,6 +472,15 @@ def _check_semantics(cfg: DictConfig, source: str) -> None:
             f"eval.benchmark_models: {', '.join(sorted(absent))} exists only when the base trains quantized "
             f"(quant.bits < 16 or QAT), and quant.bits={cfg.quant.bits}"
         )
+    rl_from_tuned = cfg.rl.method != "none" and cfg.rl.start == "tuned"
+    aligned = cfg.align.method != "none"
+    scored = {"sft": aligned or rl_from_tuned, "aligned": aligned and rl_from_tuned}
+    if absent := [role for role, on in scored.items() if not on and role in cfg.eval.benchmark_models]:
+        problems.append(
+            f"eval.benchmark_models: {', '.join(absent)} is no model this configuration scores (sft: the SFT "
+            "adapter preference tuning or RL from the tuned adapter starts from; aligned: the preference-tuned "
+            "adapter RL starts from); remove it"
+        )
     if cfg.eval.gate is not None:
         gate = cfg.eval.gate
         if gate.task not in cfg.eval.benchmarks:

@@ -107,7 +107,7 @@ def test_the_rl_bench_runs_trl_and_lmtune_on_the_same_task_group_and_steps(tmp_p
         out = tmp_path / f"{side}.json"
         done = subprocess.run(
             [sys.executable, "bench/rl.py", "--side", side, "--steps", "2", "--out", str(out)]
-            + [f"paths.base={tiny_base}", "rl.num_generations=2", "rl.batch_size=2"],
+            + [f"paths.base={tiny_base}", "rl.num_generations=2", "rl.batch_size=2", "rl.grad_accum=2"],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -118,6 +118,7 @@ def test_the_rl_bench_runs_trl_and_lmtune_on_the_same_task_group_and_steps(tmp_p
     for result in sides.values():
         assert result["steps"] == 2 and result["completions_per_step"] == 4
         assert len(result["rewards"]) == 2  # one rollout batch per step, each side
+        assert result["completions_sampled"] == 2 * 4  # 2 prompts x 2 completions a step
         # every completion sampled is counted: 4 per step, each 1 to 24 tokens
         assert 2 * 4 <= result["completion_tokens"] <= 2 * 4 * 24
         assert result["completion_tokens_per_second"] > 0 and result["peak_memory_gib"] > 0

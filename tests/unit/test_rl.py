@@ -343,7 +343,7 @@ def test_replay_from_the_stored_rollouts_alone_trains_the_same_adapter(
     def no_sampling(*args, **kwargs):
         raise AssertionError("replay generated")
 
-    monkeypatch.setattr(rollout_module, "sample", no_sampling)
+    monkeypatch.setattr(rollout_module, "sampled_completions", no_sampling)
     replayed, _ = trained(cfg, tmp_path / "replay", generate=False, rollouts=stored)
     assert replayed == original
     (stored / "rollout_00001.parquet").unlink()
@@ -373,3 +373,25 @@ def test_eval_scores_the_adapter_rl_started_from_beside_the_one_it_trained(overr
     cfg = validate(compose_conf(overrides, conf_dir=Path(__file__).resolve().parents[2] / "conf"))
     names = list(model_loaders(cfg, torch.bfloat16))
     assert names[:-2] == forms and names[-2] == "merged"  # then the post-training-quantized form
+
+
+def test_benchmarks_on_a_starting_adapter_the_configuration_does_not_score_are_refused_by_name():
+    from lmtune.config import ConfigError, validate
+    from lmtune.pipeline.params import compose_conf
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with pytest.raises(
+        ConfigError, match=r"eval.benchmark_models: sft is no model this configuration scores"
+    ):
+        validate(compose_conf(["eval.benchmark_models=[merged,quantized,sft]"], conf_dir=conf))
+    with pytest.raises(ConfigError, match=r"eval.benchmark_models: aligned is no model"):
+        validate(compose_conf(["rl=grpo", "eval.benchmark_models=[merged,quantized,aligned]"], conf_dir=conf))
+    validate(compose_conf(["rl=grpo", "eval.benchmark_models=[merged,quantized,sft]"], conf_dir=conf))
+
+
+def test_a_micro_batch_whose_completions_are_all_masked_has_no_tokens_and_still_a_graph(tiny_base):
+    model = lora_model(tiny_base)
+    seqs = [Sequence([5, 6, 7, 8], [0, 0, 0, 0]), Sequence([9, 10, 11], [0, 0, 0])]
+    logps, owner, entropy = token_logps(model, seqs, 0, packed=True, entropy=True)
+    assert logps.shape == owner.shape == entropy.shape == (0,)
+    logps.sum().backward()  # a zero loss, as a step of truncated completions masked out gives

@@ -132,3 +132,39 @@ def greedy_continuations(
         for row, ids in zip(rows, generated.tolist(), strict=True):
             outputs[row] = ids[: ids.index(eos_id)] if eos_id in ids else ids
     return outputs
+
+
+@torch.no_grad()
+def sampled_completions(
+    model, prompts: list[list[int]], n: int, sampling: DictConfig, tokenizer, seed: int
+) -> list[list[int]]:
+    """`n` completions of each token-id prompt (prompt-major), each cut after its first EOS (kept)
+    or at sampling.max_completion_length; sampled with sampling.temperature and sampling.top_p in
+    one batch, KV cache on, under `seed` in a forked random state (the caller's stays untouched)."""
+    device = next(model.parameters()).device
+    rows = [p for p in prompts for _ in range(n)]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for i, row in enumerate(rows):  # left padding: every prompt ends where generation starts
+        ids[i, width - len(row) :] = torch.tensor(row)
+        attention[i, width - len(row) :] = 1
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=attention.to(device),
+            do_sample=True,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=0,
+            max_new_tokens=sampling.max_completion_length,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,
+        )
+    completions = []
+    for row in out[:, width:].tolist():
+        end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+        completions.append(row[:end])
+    return completions

@@ -139,8 +139,10 @@ class GGUFModel:
         outputs = []
         for prompt in tqdm(prompts, desc=f"{desc}: sample", unit="prompt", leave=False):
             for _ in range(n):
-                # llama.cpp seeds a fresh sampler on every generate(): one seed per answer
+                # llama.cpp seeds a fresh sampler on every generate(): one seed per answer; a
+                # reset context, so no answer reuses the cache another call left
                 self.llm.set_seed((seed + len(outputs)) % 2**32)
+                self.llm.reset()
                 new: list[int] = []
                 for token in self.llm.generate(
                     list(prompt), temp=sampling.temperature, top_p=sampling.top_p, top_k=0, min_p=0.0,

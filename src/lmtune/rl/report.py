@@ -49,7 +49,8 @@ def curve_plot(curve: pd.DataFrame, path: Path, title: str) -> None:
         curve["step"], curve["completions/mean_length"], color="tab:gray", linestyle="--", label="length"
     )
     length.set_ylabel("completion length, tokens", color="tab:gray")
-    ax.legend(loc="upper left", frameon=False)
+    lines = ax.get_lines() + length.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper left", frameon=False)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

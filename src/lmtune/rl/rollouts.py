@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig
 
 from lmtune.data.batching import batch_indices
 from lmtune.data.sequences import Sequence
+from lmtune.evaluate.generation import sampled_completions
 from lmtune.rl import RLError
 from lmtune.rl.losses import advantages
 from lmtune.rl.rewards import score
@@ -39,39 +39,6 @@ def rollout_seed(seed: int, rollout: int) -> int:
 
 def file_of(folder: Path, rollout: int) -> Path:
     return Path(folder) / f"rollout_{rollout:05d}.parquet"
-
-
-@torch.no_grad()
-def sample(model, prompts: list[list[int]], rl: DictConfig, tokenizer, seed: int) -> list[list[int]]:
-    """num_generations completions of each prompt (prompt-major), each cut after its first EOS
-    (kept) or at max_completion_length; sampled with temperature and top_p in a batch, KV cache on."""
-    device = next(model.parameters()).device
-    rows = [p for p in prompts for _ in range(rl.num_generations)]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    for i, row in enumerate(rows):  # left padding: every prompt ends where generation starts
-        ids[i, width - len(row) :] = torch.tensor(row)
-        attention[i, width - len(row) :] = 1
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=attention.to(device),
-            do_sample=True,
-            temperature=rl.temperature,
-            top_p=rl.top_p,
-            top_k=0,
-            max_new_tokens=rl.max_completion_length,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            use_cache=True,
-        )
-    completions = []
-    for row in out[:, width:].tolist():
-        end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
-        completions.append(row[:end])
-    return completions
 
 
 def sequences(prompts: list[list[int]], completions: list[list[int]], learned: list[bool]) -> list[Sequence]:
@@ -141,7 +108,7 @@ def make_rollout(
     was_training = model.training
     model.eval()
     with autocast:  # the policy in the precision training computes its log-probabilities in
-        completions = sample(model, prompts, rl, tokenizer, seed)
+        completions = sampled_completions(model, prompts, rl.num_generations, rl, tokenizer, seed)
     model.train(was_training)
     seconds = time.perf_counter() - began
     expanded = [p for p in prompts for _ in range(rl.num_generations)]
