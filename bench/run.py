@@ -125,8 +125,12 @@ def main() -> None:
 
         folder = shaped_base(args.shape, ROOT / params["paths"]["base"])
         print(f"== the {args.shape} shape (random weights, {folder})", flush=True)
+        # no warmup: in a couple of steps, a warmup's first step at lr 0 would leave LoRA's A matrices
+        # without a gradient (B is still 0), which lmtune's unchanged-matrix guard refuses
         shape_rows = train_sides(
-            [SIDES[0], SIDES[-1]], args.shape_steps, [*overrides, f"paths.base={folder}"]
+            [SIDES[0], SIDES[-1]],
+            args.shape_steps,
+            [*overrides, f"paths.base={folder}", "train.warmup_steps=0"],
         )
     print("== generation: batched vs one prompt at a time", flush=True)
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
