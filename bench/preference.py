@@ -10,7 +10,6 @@ base (align.start=base), so both references are the base itself: lmtune's is sco
 
 import argparse
 import json
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -24,15 +23,9 @@ from lmtune.align.sources import chatterbot_splits
 from lmtune.checkpoint import load_tokenizer
 from lmtune.config import load
 from lmtune.model.hardware import resolve_dtype
-from lmtune.train.engine import precision
+from lmtune.train.engine import peak_memory_gib, precision
 
 PAIRS = 96  # the first pairs of the shipped set (seeded order); steps x batch of them are trained on
-
-
-def peak_memory_gib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def lmtune_side(cfg, pairs, seqs, tokenizer) -> dict:

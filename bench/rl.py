@@ -13,7 +13,6 @@ steps is printed beside it, to show both sides learn the same thing.
 
 import argparse
 import json
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from lmtune.config import load
 from lmtune.model.hardware import resolve_dtype
 from lmtune.rl.rewards import reward_functions, score
 from lmtune.rl.tasks import load_task, prompt_ids
+from lmtune.train.engine import peak_memory_gib
 
 # experiment=rl's task and sampling: one-digit sums, the answer read as the last number written
 TASK = {
@@ -43,12 +43,6 @@ TASK = {
     "rl.method": "grpo",
 }
 LAST = 3  # the reward reported: the mean over the last steps' rollout batches
-
-
-def peak_memory_gib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def lmtune_side(cfg, rows, prompts, functions, tokenizer) -> dict:

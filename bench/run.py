@@ -48,6 +48,13 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
+def run_json(script: str, *args: str) -> dict:
+    """Run a bench script in its own process (its peak memory its own) and read the JSON it writes."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run([sys.executable, str(HERE / script), "--out", out.name, *args], check=True, cwd=ROOT)
+        return json.loads(Path(out.name).read_text())
+
+
 def train_sides(sides: list, steps: int, overrides: list[str]) -> list[dict]:
     """Each side in its own process: the baseline trains `steps` steps; each lmtune side then
     trains on the same budget of useful tokens."""
@@ -58,14 +65,8 @@ def train_sides(sides: list, steps: int, overrides: list[str]) -> list[dict]:
             if script == "baseline.py"
             else ["--tokens", str(rows[0]["useful_tokens"])]
         )
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            print(f"== {name}", flush=True)
-            subprocess.run(
-                [sys.executable, str(HERE / script), *budget, "--out", out.name, *side_overrides, *overrides],
-                check=True,
-                cwd=ROOT,
-            )
-            rows.append({"name": name, **json.loads(Path(out.name).read_text())})
+        print(f"== {name}", flush=True)
+        rows.append({"name": name, **run_json(script, *budget, *side_overrides, *overrides)})
     return rows
 
 
@@ -133,37 +134,13 @@ def main() -> None:
             [*overrides, f"paths.base={folder}", "train.warmup_steps=0"],
         )
     print("== generation: batched vs one prompt at a time", flush=True)
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        subprocess.run(
-            [sys.executable, str(HERE / "generation.py"), "--out", out.name, *overrides], check=True, cwd=ROOT
-        )
-        generation = json.loads(Path(out.name).read_text())
+    generation = run_json("generation.py", *overrides)
     print("== eval's likelihood pass: separate head vs whole-batch logits, every model form", flush=True)
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        subprocess.run(
-            [sys.executable, str(HERE / "likelihood.py"), "--out", out.name, *overrides], check=True, cwd=ROOT
-        )
-        likelihood = json.loads(Path(out.name).read_text())
+    likelihood = run_json("likelihood.py", *overrides)
     print("== preference tuning: trl's DPOTrainer vs lmtune's align loop", flush=True)
-    preference = []
-    for side in ("trl", "lmtune"):
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            subprocess.run(
-                [sys.executable, str(HERE / "preference.py"), "--side", side, "--out", out.name, *overrides],
-                check=True,
-                cwd=ROOT,
-            )
-            preference.append(json.loads(Path(out.name).read_text()))
+    preference = [run_json("preference.py", "--side", side, *overrides) for side in ("trl", "lmtune")]
     print("== RL with verifiable rewards: trl's GRPOTrainer vs lmtune's RL loop", flush=True)
-    reinforcement = []
-    for side in ("trl", "lmtune"):
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            subprocess.run(
-                [sys.executable, str(HERE / "rl.py"), "--side", side, "--out", out.name, *overrides],
-                check=True,
-                cwd=ROOT,
-            )
-            reinforcement.append(json.loads(Path(out.name).read_text()))
+    reinforcement = [run_json("rl.py", "--side", side, *overrides) for side in ("trl", "lmtune")]
     peak = matmul_gflops()
     rows = with_ratios(rows, base_params, peak)
     if shape_rows:

@@ -75,18 +75,13 @@ def test_the_usual_recipe_trains_on_what_prepare_wrote_and_times_each_step(tiny_
     assert useful == 3 * cfg.train.batch_size * 20
 
 
-def test_the_preference_bench_trains_trl_and_lmtune_on_the_same_pairs_and_steps(tmp_path, tiny_base):
+def both_sides(script: str, tmp_path, *args: str) -> dict[str, dict]:
+    """trl's side and lmtune's of a bench script, each in its own process: side → its JSON."""
     sides = {}
     for side in ("trl", "lmtune"):
         out = tmp_path / f"{side}.json"
         done = subprocess.run(
-            [sys.executable, "bench/preference.py", "--side", side, "--steps", "2", "--out", str(out)]
-            + [
-                f"paths.base={tiny_base}",
-                "data.max_length=128",
-                "align.batch_size=4",
-                "align.warmup_steps=0",
-            ],
+            [sys.executable, f"bench/{script}", "--side", side, "--out", str(out), *args],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -94,6 +89,14 @@ def test_the_preference_bench_trains_trl_and_lmtune_on_the_same_pairs_and_steps(
         )
         assert done.returncode == 0, done.stderr[-3000:]
         sides[side] = json.loads(out.read_text())
+    return sides
+
+
+def test_the_preference_bench_trains_trl_and_lmtune_on_the_same_pairs_and_steps(tmp_path, tiny_base):
+    sides = both_sides(
+        "preference.py", tmp_path, "--steps", "2", f"paths.base={tiny_base}", "data.max_length=128",
+        "align.batch_size=4", "align.warmup_steps=0",
+    )  # fmt: skip
     for result in sides.values():
         assert result["steps"] == 2 and result["pairs_per_step"] == 4
         assert result["useful_tokens"] > 0 and result["useful_tokens_per_second"] > 0
@@ -102,19 +105,10 @@ def test_the_preference_bench_trains_trl_and_lmtune_on_the_same_pairs_and_steps(
 
 
 def test_the_rl_bench_runs_trl_and_lmtune_on_the_same_task_group_and_steps(tmp_path, tiny_base):
-    sides = {}
-    for side in ("trl", "lmtune"):
-        out = tmp_path / f"{side}.json"
-        done = subprocess.run(
-            [sys.executable, "bench/rl.py", "--side", side, "--steps", "2", "--out", str(out)]
-            + [f"paths.base={tiny_base}", "rl.num_generations=2", "rl.batch_size=2", "rl.grad_accum=2"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        sides[side] = json.loads(out.read_text())
+    sides = both_sides(
+        "rl.py", tmp_path, "--steps", "2", f"paths.base={tiny_base}", "rl.num_generations=2",
+        "rl.batch_size=2", "rl.grad_accum=2",
+    )  # fmt: skip
     for result in sides.values():
         assert result["steps"] == 2 and result["completions_per_step"] == 4
         assert len(result["rewards"]) == 2  # one rollout batch per step, each side
